@@ -1,0 +1,48 @@
+"""Bytes in and out: fsspec URLs (local, ``s3://``, ``memory://``), WebDataset shards and their
+commit protocol, manifests, COCO export and previews (DESIGN.md sections 3-5).
+
+Works over plain data (dicts, numpy arrays, bytes); never imports Ray or ``cytosynth.synth``.
+"""
+
+from .annotations import MANIFEST_FIELDS, normalize_annotation, sample_key
+from .classes import CATEGORY_IDS, CLASSES, NORMAL_LABEL, category_id
+from .coco import CATEGORIES, to_coco, write_coco
+from .errors import StorageError
+from .images import IMAGE_FORMATS, decode_image, encode_image
+from .job import (
+    ensure_writable,
+    is_complete,
+    read_job_json,
+    redact,
+    write_job_json,
+    write_success,
+)
+from .manifest import MANIFEST_SCHEMA, manifest_rows, read_manifest, write_manifest
+from .objects import exists, get_bytes, list_names, put_bytes
+from .preview import CLASS_COLORS, contact_sheet, write_preview
+from .reader import decode_sample, open_shard, open_shards, read_samples, shard_urls
+from .retry import DEFAULT_RETRY, Retry, is_transient, retrying
+from .shards import (
+    SHARDS_DIR,
+    ShardWriter,
+    committed_shards,
+    iter_shard_stats,
+    read_shard_stats,
+    shard_name,
+    shard_url,
+    stats_url,
+)
+from .tars import iter_tar_samples, tar_bytes
+from .urls import filesystem, join
+
+__all__ = [
+    "CATEGORIES", "CATEGORY_IDS", "CLASSES", "CLASS_COLORS", "DEFAULT_RETRY", "IMAGE_FORMATS",
+    "MANIFEST_FIELDS", "MANIFEST_SCHEMA", "NORMAL_LABEL", "SHARDS_DIR", "Retry", "ShardWriter",
+    "StorageError", "category_id", "committed_shards", "contact_sheet", "decode_image", "decode_sample",
+    "encode_image", "ensure_writable", "exists", "filesystem", "get_bytes", "is_complete", "is_transient",
+    "iter_shard_stats", "iter_tar_samples", "join", "list_names", "manifest_rows", "normalize_annotation",
+    "open_shard", "open_shards", "put_bytes", "read_job_json", "read_manifest", "read_samples",
+    "read_shard_stats", "redact", "retrying", "sample_key", "shard_name", "shard_url", "shard_urls",
+    "stats_url", "tar_bytes", "to_coco", "write_coco", "write_job_json", "write_manifest",
+    "write_preview", "write_success",
+]

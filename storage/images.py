@@ -1,0 +1,40 @@
+"""Tile image bytes: HxWx3 uint8 arrays to PNG/JPEG/WebP and back (Pillow)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+IMAGE_FORMATS = ("png", "jpg", "webp")
+_PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+def check_image(array: np.ndarray) -> None:
+    """Raise ValueError unless ``array`` is an HxWx3 uint8 RGB image."""
+    if not isinstance(array, np.ndarray) or array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        shape = getattr(array, "shape", None)
+        dtype = getattr(array, "dtype", type(array).__name__)
+        raise ValueError(f"expected an HxWx3 uint8 image, got shape {shape} dtype {dtype}")
+
+
+def encode_image(array: np.ndarray, fmt: str = "png", *, quality: int = 95) -> bytes:
+    """Encode an HxWx3 uint8 array; PNG is lossless and deterministic (same array, same bytes)."""
+    check_image(array)
+    if fmt not in IMAGE_FORMATS:
+        raise ValueError(f"unknown image format {fmt!r}; expected one of {', '.join(IMAGE_FORMATS)}")
+    buf = io.BytesIO()
+    image = Image.fromarray(np.ascontiguousarray(array))
+    if fmt == "png":
+        # No optimize pass and no metadata chunks: output depends on the pixels alone.
+        image.save(buf, format="PNG", compress_level=6, optimize=False)
+    else:
+        image.save(buf, format=_PIL_FORMAT[fmt], quality=quality)
+    return buf.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode PNG/JPEG/WebP bytes to an HxWx3 uint8 RGB array."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB")).copy()

@@ -1,0 +1,154 @@
+"""Shard writing and the commit protocol (DESIGN.md section 4).
+
+A shard is buffered in memory and committed in two steps: ``shards/NNNNNN.tar`` is written whole,
+then ``shards/NNNNNN.json`` (per-shard stats and manifest rows). The .json is the commit marker:
+a shard without it does not exist for readers, manifests or resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+import re
+import time
+from collections import Counter
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from .annotations import manifest_row, normalize_annotation, sample_key
+from .classes import CLASSES
+from .images import IMAGE_FORMATS, check_image, encode_image
+from .jsonio import json_bytes, parse_json
+from .objects import get_bytes, list_names, put_bytes
+from .retry import DEFAULT_RETRY, Retry
+from .tars import tar_bytes
+from .urls import join
+
+SHARDS_DIR = "shards"
+_MARKER = re.compile(r"^(\d{6,})\.json$")
+
+__all__ = [
+    "SHARDS_DIR", "ShardWriter", "committed_shards", "iter_shard_stats", "read_shard_stats",
+    "sample_key", "shard_name", "shard_url", "stats_url",
+]
+
+
+def shard_name(index: int) -> str:
+    """Shard file stem: its index as 6 digits (``3`` -> ``"000003"``)."""
+    if index < 0:
+        raise ValueError(f"shard index must be >= 0, got {index}")
+    return f"{index:06d}"
+
+
+def shard_url(out_url: str, index: int) -> str:
+    """URL of shard ``index``'s tar under the job output ``out_url``."""
+    return join(out_url, SHARDS_DIR, f"{shard_name(index)}.tar")
+
+
+def stats_url(out_url: str, index: int) -> str:
+    """URL of shard ``index``'s stats JSON, the commit marker."""
+    return join(out_url, SHARDS_DIR, f"{shard_name(index)}.json")
+
+
+class ShardWriter:
+    """Buffers the samples of one shard in memory; ``commit()`` publishes them, or nothing appears.
+
+    Samples are stored sorted by tile index with members ``<key>.json`` then ``<key>.<image_format>``,
+    so a shard's bytes do not depend on the order (or the worker) in which tiles were added.
+    """
+
+    def __init__(
+        self,
+        out_url: str,
+        shard_index: int,
+        image_format: str = "png",
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        retry: Retry = DEFAULT_RETRY,
+    ) -> None:
+        if image_format not in IMAGE_FORMATS:
+            raise ValueError(f"unknown image format {image_format!r}; expected one of {', '.join(IMAGE_FORMATS)}")
+        self.out_url, self.shard_index, self.image_format = out_url, shard_index, image_format
+        self._storage_options, self._retry = storage_options, retry
+        self._samples: dict[int, tuple[dict[str, Any], bytes, bytes]] = {}  # tile -> (ann, json, image)
+        self._started = time.monotonic()
+        self._committed = False
+        shard_name(shard_index)  # validates the index before any work is buffered
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def add(self, tile_index: int, image: np.ndarray, annotation: Mapping[str, Any]) -> None:
+        """Buffer one sample; a ValueError leaves the shard exactly as it was."""
+        if self._committed:
+            raise RuntimeError(f"shard {self.shard_index} is already committed")
+        tile_index = operator.index(tile_index)  # numpy ints welcome, floats refused
+        if tile_index in self._samples:
+            raise ValueError(f"tile {tile_index} was already added to shard {self.shard_index}")
+        check_image(image)
+        height, width = image.shape[:2]
+        ann = normalize_annotation(annotation, tile_index, width, height)
+        # Encode before touching the buffer, so a failure cannot leave half a sample behind.
+        self._samples[tile_index] = (ann, json_bytes(ann), encode_image(image, self.image_format))
+
+    def _tar(self) -> bytes:
+        def members() -> Iterator[tuple[str, bytes]]:
+            for tile_index in sorted(self._samples):
+                _, ann_json, image_bytes = self._samples[tile_index]
+                key = sample_key(tile_index)
+                yield f"{key}.json", ann_json
+                yield f"{key}.{self.image_format}", image_bytes
+
+        return tar_bytes(members())
+
+    def _stats(self, tar: bytes, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+        annotations = [self._samples[t][0] for t in sorted(self._samples)]
+        cells = Counter(label for ann in annotations for label in ann["labels"])
+        computed = {
+            "shard": self.shard_index,
+            "tiles": len(annotations),
+            "cells": {name: cells.get(name, 0) for name in CLASSES},
+            "normal_cells": sum(len(a["normal_boxes"]) for a in annotations),
+            "image_format": self.image_format,
+            "tar_bytes": len(tar),
+            "tar_sha256": hashlib.sha256(tar).hexdigest(),
+            "samples": [manifest_row(a, self.shard_index) for a in annotations],
+        }
+        # Callers add timings, worker ids...; the contract fields above always win.
+        return {"seconds": round(time.monotonic() - self._started, 3), **(extra or {}), **computed}
+
+    def commit(self, stats: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Write the tar whole, then the stats JSON (the commit marker); return the stats.
+
+        Transient storage errors are retried; a permanent one raises StorageError and leaves the
+        shard uncommitted (an orphan tar without its .json is invisible and is overwritten on resume).
+        """
+        if self._committed:
+            raise RuntimeError(f"shard {self.shard_index} is already committed")
+        tar = self._tar()
+        shard_stats = self._stats(tar, stats)
+        options = {"storage_options": self._storage_options, "retry": self._retry}
+        put_bytes(shard_url(self.out_url, self.shard_index), tar, **options)
+        put_bytes(stats_url(self.out_url, self.shard_index), json_bytes(shard_stats), **options)
+        self._committed = True
+        self._samples.clear()  # free the buffered images
+        return shard_stats
+
+
+def committed_shards(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> set[int]:
+    """Indices of the committed shards under ``out_url`` (those whose .json marker exists)."""
+    names = list_names(join(out_url, SHARDS_DIR), storage_options=storage_options)
+    return {int(m.group(1)) for m in map(_MARKER.match, names) if m}
+
+
+def read_shard_stats(out_url: str, index: int, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The stats JSON of committed shard ``index``."""
+    url = stats_url(out_url, index)
+    return parse_json(get_bytes(url, storage_options=storage_options), url)
+
+
+def iter_shard_stats(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """Stats of every committed shard, in shard order."""
+    for index in sorted(committed_shards(out_url, storage_options=storage_options)):
+        yield read_shard_stats(out_url, index, storage_options=storage_options)
