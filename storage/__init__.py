@@ -20,6 +20,7 @@ from .job import (
 from .manifest import MANIFEST_SCHEMA, manifest_rows, read_manifest, write_manifest
 from .objects import exists, get_bytes, list_names, put_bytes
 from .preview import CLASS_COLORS, contact_sheet, write_preview
+from .realtiles import IMAGE_SUFFIXES, iter_shard_images, list_real_tiles, read_real_tile, real_tile_size
 from .reader import decode_sample, open_shard, open_shards, read_samples, shard_urls
 from .retry import DEFAULT_RETRY, Retry, is_transient, retrying
 from .shards import (
@@ -36,6 +37,7 @@ from .tars import iter_tar_samples, tar_bytes
 from .urls import filesystem, join
 
 __all__ = [
+    "IMAGE_SUFFIXES", "iter_shard_images", "list_real_tiles", "read_real_tile", "real_tile_size",
     "CATEGORIES", "CATEGORY_IDS", "CLASSES", "CLASS_COLORS", "DEFAULT_RETRY", "IMAGE_FORMATS",
     "MANIFEST_FIELDS", "MANIFEST_SCHEMA", "NORMAL_LABEL", "SHARDS_DIR", "Retry", "ShardWriter",
     "StorageError", "category_id", "committed_shards", "contact_sheet", "decode_image", "decode_sample",

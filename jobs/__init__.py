@@ -1,0 +1,1 @@
+"""Entry points: the `cytosynth` command and its jobs, thin glue over synth, storage and cluster."""
