@@ -278,21 +278,17 @@ def _require(path: Path, message: str) -> None:
 
 
 def _localize(url: str) -> Path:
-    """A local path for `url`: itself if local, else a cached copy of the remote file or folder."""
+    """A local path for `url`: itself if local, else a fresh local copy of the remote file or folder."""
     if "://" not in url or url.startswith("file://"):
         return Path(url.removeprefix("file://"))
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(url)
-    cache = Path(tempfile.gettempdir()) / "cytosynth-models" / hashlib.sha256(url.encode()).hexdigest()[:16]
-    if not cache.exists():
-        if not fs.exists(path):
-            raise InvalidInputError(f"model path not found: {url}")
-        staging = Path(tempfile.mkdtemp(dir=cache.parent if cache.parent.exists() else None))
-        fs.get(path, str(staging / "x"), recursive=fs.isdir(path))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging / "x", cache)
-    return cache
+    if not fs.exists(path):
+        raise InvalidInputError(f"model path not found: {url}")
+    local = Path(tempfile.mkdtemp(prefix="cytosynth-model-")) / Path(path).name
+    fs.get(path, str(local), recursive=fs.isdir(path))
+    return local
 
 
 def _fingerprint(path: Path) -> str:

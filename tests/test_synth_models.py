@@ -187,3 +187,16 @@ def test_tiny_preset_is_reproducible_from_its_seed():
     a, b = random_bundle("tiny", seed=3), random_bundle("tiny", seed=3)
     for (name, p), q in zip(a.acs_unet.state_dict().items(), b.acs_unet.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_bundle_loads_from_an_fsspec_url(tmp_path):
+    import fsspec
+
+    save_bundle(random_bundle("tiny"), tmp_path / "bundle")
+    fs = fsspec.filesystem("memory")
+    fs.put(str(tmp_path / "bundle"), "/models/tiny", recursive=True)
+    loaded = load_bundle("memory://models/tiny", preset="tiny")
+    local = load_bundle(str(tmp_path / "bundle"), preset="tiny")
+    assert loaded.fingerprints == local.fingerprints
+    with pytest.raises(InvalidInputError, match="not found"):
+        load_bundle("memory://models/nothing-here", preset="tiny")
