@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     gen.add_argument("--batch-size", type=int, default=4, help="tiles per model call")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--workers", type=int, default=0, help="0: run in this process; W >= 1: W Ray replicas")
+    gen.add_argument("--ray-address", help="an existing Ray cluster (host:port, ray://host:port or auto)")
+    gen.add_argument("--gpus-per-replica", type=float, help="GPUs per Ray replica, may be fractional "
+                     "(default: 1 with a CUDA --device, else 0: one CPU per replica)")
 
     prev = commands.add_parser("preview", help="draw the contact sheet of a dataset (writes preview.png)")
     prev.add_argument("url", help="dataset URL (a generate --out)")
@@ -112,7 +116,16 @@ def generate(args: argparse.Namespace) -> int:
         steps=args.steps,
         guidance=args.guidance,
     )
-    summary = run_local(config, Runtime(args.device, args.batch_size, progress=not args.quiet))
+    runtime = Runtime(args.device, args.batch_size, progress=not args.quiet)
+    if args.workers or args.ray_address:
+        from cytosynth.cluster.distributed import run_distributed  # Ray only when asked for
+
+        gpus = args.gpus_per_replica
+        if gpus is None:
+            gpus = 1.0 if args.device.startswith("cuda") else 0.0
+        summary = run_distributed(config, runtime, max(args.workers, 1), args.ray_address, gpus)
+    else:
+        summary = run_local(config, runtime)
     print(format_summary(summary))
     return 0
 
