@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -14,9 +15,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from cytosynth import storage
-from cytosynth.synth import ABNORMAL_CLASSES, InvalidInputError, load_plan
+from cytosynth.synth import ABNORMAL_CLASSES, InvalidInputError
 
-from .worker import NORMAL_SOURCES, GenerateConfig, JobLayout, RealTileSource, ShardWorker
+from .worker import NORMAL_SOURCES, GenerateConfig, JobLayout, RealTileSource, ShardWorker, parse_plan
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def validate_config(config: GenerateConfig) -> JobLayout:
     if num_tiles is None or num_tiles < 1:
         raise InvalidInputError("--num-tiles must be at least 1")
     if config.plan:
-        load_plan(config.plan).validate(config.tile_size, num_tiles)
+        parse_plan(config.plan).validate(config.tile_size, num_tiles)
     return JobLayout(num_tiles, config.tiles_per_shard)
 
 
@@ -90,6 +91,9 @@ def run_local(config: GenerateConfig, runtime: Runtime = Runtime()) -> dict[str,
     layout = validate_config(config)  # checks inputs before the (possibly slow) model load
     worker = ShardWorker(config, runtime.device, runtime.batch_size)
     todo = prepare_job(config, layout, worker.bundle.fingerprints)
+    if not todo and storage.is_complete(config.out):
+        # A re-run of a complete job changes nothing: no new manifest, preview or _SUCCESS.
+        return {**json.loads(storage.get_bytes(storage.join(config.out, "_SUCCESS"))), "out": config.out}
     done_tiles = layout.num_tiles - sum(len(layout.tiles(s)) for s in todo)
     with tqdm(
         total=layout.num_tiles, initial=done_tiles, unit="tile", disable=not runtime.progress, desc="generate"

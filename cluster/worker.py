@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -139,7 +141,7 @@ class ShardWorker:
         c = self.config
         self.bundle = load_models(c).to(self.device)
         source = RealTileSource(c.real_tiles) if c.normal_source == "real" else c.normal_source
-        plan = load_plan(c.plan) if c.plan else None
+        plan = parse_plan(c.plan) if c.plan else None
         self.synthesizer = build_synthesizer(self.bundle, c.settings, source, plan, self.device)
 
     def run(self, shard: int, layout: JobLayout, on_tiles: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -165,10 +167,32 @@ def load_models(config: GenerateConfig) -> ModelBundle:
     if config.preset == "tiny" or config.random_weights:
         bundle = random_bundle(config.preset, seed=0)
         bundle.detector_path = config.detector
+        if config.detector and os.path.isfile(config.detector):  # a missing file fails in load_detector
+            bundle.fingerprints["detector"] = _file_fingerprint(config.detector)
         return bundle
     raise InvalidInputError(
         f"preset {config.preset} needs --model-dir with real weights (or --random-weights for benchmarks)"
     )
+
+
+def parse_plan(text: str) -> Plan:
+    """A config's plan from its JSON text (never taken as a path: the CLI has read the file)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InvalidInputError(f"plan: not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise InvalidInputError('plan: expected a JSON object with a "tiles" object')
+    return load_plan(data)
+
+
+def _file_fingerprint(path: str) -> str:
+    """sha256 (first 16 hex) over a weight file's name and bytes, as bundles fingerprint theirs."""
+    digest = hashlib.sha256(os.path.basename(path).encode())
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def _batched(items: range, size: int) -> Iterator[list[int]]:

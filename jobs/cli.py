@@ -170,6 +170,12 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     logging.getLogger("diffusers").setLevel(logging.ERROR)
+    # Their env variables are read at import (already done); weight-loading bars are switched off here.
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":
