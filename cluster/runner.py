@@ -65,7 +65,13 @@ def prepare_job(config: GenerateConfig, layout: JobLayout, fingerprints: dict[st
 
 
 def finalize_job(config: GenerateConfig, layout: JobLayout, seconds: float) -> dict[str, Any]:
-    """Manifest, preview and `_SUCCESS` (last, only when every shard is committed); the summary."""
+    """Manifest, preview and `_SUCCESS` (last, only when every shard is committed); the summary.
+
+    A job that was already complete changes nothing (no new manifest, preview or `_SUCCESS`):
+    `_SUCCESS` exists only once every shard was committed, so this run did no work.
+    """
+    if storage.is_complete(config.out):
+        return {**json.loads(storage.get_bytes(storage.join(config.out, "_SUCCESS"))), "out": config.out}
     stats = list(storage.iter_shard_stats(config.out))
     cells: Counter[str] = Counter()
     for shard in stats:
@@ -91,9 +97,6 @@ def run_local(config: GenerateConfig, runtime: Runtime = Runtime()) -> dict[str,
     layout = validate_config(config)  # checks inputs before the (possibly slow) model load
     worker = ShardWorker(config, runtime.device, runtime.batch_size)
     todo = prepare_job(config, layout, worker.bundle.fingerprints)
-    if not todo and storage.is_complete(config.out):
-        # A re-run of a complete job changes nothing: no new manifest, preview or _SUCCESS.
-        return {**json.loads(storage.get_bytes(storage.join(config.out, "_SUCCESS"))), "out": config.out}
     done_tiles = layout.num_tiles - sum(len(layout.tiles(s)) for s in todo)
     with tqdm(
         total=layout.num_tiles, initial=done_tiles, unit="tile", disable=not runtime.progress, desc="generate"

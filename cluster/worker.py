@@ -29,6 +29,7 @@ from cytosynth.synth import (
     random_bundle,
     tile_seed,
 )
+from cytosynth.synth.models import fingerprint
 from cytosynth.synth.selection import Plan
 
 NORMAL_SOURCES = ("diffusion", "phantom", "real")
@@ -168,7 +169,7 @@ def load_models(config: GenerateConfig) -> ModelBundle:
         bundle = random_bundle(config.preset, seed=0)
         bundle.detector_path = config.detector
         if config.detector and os.path.isfile(config.detector):  # a missing file fails in load_detector
-            bundle.fingerprints["detector"] = _file_fingerprint(config.detector)
+            bundle.fingerprints["detector"] = fingerprint(config.detector)
         return bundle
     raise InvalidInputError(
         f"preset {config.preset} needs --model-dir with real weights (or --random-weights for benchmarks)"
@@ -184,15 +185,6 @@ def parse_plan(text: str) -> Plan:
     if not isinstance(data, dict):
         raise InvalidInputError('plan: expected a JSON object with a "tiles" object')
     return load_plan(data)
-
-
-def _file_fingerprint(path: str) -> str:
-    """sha256 (first 16 hex) over a weight file's name and bytes, as bundles fingerprint theirs."""
-    digest = hashlib.sha256(os.path.basename(path).encode())
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def _batched(items: range, size: int) -> Iterator[list[int]]:

@@ -245,12 +245,12 @@ def load_bundle(
         scheduler=DDIMScheduler.from_config(scheduler_config),
         detector_path=str(detector_path) if detector_path.exists() else None,
         fingerprints={
-            "vae": _fingerprint(root / "vae"),
-            "text_encoder": _fingerprint(root / "text_encoder"),
-            "unet": _fingerprint(root / "unet"),
-            "normal_lora": _fingerprint(lora_path) if lora_path.exists() else "none",
-            "acs_unet": _fingerprint(acs_path),
-            **({"detector": _fingerprint(detector_path)} if detector_path.exists() else {}),
+            "vae": fingerprint(root / "vae"),
+            "text_encoder": fingerprint(root / "text_encoder"),
+            "unet": fingerprint(root / "unet"),
+            "normal_lora": fingerprint(lora_path) if lora_path.exists() else "none",
+            "acs_unet": fingerprint(acs_path),
+            **({"detector": fingerprint(detector_path)} if detector_path.exists() else {}),
         },
     )
 
@@ -291,8 +291,9 @@ def _localize(url: str) -> Path:
     return local
 
 
-def _fingerprint(path: Path) -> str:
+def fingerprint(path: str | os.PathLike) -> str:
     """sha256 (first 16 hex) over the weight files of a file or folder: names what produced a tile."""
+    path = Path(path)
     files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.suffix in {".safetensors", ".json"})
     digest = hashlib.sha256()
     for file in files:
