@@ -11,6 +11,7 @@ from typing import Any, Iterable, Mapping
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .classes import CLASSES, NORMAL_LABEL
+from .errors import StorageError, redact_url
 from .objects import put_bytes
 from .reader import read_samples
 from .urls import join
@@ -103,7 +104,10 @@ def write_preview(
 ) -> str:
     """Write ``preview.png`` under ``out_url`` from the dataset's first committed samples; return its URL."""
     with closing(read_samples(out_url, storage_options=storage_options)) as samples:
-        sheet = contact_sheet(samples, max_tiles=max_tiles, tile_px=tile_px)
+        first = list(islice(samples, max_tiles))
+    if not first:
+        raise StorageError(f"no committed shards to preview at {redact_url(out_url)}")
+    sheet = contact_sheet(first, max_tiles=max_tiles, tile_px=tile_px)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     url = join(out_url, PREVIEW_NAME)

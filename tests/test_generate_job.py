@@ -163,6 +163,19 @@ def copy_of_baseline(baseline, tmp_path) -> Path:
 # --------------------------------------------------------------------------- 1. output contract
 
 
+def test_preview_command_draws_the_contact_sheet_of_any_output(baseline, tmp_path, capsys):
+    copy = tmp_path / "dataset"
+    shutil.copytree(baseline, copy)
+    (copy / "preview.png").unlink()
+    assert main(["preview", str(copy), "--max-tiles", "4"]) == 0
+    with Image.open(copy / "preview.png") as sheet:
+        assert sheet.format == "PNG" and sheet.width >= 256
+    assert "preview.png" in capsys.readouterr().out
+    assert main(["preview", str(tmp_path / "no-such-dataset")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+
+
 def test_output_holds_job_json_shards_manifest_preview_and_success(baseline):
     assert (baseline / "job.json").is_file()
     shards = sorted(p.name for p in (baseline / "shards").iterdir())
