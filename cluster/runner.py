@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 
 from cytosynth import storage
 from cytosynth.synth import ABNORMAL_CLASSES, InvalidInputError
+from cytosynth.synth.selection import plan_from_json
 
-from .worker import NORMAL_SOURCES, GenerateConfig, JobLayout, RealTileSource, ShardWorker, parse_plan
+from .worker import NORMAL_SOURCES, GenerateConfig, JobLayout, RealTileSource, ShardWorker
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def validate_config(config: GenerateConfig) -> JobLayout:
     if num_tiles is None or num_tiles < 1:
         raise InvalidInputError("--num-tiles must be at least 1")
     if config.plan:
-        parse_plan(config.plan).validate(config.tile_size, num_tiles)
+        plan_from_json(config.plan).validate(config.tile_size, num_tiles)
     return JobLayout(num_tiles, config.tiles_per_shard)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,12 +24,11 @@ from cytosynth.synth import (
     TileSynthesizer,
     build_synthesizer,
     load_bundle,
-    load_plan,
     random_bundle,
     tile_seed,
 )
 from cytosynth.synth.models import fingerprint
-from cytosynth.synth.selection import Plan
+from cytosynth.synth.selection import plan_from_json
 
 NORMAL_SOURCES = ("diffusion", "phantom", "real")
 
@@ -142,7 +140,7 @@ class ShardWorker:
         c = self.config
         self.bundle = load_models(c).to(self.device)
         source = RealTileSource(c.real_tiles) if c.normal_source == "real" else c.normal_source
-        plan = parse_plan(c.plan) if c.plan else None
+        plan = plan_from_json(c.plan) if c.plan else None
         self.synthesizer = build_synthesizer(self.bundle, c.settings, source, plan, self.device)
 
     def run(self, shard: int, layout: JobLayout, on_tiles: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -174,17 +172,6 @@ def load_models(config: GenerateConfig) -> ModelBundle:
     raise InvalidInputError(
         f"preset {config.preset} needs --model-dir with real weights (or --random-weights for benchmarks)"
     )
-
-
-def parse_plan(text: str) -> Plan:
-    """A config's plan from its JSON text (never taken as a path: the CLI has read the file)."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InvalidInputError(f"plan: not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise InvalidInputError('plan: expected a JSON object with a "tiles" object')
-    return load_plan(data)
 
 
 def _batched(items: range, size: int) -> Iterator[list[int]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -138,7 +137,7 @@ def format_summary(summary: dict) -> str:
         f"  abnormal   {sum(summary['cells'].values())} cells: "
         + ", ".join(f"{name} {count}" for name, count in summary["cells"].items()),
         f"  normal     {summary['normal_cells']} NILM cells annotated",
-        f"  files      job.json, shards/*.tar, manifest.parquet, preview.png, _SUCCESS",
+        "  files      job.json, shards/*.tar, manifest.parquet, preview.png, _SUCCESS",
     ]
     return "\n".join(lines)
 

@@ -298,6 +298,17 @@ def _check_no_overlap(boxes: list, where: str) -> None:
                 raise InvalidInputError(f"{where}: boxes {list(boxes[i])} and {list(boxes[j])} overlap")
 
 
+def plan_from_json(text: str) -> Plan:
+    """Parse a plan from its JSON text (never taken as a path)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"plan: not valid JSON: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise InvalidInputError("plan: expected a JSON object with a \"tiles\" object")
+    return load_plan(data)
+
+
 def load_plan(text_or_path: str | os.PathLike | Mapping) -> Plan:
     """Parse a plan from JSON text, a path to a JSON file, or an already parsed dict.
 
@@ -314,10 +325,7 @@ def load_plan(text_or_path: str | os.PathLike | Mapping) -> Plan:
                 raise InvalidInputError(f"plan: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
         else:
             text = str(text_or_path)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidInputError(f"plan: not valid JSON: {exc}") from None
+        return plan_from_json(text)
     if not isinstance(data, Mapping):
         raise InvalidInputError("plan: expected a JSON object with a \"tiles\" object")
     extra = sorted(set(data) - {"tiles", "default"})
