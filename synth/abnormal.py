@@ -9,12 +9,15 @@ box of a 256x256 crop into an abnormal cell of a given class (the paper's Sectio
   MLP([CLIP(phrase <cls>), Fourier(box)]) through its gated self-attention layers;
 - the prompt is "A cervical cytopathological image with <cls> cell"; DDIM 25, CFG 5.0.
 
-All cells of a batch of tiles go through the UNet as one batch.
+All cells of a batch of tiles go through the UNet as one batch. The conditioning helpers
+(`embed_classes`, `inpainting_condition`, `grounding_inputs`, `predict_noise`) are what ACS
+training uses too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,6 +41,71 @@ def latent_box_mask(boxes: np.ndarray, latent_size: int) -> torch.Tensor:
     return mask
 
 
+# The conditioning below is shared by sampling (AbnormalCellSynthesizer) and training
+# (synth.acs_training), so what the UNet learns from is exactly what it is later asked with.
+
+
+@dataclass(frozen=True)
+class ClassEmbeddings:
+    """CLIP embeddings of the closed set of classes, computed once (the text encoder is frozen)."""
+
+    uncond: torch.Tensor  # (77, D) the empty prompt: CFG's unconditional half
+    prompt: dict[str, torch.Tensor]  # class -> (77, D) tokens of CELL_PROMPT
+    phrase: dict[str, torch.Tensor]  # class -> (D,) pooled embedding of the phrase "<cls>"
+
+    def prompts(self, labels: Sequence[str]) -> torch.Tensor:
+        return torch.stack([self.prompt[c] for c in labels])
+
+    def phrases(self, labels: Sequence[str]) -> torch.Tensor:
+        return torch.stack([self.phrase[c] for c in labels])
+
+
+def embed_classes(
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    classes: Sequence[str] = ABNORMAL_CLASSES,
+    dtype: torch.dtype | None = None,
+) -> ClassEmbeddings:
+    prompts = [""] + [CELL_PROMPT.format(cls=c) for c in classes]
+    prompt_embeddings, _ = encode_text(tokenizer, text_encoder, prompts)
+    _, phrase_embeddings = encode_text(tokenizer, text_encoder, list(classes))
+    dtype = dtype or prompt_embeddings.dtype
+    return ClassEmbeddings(
+        uncond=prompt_embeddings[0].to(dtype),
+        prompt={c: e.to(dtype) for c, e in zip(classes, prompt_embeddings[1:])},
+        phrase={c: e.to(dtype) for c, e in zip(classes, phrase_embeddings)},
+    )
+
+
+def inpainting_condition(z0: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
+    """(N, 5, s, s) = [mask, masked z0], what the UNet sees beside z_t: the background to keep."""
+    mask = latent_box_mask(np.asarray(boxes), z0.shape[-1]).to(z0)
+    return torch.cat([mask, z0 * mask], dim=1)
+
+
+def grounding_inputs(boxes: np.ndarray, phrases: torch.Tensor, crop_size: int) -> dict[str, torch.Tensor]:
+    """GLIGEN's `cross_attention_kwargs["gligen"]`: one (box, phrase) token per crop, box in [0, 1]."""
+    normalised = torch.as_tensor(np.asarray(boxes) / crop_size, device=phrases.device, dtype=phrases.dtype)
+    return {
+        "boxes": normalised[:, None],
+        "positive_embeddings": phrases[:, None],
+        "masks": torch.ones(len(phrases), 1, device=phrases.device, dtype=phrases.dtype),
+    }
+
+
+def predict_noise(
+    unet: UNet2DConditionModel,
+    noisy_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    condition: torch.Tensor,
+    context: torch.Tensor,
+    grounding: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """The ACS UNet's noise estimate for z_t: 9-channel input [z_t, mask, masked z0], prompt, grounding."""
+    x = torch.cat([noisy_latents, condition], dim=1)
+    return unet(x, timesteps, encoder_hidden_states=context, cross_attention_kwargs={"gligen": grounding}).sample
+
+
 class AbnormalCellSynthesizer:
     """Edits the cell in each (crop, box, class) into that abnormal class."""
 
@@ -56,13 +124,7 @@ class AbnormalCellSynthesizer:
             raise ValueError("the Abnormal Cell Synthesizer needs a 9-channel UNet with GLIGEN gated attention")
         self.unet, self.vae, self.scheduler = unet, vae, scheduler
         self.steps, self.guidance = steps, guidance
-        # Prompts and phrases come from a closed set of classes: embed them all once.
-        prompts = [""] + [CELL_PROMPT.format(cls=c) for c in classes]
-        prompt_embeddings, _ = encode_text(tokenizer, text_encoder, prompts)
-        _, phrase_embeddings = encode_text(tokenizer, text_encoder, list(classes))
-        self.uncond = prompt_embeddings[:1].to(unet.dtype)
-        self.prompt = {c: e.to(unet.dtype) for c, e in zip(classes, prompt_embeddings[1:])}
-        self.phrase = {c: e.to(unet.dtype) for c, e in zip(classes, phrase_embeddings)}
+        self.embeddings = embed_classes(tokenizer, text_encoder, classes, dtype=unet.dtype)
 
     @torch.no_grad()
     def __call__(self, crops: np.ndarray, boxes: np.ndarray, labels: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
@@ -71,24 +133,18 @@ class AbnormalCellSynthesizer:
         if n == 0:
             return crops.copy()
         device, dtype = self.unet.device, self.unet.dtype
-        latent_size = size // LATENT_SCALE
 
-        z0 = encode_images(self.vae, crops)
-        mask = latent_box_mask(np.asarray(boxes), latent_size).to(device=device, dtype=dtype)
-        extra = torch.cat([mask, z0 * mask], dim=1).repeat(2, 1, 1, 1)  # same for both CFG halves
-
-        cond = torch.stack([self.prompt[c] for c in labels])
-        context = torch.cat([self.uncond.expand(n, -1, -1), cond])
-        # GLIGEN grounding: one (box, phrase) token per crop, boxes normalised to [0, 1].
+        z0 = encode_images(self.vae, crops).to(dtype)
+        # Both CFG halves see the same background and grounding; only the prompt differs.
+        condition = inpainting_condition(z0, boxes).repeat(2, 1, 1, 1)
         grounding = {
-            "boxes": torch.as_tensor(np.asarray(boxes) / size, device=device, dtype=dtype)[:, None].repeat(2, 1, 1),
-            "positive_embeddings": torch.stack([self.phrase[c] for c in labels])[:, None].repeat(2, 1, 1),
-            "masks": torch.ones(2 * n, 1, device=device, dtype=dtype),
+            name: value.repeat(2, *[1] * (value.dim() - 1))
+            for name, value in grounding_inputs(boxes, self.embeddings.phrases(labels), size).items()
         }
+        context = torch.cat([self.embeddings.uncond.expand(n, -1, -1), self.embeddings.prompts(labels)])
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x = torch.cat([x, extra], dim=1)
-            return self.unet(x, t, encoder_hidden_states=context, cross_attention_kwargs={"gligen": grounding}).sample
+            return predict_noise(self.unet, x, t, condition, context, grounding)
 
         noise = seeded_noise(seeds, tuple(z0.shape[1:]), device, dtype)
         latents = ddim_cfg_sample(denoise, self.scheduler, noise, self.steps, self.guidance)
