@@ -2,7 +2,10 @@
 commit protocol, manifests, COCO export and previews (DESIGN.md sections 3-5).
 
 Works over plain data (dicts, numpy arrays, bytes); never imports Ray or ``cytosynth.synth``.
+The detector loader (``storage.loader``) needs torch, so its names load on first use.
 """
+
+import importlib
 
 from .annotations import MANIFEST_FIELDS, normalize_annotation, sample_key
 from .classes import CATEGORY_IDS, CLASSES, NORMAL_LABEL, category_id
@@ -36,7 +39,21 @@ from .shards import (
 from .tars import iter_tar_samples, tar_bytes
 from .urls import filesystem, join
 
-__all__ = [
+# Exported lazily (PEP 562): `import cytosynth.storage` must not pay for importing torch.
+_LOADER_NAMES = (
+    "LABEL_SETS", "ShardDetectionDataset", "coco_detection_samples", "collate_detection",
+    "detection_categories", "detection_loader", "detection_target", "resolve_shards",
+    "shard_detection_samples", "split_shards", "to_detection_input",
+)
+
+
+def __getattr__(name: str):
+    if name in _LOADER_NAMES:
+        return getattr(importlib.import_module(".loader", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [*_LOADER_NAMES,
     "IMAGE_SUFFIXES", "iter_shard_images", "list_real_tiles", "read_real_tile", "real_tile_size",
     "CATEGORIES", "CATEGORY_IDS", "CLASSES", "CLASS_COLORS", "DEFAULT_RETRY", "IMAGE_FORMATS",
     "MANIFEST_FIELDS", "MANIFEST_SCHEMA", "NORMAL_LABEL", "SHARDS_DIR", "Retry", "ShardWriter",
