@@ -1,0 +1,90 @@
+"""Image sets for metrics: a folder of images, a job output's shards, or shard URLs, on any store.
+
+A set is cut into ``ImageUnit`` slices (a run of image files, or one shard) that workers read
+independently. Every image comes with a stable id (file name, or ``<shard>/<key>``) that does not
+depend on where the set is stored, and, from shards, with its JSON annotation.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tarfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+from PIL import UnidentifiedImageError
+
+from .errors import StorageError, describe, redact_url
+from .images import decode_image
+from .objects import get_bytes, list_names
+from .reader import read_samples, shard_urls
+from .realtiles import IMAGE_SUFFIXES
+from .urls import join
+
+FILES_PER_UNIT = 64  # image files per slice: enough to fill a batch, small enough to balance replicas
+_UNREADABLE = (tarfile.TarError, UnidentifiedImageError, ValueError, OSError)
+
+
+@dataclass(frozen=True)
+class ImageUnit:
+    """A slice of an image set: ``kind`` "files" (``urls`` are images) or "shard" (one tar URL)."""
+
+    kind: str
+    urls: tuple[str, ...]
+
+    @property
+    def num_images(self) -> int | None:
+        """Images in the slice, None for a shard (known only once read)."""
+        return len(self.urls) if self.kind == "files" else None
+
+
+class SetImage(NamedTuple):
+    id: str  # file name, or "<shard file name>/<sample key>"
+    image: np.ndarray  # HxWx3 uint8
+    annotation: dict[str, Any] | None  # the sample's JSON (shards only)
+
+
+def list_image_units(
+    url: str, *, files_per_unit: int = FILES_PER_UNIT, storage_options: Mapping[str, Any] | None = None
+) -> list[ImageUnit]:
+    """The slices of the image set at ``url``.
+
+    ``url`` is a job output (its committed shards), a shard pattern or ``.tar`` URL (as
+    ``shard_urls`` takes it), or a folder of image files. No images at all is a StorageError.
+    """
+    shards = shard_urls(url, storage_options=storage_options)
+    if shards:
+        return [ImageUnit("shard", (shard,)) for shard in shards]
+    names = [n for n in list_names(url, storage_options=storage_options) if n.lower().endswith(IMAGE_SUFFIXES)]
+    if not names:
+        raise StorageError(f"no images at {redact_url(url)}: expected image files, a job output with committed shards, or shard URLs")
+    files = [join(url, name) for name in names]
+    return [ImageUnit("files", tuple(files[i : i + files_per_unit])) for i in range(0, len(files), files_per_unit)]
+
+
+def iter_unit_images(unit: ImageUnit, *, storage_options: Mapping[str, Any] | None = None) -> Iterator[SetImage]:
+    """The images of one slice in order; an unreadable image or shard is a one-line StorageError."""
+    if unit.kind == "files":
+        for url in unit.urls:
+            data = get_bytes(url, storage_options=storage_options)
+            try:
+                image = decode_image(data)
+            except _UNREADABLE as err:
+                raise StorageError(f"cannot read image {redact_url(url)}: {describe(err)}") from None
+            yield SetImage(posixpath.basename(url), image, None)
+        return
+    (url,) = unit.urls
+    shard_name = posixpath.basename(url)
+    samples = read_samples(url, storage_options=storage_options)
+    while True:
+        try:
+            sample = next(samples)
+        except StopIteration:
+            return
+        except StorageError:
+            raise
+        except _UNREADABLE as err:  # a corrupt tar, image or JSON inside the shard
+            raise StorageError(f"cannot read shard {redact_url(url)}: {describe(err)}") from None
+        yield SetImage(f"{shard_name}/{sample['key']}", sample["image"], sample["json"])
