@@ -9,9 +9,9 @@ box of a 256x256 crop into an abnormal cell of a given class (the paper's Sectio
   MLP([CLIP(phrase <cls>), Fourier(box)]) through its gated self-attention layers;
 - the prompt is "A cervical cytopathological image with <cls> cell"; DDIM 25, CFG 5.0.
 
-All cells of a batch of tiles go through the UNet as one batch. The conditioning helpers
-(`embed_classes`, `inpainting_condition`, `grounding_inputs`, `predict_noise`) are what ACS
-training uses too.
+All cells of a batch of tiles go through the UNet as one batch (`edit_cells`). The conditioning
+helpers (`embed_classes`, `inpainting_condition`, `grounding_inputs`) are what ACS training
+(`synth.acs_training`) uses too, so the model learns from exactly what it is later asked with.
 """
 
 from __future__ import annotations
@@ -39,10 +39,6 @@ def latent_box_mask(boxes: np.ndarray, latent_size: int) -> torch.Tensor:
         lx1, ly1 = -(-x1 // LATENT_SCALE), -(-y1 // LATENT_SCALE)  # ceil: the mask covers the box
         mask[i, :, ly0:ly1, lx0:lx1] = 0.0
     return mask
-
-
-# The conditioning below is shared by sampling (AbnormalCellSynthesizer) and training
-# (synth.acs_training), so what the UNet learns from is exactly what it is later asked with.
 
 
 @dataclass(frozen=True)
@@ -106,6 +102,42 @@ def predict_noise(
     return unet(x, timesteps, encoder_hidden_states=context, cross_attention_kwargs={"gligen": grounding}).sample
 
 
+@torch.no_grad()
+def edit_cells(
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    scheduler: DDIMScheduler,
+    embeddings: ClassEmbeddings,
+    crops: np.ndarray,
+    boxes: np.ndarray,
+    labels: Sequence[str],
+    seeds: Sequence[int],
+    steps: int = 25,
+    guidance: float = 5.0,
+) -> np.ndarray:
+    """Edited crops (N, S, S, 3) uint8 for crops (N, S, S, 3), boxes (N, 4) in crop pixels."""
+    n, size = len(crops), crops.shape[1]
+    if n == 0:
+        return crops.copy()
+    device, dtype = unet.device, unet.dtype
+
+    z0 = encode_images(vae, crops).to(dtype)
+    # Both CFG halves see the same background and grounding; only the prompt differs.
+    condition = inpainting_condition(z0, boxes).repeat(2, 1, 1, 1)
+    grounding = {
+        name: value.repeat(2, *[1] * (value.dim() - 1))
+        for name, value in grounding_inputs(boxes, embeddings.phrases(labels).to(dtype), size).items()
+    }
+    context = torch.cat([embeddings.uncond.expand(n, -1, -1), embeddings.prompts(labels)]).to(dtype)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return predict_noise(unet, x, t, condition, context, grounding)
+
+    noise = seeded_noise(seeds, tuple(z0.shape[1:]), device, dtype)
+    latents = ddim_cfg_sample(denoise, scheduler, noise, steps, guidance)
+    return decode_latents(vae, latents)
+
+
 class AbnormalCellSynthesizer:
     """Edits the cell in each (crop, box, class) into that abnormal class."""
 
@@ -126,26 +158,8 @@ class AbnormalCellSynthesizer:
         self.steps, self.guidance = steps, guidance
         self.embeddings = embed_classes(tokenizer, text_encoder, classes, dtype=unet.dtype)
 
-    @torch.no_grad()
     def __call__(self, crops: np.ndarray, boxes: np.ndarray, labels: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
         """Edited crops (N, S, S, 3) uint8 for crops (N, S, S, 3), boxes (N, 4) in crop pixels."""
-        n, size = len(crops), crops.shape[1]
-        if n == 0:
-            return crops.copy()
-        device, dtype = self.unet.device, self.unet.dtype
-
-        z0 = encode_images(self.vae, crops).to(dtype)
-        # Both CFG halves see the same background and grounding; only the prompt differs.
-        condition = inpainting_condition(z0, boxes).repeat(2, 1, 1, 1)
-        grounding = {
-            name: value.repeat(2, *[1] * (value.dim() - 1))
-            for name, value in grounding_inputs(boxes, self.embeddings.phrases(labels), size).items()
-        }
-        context = torch.cat([self.embeddings.uncond.expand(n, -1, -1), self.embeddings.prompts(labels)])
-
-        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return predict_noise(self.unet, x, t, condition, context, grounding)
-
-        noise = seeded_noise(seeds, tuple(z0.shape[1:]), device, dtype)
-        latents = ddim_cfg_sample(denoise, self.scheduler, noise, self.steps, self.guidance)
-        return decode_latents(self.vae, latents)
+        return edit_cells(
+            self.unet, self.vae, self.scheduler, self.embeddings, crops, boxes, labels, seeds, self.steps, self.guidance
+        )

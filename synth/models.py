@@ -99,7 +99,8 @@ def acs_unet_from_base(base: UNet2DConditionModel) -> UNet2DConditionModel:
     The base weights are copied, the 5 extra input channels of `conv_in` start at zero, and the
     gated self-attention layers and `position_net` keep their fresh init (gates closed).
     """
-    config = {**base.config, "in_channels": 9, "attention_type": "gated"}
+    # Private keys dropped: `_use_default_values` would make from_config ignore attention_type.
+    config = {**{k: v for k, v in base.config.items() if not k.startswith("_")}, "in_channels": 9, "attention_type": "gated"}
     acs = UNet2DConditionModel.from_config(config).to(dtype=base.dtype)
     state = base.state_dict()
     conv_in = state.pop("conv_in.weight")
