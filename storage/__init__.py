@@ -41,7 +41,7 @@ from .urls import filesystem, join
 
 # Exported lazily (PEP 562): `import cytosynth.storage` must not pay for importing torch.
 _LOADER_NAMES = (
-    "LABEL_SETS", "ShardDetectionDataset", "coco_detection_samples", "collate_detection",
+    "LABEL_SETS", "ShardDetectionDataset", "coco_detection_samples", "collate_detection", "count_samples",
     "detection_categories", "detection_loader", "detection_target", "resolve_shards",
     "shard_detection_samples", "split_shards", "to_detection_input",
 )

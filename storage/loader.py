@@ -17,7 +17,8 @@ API (``from cytosynth.storage import ...``; importing it pulls in torch, the res
 - ``ShardDetectionDataset`` is the IterableDataset behind it; ``collate_detection`` its collate
   function; ``detection_target`` / ``to_detection_input`` turn one sample into model inputs.
 - ``shard_detection_samples`` and ``coco_detection_samples`` read a labelled set once, in order,
-  in this process (evaluation), from shards or from a COCO JSON plus an image folder.
+  in this process (evaluation), from shards or from a COCO JSON plus an image folder;
+  ``resolve_shards`` / ``count_samples`` list a shard set and count it from its stats.
 
 Each item is ``(image, target)``: ``image`` a float32 CHW tensor in [0, 1]; ``target`` holds
 ``boxes`` (float32 [N, 4], xyxy pixels), ``labels`` (int64 [N]) and ``image_id`` (int64, the
@@ -76,9 +77,9 @@ from .tars import iter_tar_samples
 from .urls import join
 
 __all__ = [
-    "LABEL_SETS", "ShardDetectionDataset", "coco_detection_samples", "collate_detection", "detection_categories",
-    "detection_loader", "detection_target", "resolve_shards", "shard_detection_samples", "split_shards",
-    "to_detection_input",
+    "LABEL_SETS", "ShardDetectionDataset", "coco_detection_samples", "collate_detection", "count_samples",
+    "detection_categories", "detection_loader", "detection_target", "resolve_shards", "shard_detection_samples",
+    "split_shards", "to_detection_input",
 ]
 
 LABEL_SETS = ("abnormal", "nilm")
@@ -135,6 +136,18 @@ def resolve_shards(source: Sources, *, storage_options: Mapping[str, Any] | None
     return shards
 
 
+def count_samples(shards: Sequence[str], *, storage_options: Mapping[str, Any] | None = None) -> int | None:
+    """Samples in ``shards`` from their stats JSON (commit markers), no tar read; None if one lacks it."""
+    total = 0
+    for shard in shards:
+        try:
+            stats = parse_json(get_bytes(shard.removesuffix(".tar") + ".json", storage_options=storage_options), shard)
+            total += int(stats["tiles"])
+        except (StorageError, ValueError, KeyError, TypeError):
+            return None  # a bare .tar written by other tools: the count is unknown, not an error
+    return total
+
+
 def split_shards(shards: Sequence[str], slot: int, slots: int) -> tuple[list[str], list[str]]:
     """``(whole, shared)``: the shards ``slot`` reads whole, and the remainder every slot reads,
     keeping every ``slots``-th sample (module docstring: splitting)."""
@@ -164,11 +177,11 @@ def _decoded(raw: Mapping[str, Any], labels: str) -> tuple[torch.Tensor, dict[st
 def shard_detection_samples(
     source: Sources, labels: str = "abnormal", *, storage_options: Mapping[str, Any] | None = None
 ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """Every sample of a shard set once, in shard order, in this process (evaluation)."""
+    """Every sample of a shard set once, in shard order, in this process (evaluation).
+    The shard list is resolved now, so a missing set fails here rather than at the first item."""
     _check_label_set(labels)
-    for url in resolve_shards(source, storage_options=storage_options):
-        for raw in _raw_samples(url, storage_options):
-            yield _decoded(raw, labels)
+    shards = resolve_shards(source, storage_options=storage_options)
+    return (_decoded(raw, labels) for url in shards for raw in _raw_samples(url, storage_options))
 
 
 def coco_detection_samples(
@@ -183,7 +196,8 @@ def coco_detection_samples(
     Categories are matched by name (case-insensitive) to ASC-US, ASC-H, LSIL, HSIL and NILM; others
     (bacteria, other cell types) are ignored, as the paper filters public sets. Crowd annotations are
     skipped. Images are read from ``images_url`` (default: the JSON's folder) + ``file_name``; image
-    ids become ``image_id``. A missing or malformed file is a one-line StorageError.
+    ids become ``image_id``. The JSON is read now: a missing or malformed file is a one-line
+    StorageError here; an unreadable or wrongly sized image one when its turn comes.
     """
     _check_label_set(labels)
     coco = _read_coco(annotations_url, storage_options)
@@ -196,23 +210,30 @@ def coco_detection_samples(
     for ann in coco["annotations"]:
         name = names.get(ann["category_id"])
         if name is not None and not ann.get("iscrowd", 0):
-            x, y, w, h = ann["bbox"]
+            try:
+                x, y, w, h = (float(v) for v in ann["bbox"])
+            except (TypeError, ValueError):
+                raise StorageError(f"{annotations_url}: annotation {ann.get('id')} has a malformed bbox") from None
             cells.setdefault(ann["image_id"], []).append(([x, y, x + w, y + h], name))
-    for info in coco["images"]:
-        url = join(images_url, info["file_name"])
-        image = read_real_tile(url, storage_options=storage_options)
-        if image.shape[:2] != (info["height"], info["width"]):
-            raise StorageError(
-                f"{url} is {image.shape[1]}x{image.shape[0]} but {annotations_url} says {info['width']}x{info['height']}"
-            )
-        found = cells.get(info["id"], [])
-        annotation = {
-            "tile_index": info["id"],
-            "boxes": [box for box, name in found if name != NORMAL_LABEL],
-            "labels": [name for _, name in found if name != NORMAL_LABEL],
-            "normal_boxes": [box for box, name in found if name == NORMAL_LABEL],
-        }
-        yield to_detection_input({"image": image, "json": annotation}, labels)
+
+    def samples() -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        for info in coco["images"]:
+            url = join(images_url, info["file_name"])
+            image = read_real_tile(url, storage_options=storage_options)
+            if image.shape[:2] != (info["height"], info["width"]):
+                raise StorageError(
+                    f"{url} is {image.shape[1]}x{image.shape[0]} but {annotations_url} says {info['width']}x{info['height']}"
+                )
+            found = cells.get(info["id"], [])
+            annotation = {
+                "tile_index": info["id"],
+                "boxes": [box for box, name in found if name != NORMAL_LABEL],
+                "labels": [name for _, name in found if name != NORMAL_LABEL],
+                "normal_boxes": [box for box, name in found if name == NORMAL_LABEL],
+            }
+            yield to_detection_input({"image": image, "json": annotation}, labels)
+
+    return samples()
 
 
 def _read_coco(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
