@@ -1,0 +1,104 @@
+"""Training the Abnormal Cell Synthesizer (the paper's Sections III-C and IV-A).
+
+The ACS starts from the SD1.5 UNet (`models.acs_unet_from_base`): base weights copied, the 5
+extra input channels (mask, masked latent) zero, GLIGEN gated self-attention layers and the
+box + phrase projection added with their gates closed, so at step 0 it is SD1.5 exactly.
+
+What learns, as in the paper and in GLIGEN's own inpainting training (which the paper follows):
+
+- the gated self-attention layers (`*.fuser.*`, gates alpha included): "trainable gated
+  self-attention layers ahead of the cross-attention layers in every transformer block";
+- the box + phrase MLP (`position_net.*`): c = MLP([f_text, f_box]);
+- the input convolution's weight (`conv_in.weight`): its new channels start at zero and are the
+  only way the UNet sees the mask and the background it must keep (GLIGEN trains the first
+  conv's weight in inpainting mode).
+
+Everything else stays frozen: ResNet blocks, self- and cross-attention (the paper guides the class
+"through the frozen cross-attention layers"), the VAE and the text encoder. The loss is the plain
+LDM objective (`synth.training.diffusion_loss`) on the 9-channel input [z_t, mask, masked z0].
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+
+from .abnormal import ClassEmbeddings, edit_cells, grounding_inputs, inpainting_condition
+from .cell_crops import CropBatch
+from .classes import ABNORMAL_CLASSES
+from .models import acs_unet_from_base
+from .training import diffusion_loss, freeze_all_but, sample_latents
+
+ACS_TRAINABLE = re.compile(r"\.fuser\.|^position_net\.|^conv_in\.weight$")
+
+
+def is_acs_trainable(name: str) -> bool:
+    """True for the parameters the paper trains (module docstring); `name` as in `named_parameters`."""
+    return ACS_TRAINABLE.search(name) is not None
+
+
+class ACSTrainingModel(torch.nn.Module):
+    """The ACS UNet with what its loss needs: the frozen VAE and the classes' text embeddings.
+
+    Embeddings are computed once with the frozen text encoder, which is then not needed; they are
+    buffers, so they follow the module to its device and dtype (bf16 under DeepSpeed on GPU).
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        embeddings: ClassEmbeddings,
+        noise_scheduler: DDPMScheduler,
+        classes: Sequence[str] = ABNORMAL_CLASSES,
+    ) -> None:
+        super().__init__()
+        self.unet, self.vae = unet, vae
+        self.noise_scheduler = noise_scheduler
+        self.classes = tuple(classes)
+        self.register_buffer("uncond_embeddings", embeddings.uncond.clone(), persistent=False)
+        self.register_buffer("prompt_embeddings", torch.stack([embeddings.prompt[c] for c in classes]), persistent=False)
+        self.register_buffer("phrase_embeddings", torch.stack([embeddings.phrase[c] for c in classes]), persistent=False)
+
+    @classmethod
+    def from_base(
+        cls, base_unet: UNet2DConditionModel, vae: AutoencoderKL, embeddings: ClassEmbeddings, noise_scheduler: DDPMScheduler
+    ) -> tuple["ACSTrainingModel", list[torch.nn.Parameter]]:
+        """A fresh ACS from an SD1.5 UNet, everything but `is_acs_trainable` frozen; (model, trainable)."""
+        model = cls(acs_unet_from_base(base_unet), vae.requires_grad_(False).eval(), embeddings, noise_scheduler)
+        return model, freeze_all_but(model.unet, is_acs_trainable)
+
+    @property
+    def embeddings(self) -> ClassEmbeddings:
+        return ClassEmbeddings(
+            uncond=self.uncond_embeddings,
+            prompt=dict(zip(self.classes, self.prompt_embeddings)),
+            phrase=dict(zip(self.classes, self.phrase_embeddings)),
+        )
+
+    def loss(self, batch: CropBatch) -> torch.Tensor:
+        """The LDM loss of a batch of crops: noise z0 of the crop, predict the noise from
+        [z_t, mask, masked z0], the class prompt and the (box, phrase) grounding token."""
+        images = torch.from_numpy(batch.images).to(self.vae.device)
+        z0 = sample_latents(self.vae, images).to(self.unet.dtype)
+        embeddings = self.embeddings
+        grounding = grounding_inputs(batch.boxes, embeddings.phrases(batch.labels), batch.images.shape[1])
+        return diffusion_loss(
+            self.unet,
+            self.noise_scheduler,
+            z0,
+            embeddings.prompts(batch.labels),
+            conditioning=inpainting_condition(z0, batch.boxes),
+            cross_attention_kwargs={"gligen": grounding},
+        )
+
+    @torch.no_grad()
+    def edit(self, batch: CropBatch, seeds: Sequence[int], scheduler: DDIMScheduler, steps: int = 25, guidance: float = 5.0) -> np.ndarray:
+        """What `cytosynth generate` would paint into these crops with the current weights."""
+        return edit_cells(
+            self.unet, self.vae, scheduler, self.embeddings, batch.images, batch.boxes, batch.labels, seeds, steps, guidance
+        )
