@@ -25,8 +25,8 @@ def _add_eval_data(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--images", help="image folder of --coco (default: the JSON's folder)")
     parser.add_argument("--labels", choices=LABEL_SETS, default="abnormal",
                         help="abnormal: ASC-US, ASC-H, LSIL, HSIL; nilm: every cell as one class")
-    parser.add_argument("--min-size", type=int, default=800, help="detector input short side (torchvision's default)")
-    parser.add_argument("--max-size", type=int, default=1333, help="detector input long side (torchvision's default)")
+    parser.add_argument("--image-size", type=int, default=1024,
+                        help="side the detector resizes images to; as in train-detector (default 1024)")
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--batch-size", type=int, default=4, help="images per detector call")
     parser.add_argument("--json", help="also write the metrics here as JSON (a path or URL)")
@@ -54,7 +54,7 @@ def evaluate(args: argparse.Namespace, detector: str) -> dict[str, Any]:
     """Table II metrics of the detector file on the set named by ``args`` (--data/--coco, --labels)."""
     categories = storage.detection_categories(args.labels)
     samples, total = _samples(args)
-    model = load_detection_model(detector, args.device, min_size=args.min_size, max_size=args.max_size)
+    model = load_detection_model(detector, args.device, min_size=args.image_size, max_size=args.image_size)
     if object_classes(model) != len(categories):
         raise InvalidInputError(
             f"detector {detector} predicts {object_classes(model)} object classes but --labels {args.labels} "

@@ -64,7 +64,7 @@ def _annotations(per_image: Sequence[Mapping[str, Any]], with_scores: bool) -> l
 
 def _percent(values: np.ndarray) -> float | None:
     valid = values[values > -1]  # pycocotools marks "no ground truth" with -1
-    return round(float(valid.mean()) * 100, 4) if valid.size else None
+    return float(valid.mean()) * 100 if valid.size else None
 
 
 def coco_metrics(

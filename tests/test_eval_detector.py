@@ -1,0 +1,194 @@
+"""Detector evaluation: COCO AP in the paper's Table II layout (synth.evaluation, cytosynth eval-detector)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from cytosynth.jobs.cli import main
+from cytosynth.storage import (
+    ShardWriter,
+    detection_categories,
+    encode_image,
+    put_bytes,
+    read_samples,
+    shard_detection_samples,
+    shard_url,
+    stats_url,
+    to_coco,
+)
+from cytosynth.synth.detector import build_fasterrcnn, save_detector
+from cytosynth.synth.evaluation import coco_metrics, evaluate_detector
+
+CLASSES = ("ASC-US", "ASC-H", "LSIL", "HSIL")
+TILES, PER_SHARD, SIZE = 6, 3, 64
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> dict[str, str]:
+    """6 tiles (2 shards) with 1-3 abnormal boxes each, every class present; the same set as a
+    COCO JSON plus an image folder; and a random-init 4-class Faster R-CNN file."""
+    root = tmp_path_factory.mktemp("eval")
+    shards, images = str(root / "shards"), str(root / "images")
+    for shard in range(TILES // PER_SHARD):
+        writer = ShardWriter(shards, shard)
+        for tile in range(shard * PER_SHARD, (shard + 1) * PER_SHARD):
+            image = np.random.default_rng(tile).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+            cells = 1 + tile % 3
+            writer.add(tile, image, {
+                "boxes": [[4 + 20 * k, 6 + tile, 18 + 20 * k, 26 + tile + k] for k in range(cells)],
+                "labels": [CLASSES[(tile + k) % 4] for k in range(cells)],
+                "normal_boxes": [[40, 44, 60, 62]],
+                "source": "synthetic",
+            })
+            put_bytes(f"{images}/{tile:09d}.png", encode_image(image))
+        writer.commit()
+    coco = str(root / "coco.json")
+    put_bytes(coco, json.dumps(to_coco(read_samples(shards))).encode())
+    torch.manual_seed(0)
+    detector = str(root / "detector.safetensors")
+    save_detector(build_fasterrcnn(5), detector)
+    return {"shards": shards, "coco": coco, "images": images, "detector": detector, "root": str(root)}
+
+
+class ReplayDetector(torch.nn.Module):
+    """A detector whose outputs are fixed in advance, image after image (torchvision's output format)."""
+
+    def __init__(self, outputs: list[dict[str, torch.Tensor]]):
+        super().__init__()
+        self.outputs = list(outputs)
+
+    def forward(self, images):
+        return [self.outputs.pop(0) for _ in images]
+
+
+def no_detections(n: int) -> list[dict[str, torch.Tensor]]:
+    return [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}] * n
+
+
+@pytest.mark.parametrize("labels", ["abnormal", "nilm"])
+def test_ground_truth_detector_scores_100_and_silent_detector_scores_0(labelled, labels):
+    categories = detection_categories(labels)
+    samples = list(shard_detection_samples(labelled["shards"], labels))
+    truth = [{**t, "scores": torch.ones(len(t["labels"]))} for _, t in samples]
+
+    perfect = evaluate_detector(ReplayDetector(truth), samples, categories, batch_size=4, progress=False)
+    assert perfect["mAP"] == perfect["mAP.5"] == perfect["mAP.75"] == 100.0
+    assert set(perfect["AP"].values()) == {100.0}
+    assert perfect["images"] == TILES
+
+    silent = evaluate_detector(ReplayDetector(no_detections(TILES)), samples, categories, progress=False)
+    assert silent["mAP"] == silent["mAP.5"] == silent["mAP.75"] == 0.0
+    assert set(silent["AP"].values()) == {0.0}
+
+
+def test_metrics_match_pycocotools_run_directly_per_class(labelled, tmp_path):
+    """Noisy detections (jittered boxes, random scores, a wrong class, a spurious box) scored by
+    coco_metrics and by pycocotools itself on the project's COCO export, one class at a time."""
+    rng = np.random.default_rng(3)
+    samples = list(read_samples(labelled["shards"]))
+    ground_truth, detections, results = [], [], []
+    for sample in samples:
+        ann = sample["json"]
+        boxes = np.asarray(ann["boxes"], float) + rng.normal(0, 1.5, (len(ann["boxes"]), 4))
+        boxes = np.vstack([boxes, [30, 30, 50, 50]])
+        labels = np.array([*ann["category_ids"], rng.integers(1, 5)])
+        labels[0] = labels[0] % 4 + 1 if ann["tile_index"] == 4 else labels[0]  # one wrong class
+        scores = rng.uniform(0.1, 1.0, len(labels))
+        ground_truth.append({"width": SIZE, "height": SIZE, "boxes": ann["boxes"], "labels": ann["category_ids"]})
+        detections.append({"boxes": boxes, "labels": labels, "scores": scores})
+        results += [{"image_id": ann["tile_index"], "category_id": int(c), "score": float(s),
+                     "bbox": [x0, y0, x1 - x0, y1 - y0]} for (x0, y0, x1, y1), c, s in zip(boxes.tolist(), labels, scores)]
+    ours = coco_metrics(ground_truth, detections, detection_categories("abnormal"))
+
+    gt_file = tmp_path / "gt.json"
+    gt_file.write_text(json.dumps(to_coco(samples)))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(gt_file))
+        coco_dt = coco_gt.loadRes(results)
+
+        def run(category_ids):
+            evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+            evaluator.params.catIds = category_ids
+            evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+            return evaluator.stats
+
+    overall = run([1, 2, 3, 4])
+    assert ours["mAP"] == pytest.approx(overall[0] * 100, abs=1e-9)
+    assert ours["mAP.5"] == pytest.approx(overall[1] * 100, abs=1e-9)
+    assert ours["mAP.75"] == pytest.approx(overall[2] * 100, abs=1e-9)
+    for category_id, name in enumerate(CLASSES, start=1):
+        assert ours["AP"][name] == pytest.approx(run([category_id])[0] * 100, abs=1e-9)
+    assert 0 < ours["mAP"] < 100  # the noise made this a real test
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+SMALL = ("--image-size", "64", "--device", "cpu", "--quiet")
+
+
+def test_cli_prints_table_ii_and_writes_json_the_same_from_shards_and_coco(labelled, tmp_path):
+    reports = {}
+    for source in ("shards", "coco"):
+        data = ("--data", labelled["shards"]) if source == "shards" else ("--coco", labelled["coco"], "--images", labelled["images"])
+        report = tmp_path / f"{source}.json"
+        code, out, err = run_cli("eval-detector", "--detector", labelled["detector"], *data, *SMALL, "--json", str(report))
+        assert code == 0, err
+        header = next(line for line in out.splitlines() if line.startswith("Detector"))
+        assert header.split() == ["Detector", "mAP", "mAP.5", "mAP.75", *CLASSES]
+        assert "detector.safetensors" in out
+        reports[source] = json.loads(report.read_text())
+    shards = reports["shards"]
+    assert shards["images"] == TILES and shards["labels"] == "abnormal"
+    assert sum(shards["boxes"].values()) == sum(1 + t % 3 for t in range(TILES))
+    assert all(0 <= shards[m] <= 100 for m in ("mAP", "mAP.5", "mAP.75"))
+    metrics = ("mAP", "mAP.5", "mAP.75", "AP", "images", "boxes")
+    assert {m: reports["coco"][m] for m in metrics} == {m: shards[m] for m in metrics}
+
+
+@pytest.fixture
+def bad_inputs(labelled, tmp_path) -> dict[str, tuple[str, ...]]:
+    broken_shards = str(tmp_path / "broken")
+    put_bytes(shard_url(broken_shards, 0), b"not a tar archive" * 64)
+    put_bytes(stats_url(broken_shards, 0), b'{"tiles": 1}')
+    broken_detector = tmp_path / "broken.safetensors"
+    broken_detector.write_bytes(b"\x00" * 100)
+    empty_coco = tmp_path / "empty.json"
+    empty_coco.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    detector = ("--detector", labelled["detector"])
+    return {
+        "no shards": (*detector, "--data", str(tmp_path / "nothing-here")),
+        "empty set": (*detector, "--coco", str(empty_coco)),
+        "unreadable shard": (*detector, "--data", broken_shards),
+        "broken detector": ("--detector", str(broken_detector), "--data", labelled["shards"]),
+        "missing annotation file": (*detector, "--coco", str(tmp_path / "missing.json")),
+        "classes do not match": (*detector, "--data", labelled["shards"], "--labels", "nilm"),
+    }
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no shards", "no committed shards found"),
+    ("empty set", "has no images"),
+    ("unreadable shard", "cannot read shard"),
+    ("broken detector", "not a readable safetensors file"),
+    ("missing annotation file", "missing.json"),
+    ("classes do not match", "predicts 4 object classes but --labels nilm scores 1"),
+])
+def test_bad_input_is_one_line_error_and_exit_2(bad_inputs, tmp_path, case, message):
+    report = tmp_path / "report.json"
+    code, out, err = run_cli("eval-detector", *bad_inputs[case], *SMALL, "--json", str(report))
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not report.exists()  # nothing half-written
