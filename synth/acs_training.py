@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention import GatedSelfAttentionDense
 
 from .abnormal import ClassEmbeddings, edit_cells, grounding_inputs, inpainting_condition
 from .cell_crops import CropBatch
@@ -36,9 +37,30 @@ from .training import diffusion_loss, freeze_all_but, sample_latents
 ACS_TRAINABLE = re.compile(r"\.fuser\.|^position_net\.|^conv_in\.weight$")
 
 
+GATES = ("alpha_attn", "alpha_dense")
+
+
 def is_acs_trainable(name: str) -> bool:
     """True for the parameters the paper trains (module docstring); `name` as in `named_parameters`."""
     return ACS_TRAINABLE.search(name) is not None
+
+
+def hold_gates_as_vectors(unet: UNet2DConditionModel) -> None:
+    """Give GLIGEN's 0-dim gate parameters shape (1,) for training: DeepSpeed broadcasts every
+    parameter as a byte view, which a 0-dim tensor cannot give. tanh(alpha) broadcasts the same."""
+    for module in unet.modules():
+        if isinstance(module, GatedSelfAttentionDense):
+            for gate in GATES:
+                setattr(module, gate, torch.nn.Parameter(getattr(module, gate).detach().reshape(1)))
+
+
+def trained_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """The trainable parameters in float32 on the CPU, shaped as in a diffusers ACS UNet (scalar gates)."""
+    return {
+        name: p.detach().float().cpu().reshape(()) if name.rsplit(".", 1)[-1] in GATES else p.detach().float().cpu()
+        for name, p in unet.named_parameters()
+        if p.requires_grad
+    }
 
 
 class ACSTrainingModel(torch.nn.Module):
@@ -69,7 +91,9 @@ class ACSTrainingModel(torch.nn.Module):
         cls, base_unet: UNet2DConditionModel, vae: AutoencoderKL, embeddings: ClassEmbeddings, noise_scheduler: DDPMScheduler
     ) -> tuple["ACSTrainingModel", list[torch.nn.Parameter]]:
         """A fresh ACS from an SD1.5 UNet, everything but `is_acs_trainable` frozen; (model, trainable)."""
-        model = cls(acs_unet_from_base(base_unet), vae.requires_grad_(False).eval(), embeddings, noise_scheduler)
+        unet = acs_unet_from_base(base_unet)
+        hold_gates_as_vectors(unet)
+        model = cls(unet, vae.requires_grad_(False).eval(), embeddings, noise_scheduler)
         return model, freeze_all_but(model.unet, is_acs_trainable)
 
     @property

@@ -1,0 +1,45 @@
+"""`cytosynth finetune-abnormal`: train the Abnormal Cell Synthesizer on annotated abnormal cells."""
+
+from __future__ import annotations
+
+import argparse
+
+from cytosynth.cluster.finetune_abnormal import AbnormalCellTask
+from cytosynth.cluster.training import train
+from cytosynth.synth import PRESETS
+
+from .train_options import absolute, add_train_arguments, print_summary, train_config
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "finetune-abnormal", help="train the stage-2 Abnormal Cell Synthesizer (GLIGEN inpainting UNet) on abnormal cells"
+    )
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", help="tiles with abnormal boxes: cytosynth shards (a job output, .tar, pattern), or s3://...")
+    data.add_argument("--coco", help="tiles with abnormal boxes: a COCO detection JSON (categories ASC-US, ASC-H, LSIL, HSIL)")
+    parser.add_argument("--images", help="image folder of --coco (default: the JSON's folder)")
+    parser.add_argument("--model-dir", help="base model: a diffusers SD1.5 folder or URL (default: --preset random weights)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="architecture when no --model-dir")
+    parser.add_argument("--shuffle-buffer", type=int, default=64, help="crops per worker mixed before batching")
+    parser.add_argument("--sample-count", type=int, default=4, help="crops in each samples/ grid (a row each)")
+    parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the sample edits")
+    add_train_arguments(parser, steps=50000, batch_size=4, lr=1e-4, optimizer="adamw")
+    parser.set_defaults(run=finetune_abnormal)
+
+
+def finetune_abnormal(args: argparse.Namespace) -> int:
+    task = AbnormalCellTask(
+        data=absolute(args.data),
+        coco=absolute(args.coco),
+        images=absolute(args.images),
+        model_dir=absolute(args.model_dir),
+        preset=args.preset,
+        shuffle_buffer=args.shuffle_buffer,
+        sample_count=args.sample_count,
+        sample_steps=args.sample_steps,
+    )
+    summary = train(train_config(args), task)
+    print_summary(summary)
+    print("  crops      " + ", ".join(f"{name} {n}" for name, n in task.crop_counts().items()))
+    return 0
