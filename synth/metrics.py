@@ -146,7 +146,9 @@ def kernel_distance(
     """KID as clean-fid computes it (``cleanfid.fid.kernel_distance``), with a seeded generator.
 
     Subsets of m = min(n1, n2, max_subset_size) features per side; kernel k(x, y) = (x.y/d + 1)^3.
+    Computed in float64: the estimate is a difference of large kernel sums.
     """
+    features1, features2 = _float64(features1), _float64(features2)
     rng = np.random.default_rng(seed)
     d = features1.shape[1]
     m = min(len(features1), len(features2), max_subset_size)
