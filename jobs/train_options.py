@@ -1,0 +1,68 @@
+"""Command-line options every training job shares, and the harness config they make."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from cytosynth.cluster.training import OPTIMIZERS, TrainConfig
+
+from .common import default_device
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> None:
+    """--out, --steps, --batch-size, ... on `parser`; `defaults` set a job's own (e.g. lr=2e-4)."""
+    d = {**{f: TrainConfig.__dataclass_fields__[f].default for f in TrainConfig.__dataclass_fields__}, **defaults}
+    group = parser.add_argument_group("training")
+    group.add_argument("--out", required=True, help="output URL: the artifact, job.json, metrics.jsonl, checkpoints/, samples/")
+    group.add_argument("--steps", type=int, default=d["steps"], help=f"optimizer steps (default {d['steps']})")
+    group.add_argument("--batch-size", type=int, default=d["batch_size"], help="samples per worker per step")
+    group.add_argument("--lr", type=float, default=d["lr"])
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"])
+    group.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    group.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"], help="gradient clipping, 0: none")
+    group.add_argument("--workers", type=int, default=d["workers"], help="Ray Train workers (one GPU each with cuda)")
+    group.add_argument("--device", choices=("cuda", "cpu"), default=default_device(), help="cuda: bf16 on GPUs; cpu: fp32, gloo")
+    group.add_argument("--zero-stage", type=int, default=d["zero_stage"], help="DeepSpeed ZeRO stage (0: plain data parallel)")
+    group.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"])
+    group.add_argument("--sample-every", type=int, default=d["sample_every"], help="write samples/step_N.png this often")
+    group.add_argument("--log-every", type=int, default=d["log_every"], help="rewrite metrics.jsonl this often")
+    group.add_argument("--seed", type=int, default=d["seed"])
+    group.add_argument("--no-resume", action="store_true", help="refuse to continue from a checkpoint in --out")
+    group.add_argument("--ray-address", help="an existing Ray cluster (default: a local one)")
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def absolute(url: str | None) -> str | None:
+    """Local paths made absolute: Ray workers do not run in the driver's working directory."""
+    return url if url is None or "://" in url else os.path.abspath(url)
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        out=absolute(args.out),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        workers=args.workers,
+        use_gpu=args.device == "cuda",
+        zero_stage=args.zero_stage,
+        checkpoint_every=args.checkpoint_every,
+        sample_every=args.sample_every,
+        log_every=args.log_every,
+        seed=args.seed,
+        resume=not args.no_resume,
+        ray_address=args.ray_address,
+        progress=not args.quiet,
+    )
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print(f"cytosynth: {summary['job']} finished {summary['steps']} steps on {summary['workers']} workers, "
+          f"final loss {summary['final_loss']:.4f}")
+    print(f"  output     {summary['artifact']}")
+    print(f"  also       job.json, metrics.jsonl, samples/, checkpoints/ under {summary['out']}")
