@@ -1,32 +1,52 @@
-"""Distributed job runner: the same job as `run_local`, its shards spread over Ray actors.
+"""Distributed job runner: the same job as `run_local`, its shards streamed through a pool of
+`ShardReplica` Ray actors that grows and shrinks with the work.
 
-Each `ShardReplica` actor wraps one `ShardWorker` (models loaded once per actor, pinned to
-`gpus_per_replica` GPUs, or one CPU). The driver keeps at most `IN_FLIGHT_PER_REPLICA` shards
-queued on each replica (backpressure: shards are drawn lazily from the to-do list, so the driver
-holds no per-tile state), collects results with `ray.wait`, and when a replica dies (kill -9, lost
-node) hands its in-flight shards to a fresh replica. The shard is the unit of retry: ShardWriter's
-commit is atomic, so a half-done shard is never visible, and a redone shard has the same bytes.
+Pool of (MIN, MAX) replicas. MIN are requested up front (at least one: job.json records the
+models' fingerprints, which a replica reports once it has loaded them). While shards wait for a
+free slot the pool requests more, up to MAX; as soon as no shard is left for a replica it is
+released. Requesting never blocks the driver: an actor Ray cannot place yet stays pending, which
+is exactly the demand the Ray autoscaler answers by adding a node, and a replica takes shards
+only once its models are loaded. Released replicas free their GPUs, so idle nodes go away.
+
+Backpressure: at most IN_FLIGHT_PER_REPLICA shards per replica (one synthesizing, one encoding
+and uploading or queued); shards are drawn lazily from the to-do list and results carry no
+per-tile data, so the driver's memory does not grow with the job.
+
+Faults: a replica that dies (kill -9, lost node) costs only its in-flight shards, which go back
+to the queue; the commit is atomic and a redone shard has the same bytes. A shard that loses
+MAX_SHARD_ATTEMPTS replicas, or raises, fails the job with its shard, replica, node and cause.
+
+Plain actors and object refs rather than a Ray Data actor pool: the shard is the unit of work, of
+commit and of retry, and the driver must know which shards each replica holds to redo exactly
+those; one object ref per shard and `ray.wait` give that with nothing in between.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
+import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+import ray
 from tqdm.auto import tqdm
 
 from cytosynth import storage
 from cytosynth.synth import InvalidInputError
 
-from .runner import Runtime, finalize_job, prepare_job, validate_config
-from .worker import GenerateConfig, JobLayout, ShardWorker
+from .job import GenerateConfig, JobLayout
+from .replica import ShardReplica, WorkerFactory
+from .runner import Runtime, RunTally, finalize_job, prepare_job, validate_config
+from .synthesis import load_shard_worker
 
 IN_FLIGHT_PER_REPLICA = 2
 MAX_SHARD_ATTEMPTS = 3  # a shard whose replica dies this many times fails the job
+QUIET_SECONDS = 120  # log a line when nothing finishes for this long
 USER_ERRORS = (InvalidInputError, storage.StorageError)
 # Passed to local replicas so they reach the same storage as the driver (endpoint, credentials).
 # Never written to job.json or logs; on a remote cluster nodes use their own (instance profile).
@@ -34,164 +54,309 @@ _ENV_PREFIXES = ("AWS_", "FSSPEC_")
 _ENV_NAMES = ("NO_PROXY", "no_proxy", "TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")
 
 
-class ShardReplica:
-    """Body of the `ShardReplica` actor: a ShardWorker, its models loaded on first use."""
+class DistributedJobError(RuntimeError):
+    """The job cannot finish: a shard raised, or replicas keep dying."""
 
-    def __init__(self, config: GenerateConfig, device: str, batch_size: int) -> None:
-        import ray
 
-        self.config, self.device, self.batch_size = config, device, batch_size
-        self.actor_id = ray.get_runtime_context().get_actor_id()
-        self._worker: ShardWorker | None = None
+@dataclass
+class _Replica:
+    handle: Any
+    ready: bool = False  # models loaded; takes shards
+    in_flight: int = 0
+    identity: dict[str, Any] = field(default_factory=dict)
 
-    def _get(self) -> ShardWorker:
-        if self._worker is None:
-            self._worker = ShardWorker(self.config, self.device, self.batch_size, worker_id=self.actor_id)
-        return self._worker
+    def describe(self) -> str:
+        actor = self.identity.get("worker") or self.handle._actor_id.hex()
+        node = self.identity.get("node")
+        return f"replica {actor[:12]}" + (f" on node {node[:12]}" if node else "")
 
-    def load(self) -> dict[str, Any]:
-        """Load the models (once); returns their fingerprints and this process' id."""
-        return {"fingerprints": self._get().bundle.fingerprints, "pid": os.getpid(), "actor_id": self.actor_id}
 
-    def run(self, shard: int, layout: JobLayout) -> dict[str, Any]:
-        return self._get().run(shard, layout)
+class ShardScheduler:
+    """Streams shards through an elastic pool of replicas; see the module docstring."""
+
+    def __init__(self, start_replica: Callable[[], Any], size: tuple[int, int], layout: JobLayout) -> None:
+        self.start_replica = start_replica
+        self.min_size, self.max_size = size
+        self.layout = layout
+        self.replicas: dict[int, _Replica] = {}
+        self.pending: dict[Any, tuple[int, int | None, int]] = {}  # ref -> (replica, shard or None: load, attempt)
+        self.retry: deque[tuple[int, int]] = deque()  # (shard, attempt) whose replica died
+        self.shards: Iterator[int] = iter(())
+        self.unassigned: int | None = None  # shards not handed out yet; None until the to-do list is known
+        self.fingerprints: dict[str, str] | None = None
+        self.bar: Any = None
+        self.on_shard: Callable[[dict[str, Any]], None] = lambda stats: None
+        self._next_key = 0
+        self._lost_loading = 0
+
+    def start(self) -> dict[str, str]:
+        """Request the first replicas; wait until one has loaded the models; its fingerprints."""
+        self._request(max(self.min_size, 1))
+        while self.fingerprints is None:
+            self._step()
+        return self.fingerprints
+
+    def run(self, shards: Iterable[int], count: int, bar: Any, on_shard: Callable[[dict[str, Any]], None]) -> None:
+        """Make the `count` shards of `shards`: returns once every one is committed."""
+        self.shards, self.unassigned, self.bar, self.on_shard = iter(shards), count, bar, on_shard
+        self._balance()
+        while self.unassigned or self.retry or any(r.in_flight for r in self.replicas.values()):
+            self._step()
+            self._balance()
+
+    def close(self) -> None:
+        for key in list(self.replicas):
+            self._release(key)
+
+    # -- events
+
+    def _step(self) -> None:
+        """Wait for one load or shard to finish and act on it."""
+        done, _ = ray.wait(list(self.pending), num_returns=1, timeout=QUIET_SECONDS)
+        if not done:  # e.g. replicas waiting for the autoscaler: say so rather than look hung
+            starting = sum(not r.ready for r in self.replicas.values())
+            _log(f"no shard finished for {QUIET_SECONDS} s; {starting} replicas still waiting for resources or loading")
+            return
+        key, shard, attempt = self.pending.pop(done[0])
+        try:
+            result = ray.get(done[0])
+        except ray.exceptions.RayActorError as err:
+            self._lost(key, [(shard, attempt)] if shard is not None else [], err)
+        except ray.exceptions.RayTaskError as err:
+            raise self._failure(key, shard, attempt, err) from None
+        else:
+            if shard is None:
+                self._loaded(key, result)
+            else:
+                self._committed(key, result)
+
+    def _loaded(self, key: int, info: dict[str, Any]) -> None:
+        replica = self.replicas[key]
+        replica.ready, replica.identity = True, info
+        if self.fingerprints is None:
+            self.fingerprints = info["fingerprints"]
+        elif info["fingerprints"] != self.fingerprints:  # e.g. a node with other weights under the same path
+            raise DistributedJobError(f"{replica.describe()} loaded different models: {info['fingerprints']}")
+        self._show()
+
+    def _committed(self, key: int, stats: dict[str, Any]) -> None:
+        self.replicas[key].in_flight -= 1
+        if self.bar is not None:
+            self.bar.update(stats["tiles"])
+        self.on_shard(stats)
+
+    def _lost(self, key: int, shards: list[tuple[int, int]], err: Exception) -> None:
+        """A replica died: `shards` (the one that told) and its other in-flight shards go back
+        to the queue; the pool replaces it if shards wait."""
+        replica = self.replicas.pop(key)
+        for ref in [ref for ref, (k, _, _) in self.pending.items() if k == key]:
+            _, shard, attempt = self.pending.pop(ref)
+            if shard is not None:
+                shards.append((shard, attempt))
+        ray.kill(replica.handle, no_restart=True)
+        cause = _first_line(err)
+        if not replica.ready:
+            self._lost_loading += 1
+            if self._lost_loading > self.max_size + MAX_SHARD_ATTEMPTS:
+                raise DistributedJobError(f"replicas keep dying while loading models ({self._lost_loading} lost); last: {cause}")
+        for shard, attempt in shards:
+            if attempt >= MAX_SHARD_ATTEMPTS:
+                raise DistributedJobError(f"shard {shard} failed: its replica died {attempt} times; last: {cause}")
+            self.retry.append((shard, attempt + 1))
+        lost = ", ".join(str(s) for s, _ in shards) or "none"
+        _log(f"{replica.describe()} died ({cause}); shards back in the queue: {lost}")
+        if self.unassigned is None and not self.replicas:  # still starting: keep one coming
+            self._request(1)
+        self._show()
+
+    def _failure(self, key: int, shard: int | None, attempt: int, err: Exception) -> Exception:
+        cause = err.cause if isinstance(getattr(err, "cause", None), BaseException) else err
+        if isinstance(cause, USER_ERRORS):
+            return cause  # the user's input: one clear line, as in a local run
+        where = self.replicas[key].describe()
+        what = f"{where} failed to load the models" if shard is None else f"shard {shard} failed on {where} (attempt {attempt})"
+        message = f"{what}: {type(cause).__name__}: {_first_line(cause)}"
+        _log(message)
+        return DistributedJobError(message)
+
+    # -- the pool
+
+    def _balance(self) -> None:
+        """Hand out shards, then grow the pool for shards still waiting or shrink it."""
+        self._assign()
+        starting = [k for k, r in self.replicas.items() if not r.ready]
+        idle = [k for k, r in self.replicas.items() if r.ready and not r.in_flight]
+        request, release_starting, release_idle = pool_changes(
+            self.unassigned + len(self.retry), len(self.replicas), len(starting), len(idle), self.max_size
+        )
+        self._request(request)
+        for key in starting[len(starting) - release_starting :] + idle[:release_idle]:  # newest starting first
+            self._release(key)
+        self._show()
+
+    def _assign(self) -> None:
+        """Give ready replicas shards up to IN_FLIGHT_PER_REPLICA, the least busy first."""
+        for level in range(1, IN_FLIGHT_PER_REPLICA + 1):
+            for key, replica in self.replicas.items():
+                if replica.ready and replica.in_flight < level:
+                    job = self._take()
+                    if job is None:
+                        return
+                    shard, attempt = job
+                    self.pending[replica.handle.run.remote(shard, self.layout, attempt)] = (key, shard, attempt)
+                    replica.in_flight += 1
+
+    def _take(self) -> tuple[int, int] | None:
+        if self.retry:
+            return self.retry.popleft()
+        if self.unassigned:
+            self.unassigned -= 1
+            return next(self.shards), 1
+        return None
+
+    def _request(self, count: int) -> None:
+        for _ in range(count):
+            key, self._next_key = self._next_key, self._next_key + 1
+            self.replicas[key] = _Replica(self.start_replica())
+            self.pending[self.replicas[key].handle.load.remote()] = (key, None, 0)
+
+    def _release(self, key: int) -> None:
+        replica = self.replicas.pop(key)
+        for ref in [ref for ref, (k, _, _) in self.pending.items() if k == key]:
+            del self.pending[ref]
+        ray.kill(replica.handle, no_restart=True)
+
+    def _show(self) -> None:
+        if self.bar is not None:
+            ready = sum(r.ready for r in self.replicas.values())
+            self.bar.set_postfix_str(f"replicas {ready} up, {len(self.replicas) - ready} starting", refresh=False)
+
+
+def pool_changes(waiting: int, replicas: int, starting: int, idle: int, max_size: int) -> tuple[int, int, int]:
+    """(replicas to request, starting replicas to release, idle replicas to release).
+
+    Asked after every ready replica with a free slot got a shard, so `waiting` shards found no
+    slot. Each replica still starting will take one of them; for the rest, more replicas are
+    requested up to `max_size`. With fewer waiting shards than starting replicas, the surplus
+    starting ones and every idle replica are released: no shard is left for them.
+    """
+    if waiting > starting:
+        return max(0, min(waiting - starting, max_size - replicas)), 0, 0
+    return 0, starting - waiting, idle
 
 
 def run_distributed(
     config: GenerateConfig,
     runtime: Runtime = Runtime(),
-    workers: int = 1,
+    workers: int | tuple[int, int] = 1,
     ray_address: str | None = None,
     gpus_per_replica: float = 0.0,
+    *,
+    make_worker: WorkerFactory | None = None,
+    on_shard: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run a whole job on `workers` Ray replicas (local Ray, or the cluster at `ray_address`).
+    """Run a whole job on a pool of Ray replicas (local Ray, or the cluster at `ray_address`).
 
-    Resumes like `run_local`: job.json must match, committed shards are skipped.
-    An already-connected Ray session (ray.init done by the caller) is used as is.
+    `workers` is W or (MIN, MAX). Each replica reserves `gpus_per_replica` GPUs (or one CPU when
+    0) and computes on `runtime.device` (None: the reserved GPU, else CPU). Resumes like
+    `run_local`: job.json must match, committed shards are skipped. An already-connected Ray
+    session (ray.init done by the caller) is used as is. `make_worker` replaces the model-loading
+    ShardWorker (benchmarks); `on_shard` sees each shard's stats as it commits.
     """
-    import ray
-
-    if workers < 1:
-        raise InvalidInputError("--workers must be at least 1")
+    size = _pool_size(workers)
     if gpus_per_replica < 0:
         raise InvalidInputError("--gpus-per-replica must be >= 0")
+    if (runtime.device or "").startswith("cuda") and gpus_per_replica == 0:
+        raise InvalidInputError("--device cuda under Ray needs --gpus-per-replica > 0 (Ray hides GPUs it did not reserve)")
     if ray_address:
         _probe(ray_address)  # before anything is written
     start = time.perf_counter()
     storage.ensure_writable(config.out)
     layout = validate_config(config)
-    started_ray = _connect(ray_address, workers, gpus_per_replica)
+    make_worker = make_worker or functools.partial(load_shard_worker, config, batch_size=runtime.batch_size)
+    started_ray = _connect(ray_address, size[1], gpus_per_replica)
+    scheduler = None
+    run = RunTally()
     try:
-        device = "cuda" if gpus_per_replica > 0 else "cpu"
-        options: dict[str, Any] = {"num_gpus": gpus_per_replica, "max_restarts": 0}
-        if gpus_per_replica == 0:
-            options["num_cpus"] = 1
-        if ray_address is None:
-            options["runtime_env"] = {"env_vars": _forwarded_env()}
-        actor_class = ray.remote(**options)(ShardReplica)
+        if started_ray:
+            _check_local_gpus(gpus_per_replica)
+        options: dict[str, Any] = {
+            "num_cpus": 1,
+            "num_gpus": gpus_per_replica,
+            "max_restarts": 0,
+            "max_concurrency": IN_FLIGHT_PER_REPLICA,  # a shard uploads while the next one synthesizes
+        }
+        env = _forwarded_env() if ray_address is None else {}
+        if env:
+            options["runtime_env"] = {"env_vars": env}
+        replica_class = ray.remote(**options)(ShardReplica)
+        scheduler = ShardScheduler(lambda: replica_class.remote(make_worker, runtime.device), size, layout)
+        if runtime.progress:
+            _log(f"starting {max(size[0], 1)} of up to {size[1]} replicas; waiting for the first to load the models")
+        fingerprints = scheduler.start()
+        pending = prepare_job(config, layout, fingerprints)
 
-        def spawn() -> Any:
-            replica = actor_class.remote(config, device, runtime.batch_size)
-            replica.load.remote()  # start loading models now, in parallel with the others
-            return replica
+        def tally(stats: dict[str, Any]) -> None:
+            run.add(stats)
+            if on_shard:
+                on_shard(stats)
 
-        replicas = {i: spawn() for i in range(workers)}
-        # Fingerprints come from a replica (the driver never loads models).
-        fingerprints = _get_one(ray, replicas[0].load.remote())["fingerprints"]
-        todo = prepare_job(config, layout, fingerprints)
-        done_tiles = layout.num_tiles - sum(len(layout.tiles(s)) for s in todo)
         with tqdm(
-            total=layout.num_tiles, initial=done_tiles, unit="tile", disable=not runtime.progress, desc="generate"
+            total=layout.num_tiles, initial=pending.done_tiles, unit="tile", disable=not runtime.progress, desc="generate"
         ) as bar:
-            _schedule(ray, iter(todo), layout, replicas, spawn, bar)
+            scheduler.run(pending, len(pending), bar, tally)
     finally:
+        if scheduler is not None:
+            scheduler.close()
         if started_ray:
             ray.shutdown()
-    return finalize_job(config, layout, time.perf_counter() - start)
+    return finalize_job(config, layout, time.perf_counter() - start, run)
 
 
-def _schedule(ray: Any, shards: Iterator[int], layout: JobLayout, replicas: dict[int, Any], spawn: Any, bar: Any) -> None:
-    """Keep every replica busy with a bounded number of shards until all are committed."""
-    retry: deque[int] = deque()
-    attempts: dict[int, int] = {}  # only shards that lost a replica
-    pending: dict[Any, tuple[int, int]] = {}  # object ref -> (shard, replica key)
-    in_flight = {key: 0 for key in replicas}
-    next_key = len(replicas)
-
-    def take() -> int | None:
-        return retry.popleft() if retry else next(shards, None)
-
-    def fill() -> None:
-        for key, replica in replicas.items():
-            while in_flight[key] < IN_FLIGHT_PER_REPLICA:
-                shard = take()
-                if shard is None:
-                    return
-                pending[replica.run.remote(shard, layout)] = (shard, key)
-                in_flight[key] += 1
-
-    def show() -> None:
-        bar.set_postfix(replicas_alive=len(replicas), refresh=False)
-
-    show()
-    fill()
-    while pending:
-        [ref], _ = ray.wait(list(pending), num_returns=1)
-        shard, key = pending.pop(ref)
-        try:
-            ray.get(ref)
-        except ray.exceptions.RayActorError:
-            attempts[shard] = attempts.get(shard, 0) + 1
-            if attempts[shard] >= MAX_SHARD_ATTEMPTS:
-                raise RuntimeError(f"shard {shard} failed: its replica died {attempts[shard]} times") from None
-            retry.append(shard)
-            if key in replicas:  # first news of this replica's death: replace it
-                ray.kill(replicas.pop(key), no_restart=True)
-                in_flight.pop(key)
-                replicas[next_key], in_flight[next_key] = spawn(), 0
-                next_key += 1
-                show()
-        except ray.exceptions.RayTaskError as err:
-            cause = err.cause if isinstance(getattr(err, "cause", None), BaseException) else err
-            if isinstance(cause, USER_ERRORS):
-                raise cause from None
-            raise RuntimeError(f"shard {shard} failed: {type(cause).__name__}: {cause}") from None
-        else:
-            in_flight[key] -= 1
-            bar.update(len(layout.tiles(shard)))
-        fill()
+def _pool_size(workers: int | tuple[int, int]) -> tuple[int, int]:
+    low, high = (workers, workers) if isinstance(workers, int) else workers
+    if high < 1 or low < 0 or low > high:
+        raise InvalidInputError(f"--workers must be W >= 1 or MIN-MAX with 0 <= MIN <= MAX, MAX >= 1; got {low}-{high}")
+    return low, high
 
 
-def _get_one(ray: Any, ref: Any) -> Any:
-    """ray.get, with a user error raised in the actor re-raised as itself (one-line message)."""
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as err:
-        if isinstance(getattr(err, "cause", None), USER_ERRORS):
-            raise err.cause from None
-        raise
+def _log(message: str) -> None:
+    tqdm.write(f"cytosynth: {message}", file=sys.stderr)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def _forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES}
 
 
-def _connect(ray_address: str | None, workers: int, gpus_per_replica: float) -> bool:
+def _connect(ray_address: str | None, max_replicas: int, gpus_per_replica: float) -> bool:
     """Connect to (or start) Ray; True when this call started the session it must shut down."""
-    import ray
-
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR", "configure_logging": True}
     if ray_address is None:
-        kwargs.update(num_cpus=workers if gpus_per_replica == 0 else None, include_dashboard=False)
+        # "local": a fresh Ray for this job, never a cluster someone else started on this machine.
+        kwargs.update(num_cpus=max_replicas if gpus_per_replica == 0 else None, include_dashboard=False)
     try:
-        ray.init(address=ray_address or None, **kwargs)
+        ray.init(address=ray_address or "local", **kwargs)
     except (ConnectionError, RuntimeError, TimeoutError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InvalidInputError(f"cannot connect to Ray at {ray_address or 'local'}: {first}") from None
+        raise InvalidInputError(f"cannot connect to Ray at {ray_address or 'local'}: {_first_line(err)}") from None
     return True
+
+
+def _check_local_gpus(gpus_per_replica: float) -> None:
+    """On a Ray this job started, a replica asking for more GPUs than exist would wait forever."""
+    total = ray.cluster_resources().get("GPU", 0)
+    if gpus_per_replica > total:
+        raise InvalidInputError(
+            f"--gpus-per-replica {gpus_per_replica:g} but this machine has {total:g} GPUs for Ray; "
+            "use --ray-address for a cluster, or --gpus-per-replica 0 for CPU replicas"
+        )
 
 
 def _probe(address: str, timeout: float = 5.0) -> None:

@@ -2,6 +2,8 @@
 
 `run_local` runs every shard in this process. Whatever runs the shards, a job starts with
 `prepare_job` and ends with `finalize_job`, so resume and the output contract are the same.
+Neither holds per-tile state for the whole job: shards are listed lazily, shard stats are tallied
+as they arrive, and the manifest is streamed from the committed shards.
 """
 
 from __future__ import annotations
@@ -9,25 +11,56 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from cytosynth import storage
-from cytosynth.synth import ABNORMAL_CLASSES, InvalidInputError
+from cytosynth.synth import InvalidInputError
 from cytosynth.synth.selection import plan_from_json
 
-from .worker import NORMAL_SOURCES, GenerateConfig, JobLayout, RealTileSource, ShardWorker
+from .job import NORMAL_SOURCES, GenerateConfig, JobLayout, PendingShards
+from .synthesis import RealTileSource, load_shard_worker
+from .worker import STAGES
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """How to run (never changes the data): device, tiles per model call, progress bar."""
+    """How to run (never changes the data): device (None: cuda where available), tiles per model
+    call, progress bar."""
 
-    device: str = "cpu"
+    device: str | None = None
     batch_size: int = 4
     progress: bool = True
+
+
+@dataclass
+class RunTally:
+    """What this run did, added up shard by shard as results arrive (O(replicas) memory)."""
+
+    shards: int = 0
+    tiles: int = 0
+    retried_shards: int = 0
+    stage_seconds: Counter[str] = field(default_factory=Counter)
+    workers: set[str] = field(default_factory=set)
+
+    def add(self, stats: Mapping[str, Any]) -> None:
+        self.shards += 1
+        self.tiles += stats["tiles"]
+        self.retried_shards += stats.get("attempt", 1) > 1
+        self.stage_seconds.update(stats.get("stage_seconds", {}))
+        self.workers.add(stats.get("worker", "local"))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "shards": self.shards,
+            "tiles": self.tiles,
+            "replicas": len(self.workers),
+            "retried_shards": self.retried_shards,
+            "stage_seconds": {s: round(self.stage_seconds.get(s, 0.0), 2) for s in STAGES},
+        }
 
 
 def validate_config(config: GenerateConfig) -> JobLayout:
@@ -57,38 +90,60 @@ def validate_config(config: GenerateConfig) -> JobLayout:
     return JobLayout(num_tiles, config.tiles_per_shard)
 
 
-def prepare_job(config: GenerateConfig, layout: JobLayout, fingerprints: dict[str, str]) -> list[int]:
+def prepare_job(config: GenerateConfig, layout: JobLayout, fingerprints: dict[str, str]) -> PendingShards:
     """Write (or match) job.json, and list the shards still to do."""
     record = {**config.record(), "num_tiles": layout.num_tiles, "models": fingerprints}
     storage.write_job_json(config.out, record)
-    done = storage.committed_shards(config.out)
-    return [s for s in range(layout.num_shards) if s not in done]
+    committed = storage.committed_shards(config.out)
+    return PendingShards(layout, frozenset(s for s in committed if s < layout.num_shards))
 
 
-def finalize_job(config: GenerateConfig, layout: JobLayout, seconds: float) -> dict[str, Any]:
+def finalize_job(
+    config: GenerateConfig, layout: JobLayout, seconds: float, run: RunTally | None = None
+) -> dict[str, Any]:
     """Manifest, preview and `_SUCCESS` (last, only when every shard is committed); the summary.
 
-    A job that was already complete changes nothing (no new manifest, preview or `_SUCCESS`):
-    `_SUCCESS` exists only once every shard was committed, so this run did no work.
+    The dataset's totals are added up while the manifest streams through the shard stats (one
+    pass, no per-tile state). A job that was already complete changes nothing (no new manifest,
+    preview or `_SUCCESS`): `_SUCCESS` exists only once every shard was committed, so this run
+    did no work.
     """
+    this_run = {"seconds": round(seconds, 2), "this_run": (run or RunTally()).as_dict()}
     if storage.is_complete(config.out):
-        return {**json.loads(storage.get_bytes(storage.join(config.out, "_SUCCESS"))), "out": config.out}
-    stats = list(storage.iter_shard_stats(config.out))
-    cells: Counter[str] = Counter()
-    for shard in stats:
-        cells.update(shard["cells"])
-    summary = {
-        "out": config.out,
-        "tiles": sum(s["tiles"] for s in stats),
-        "shards": len(stats),
-        "cells": {c: cells.get(c, 0) for c in ABNORMAL_CLASSES},
-        "normal_cells": sum(s["normal_cells"] for s in stats),
-        "seconds": round(seconds, 2),
-    }
-    storage.write_manifest(config.out)
+        return {**json.loads(storage.get_bytes(storage.join(config.out, "_SUCCESS"))), "out": config.out, **this_run}
+    totals = DatasetTotals()
+    storage.write_manifest(config.out, stats=totals.counting(storage.iter_shard_stats(config.out)))
+    summary = {"out": config.out, **totals.as_dict(), **this_run}
     storage.write_preview(config.out)
     storage.write_success(config.out, summary, expected_shards=layout.num_shards)
     return summary
+
+
+@dataclass
+class DatasetTotals:
+    """Tiles, shards and cells of a whole dataset, counted from its committed shard stats."""
+
+    tiles: int = 0
+    shards: int = 0
+    normal_cells: int = 0
+    cells: Counter[str] = field(default_factory=Counter)
+
+    def counting(self, stats: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+        """Pass `stats` through unchanged, counting each shard on the way."""
+        for shard in stats:
+            self.tiles += shard["tiles"]
+            self.shards += 1
+            self.normal_cells += shard["normal_cells"]
+            self.cells.update(shard["cells"])
+            yield shard
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tiles": self.tiles,
+            "shards": self.shards,
+            "cells": {c: self.cells.get(c, 0) for c in storage.CLASSES},
+            "normal_cells": self.normal_cells,
+        }
 
 
 def run_local(config: GenerateConfig, runtime: Runtime = Runtime()) -> dict[str, Any]:
@@ -96,12 +151,12 @@ def run_local(config: GenerateConfig, runtime: Runtime = Runtime()) -> dict[str,
     start = time.perf_counter()
     storage.ensure_writable(config.out)
     layout = validate_config(config)  # checks inputs before the (possibly slow) model load
-    worker = ShardWorker(config, runtime.device, runtime.batch_size)
-    todo = prepare_job(config, layout, worker.bundle.fingerprints)
-    done_tiles = layout.num_tiles - sum(len(layout.tiles(s)) for s in todo)
+    worker = load_shard_worker(config, runtime.device, runtime.batch_size)
+    pending = prepare_job(config, layout, worker.fingerprints)
+    run = RunTally()
     with tqdm(
-        total=layout.num_tiles, initial=done_tiles, unit="tile", disable=not runtime.progress, desc="generate"
+        total=layout.num_tiles, initial=pending.done_tiles, unit="tile", disable=not runtime.progress, desc="generate"
     ) as bar:
-        for shard in todo:
-            worker.run(shard, layout, on_tiles=bar.update)
-    return finalize_job(config, layout, time.perf_counter() - start)
+        for shard in pending:
+            run.add(worker.run(shard, layout, on_tiles=bar.update))
+    return finalize_job(config, layout, time.perf_counter() - start, run)

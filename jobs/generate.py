@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 from cytosynth import storage
+from cytosynth.cluster.job import NORMAL_SOURCES, GenerateConfig
 from cytosynth.cluster.runner import Runtime, run_local
-from cytosynth.cluster.worker import NORMAL_SOURCES, GenerateConfig
+from cytosynth.cluster.worker import STAGES
 from cytosynth.synth import ABNORMAL_CLASSES, PRESETS, InvalidInputError
 
 from .common import default_device
@@ -18,6 +19,18 @@ def _cells(text: str) -> tuple[int, int]:
         return int(lo), int(hi or lo)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected MIN-MAX like 1-8, got {text!r}") from None
+
+
+def _workers(text: str) -> tuple[int, int]:
+    """"8" -> (8, 8); "0-16" -> (0, 16): a pool of 0 to 16 replicas (0: in this process)."""
+    lo, _, hi = text.partition("-")
+    try:
+        low, high = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected W or MIN-MAX like 0-16, got {text!r}") from None
+    if low < 0 or high < low:
+        raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= MAX, got {text!r}")
+    return low, high
 
 
 def _class_weights(text: str) -> dict[str, float]:
@@ -56,13 +69,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--tile-size", type=int, default=1024)
     gen.add_argument("--steps", type=int, default=25, help="DDIM steps (paper: 25)")
     gen.add_argument("--guidance", type=float, default=5.0, help="CFG scale (paper: 5.0)")
-    gen.add_argument("--device", default=default_device())
+    gen.add_argument("--device", help="torch device the models compute on, e.g. cuda, cuda:1, cpu (default: "
+                     "cuda where available; under Ray, cuda on replicas that reserved GPUs, else cpu)")
     gen.add_argument("--batch-size", type=int, default=4, help="tiles per model call")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
-    gen.add_argument("--workers", type=int, default=0, help="0: run in this process; W >= 1: W Ray replicas")
+    gen.add_argument("--workers", type=_workers, default=(0, 0), help="Ray replicas: W, or MIN-MAX for a pool "
+                     "that grows while shards wait and shrinks when they run out (default 0: in this process)")
     gen.add_argument("--ray-address", help="an existing Ray cluster (host:port, ray://host:port or auto)")
-    gen.add_argument("--gpus-per-replica", type=float, help="GPUs per Ray replica, may be fractional "
-                     "(default: 1 with a CUDA --device, else 0: one CPU per replica)")
+    gen.add_argument("--gpus-per-replica", type=float, help="GPUs each Ray replica reserves, may be fractional "
+                     "(default: 1 when --device, or this machine, is CUDA; else 0: one CPU per replica)")
 
     prev = commands.add_parser("preview", help="draw the contact sheet of a dataset (writes preview.png)")
     prev.add_argument("url", help="dataset URL (a generate --out)")
@@ -104,13 +119,14 @@ def generate(args: argparse.Namespace) -> int:
         guidance=args.guidance,
     )
     runtime = Runtime(args.device, args.batch_size, progress=not args.quiet)
-    if args.workers or args.ray_address:
+    if args.workers != (0, 0) or args.ray_address:
         from cytosynth.cluster.distributed import run_distributed  # Ray only when asked for
 
         gpus = args.gpus_per_replica
         if gpus is None:
-            gpus = 1.0 if args.device.startswith("cuda") else 0.0
-        summary = run_distributed(config, runtime, max(args.workers, 1), args.ray_address, gpus)
+            gpus = 1.0 if (args.device or default_device()).startswith("cuda") else 0.0
+        workers = args.workers if args.workers != (0, 0) else (1, 1)
+        summary = run_distributed(config, runtime, workers, args.ray_address, gpus)
     else:
         summary = run_local(config, runtime)
     print(format_summary(summary))
@@ -118,10 +134,16 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def format_summary(summary: dict) -> str:
-    rate = summary["tiles"] / summary["seconds"] if summary["seconds"] else float("nan")
+    run = summary.get("this_run") or {}
+    made = run.get("tiles", summary["tiles"])
+    rate = made / summary["seconds"] if summary["seconds"] else float("nan")
+    stages = run.get("stage_seconds") or {}
     lines = [
         f"cytosynth: wrote {summary['tiles']} tiles in {summary['shards']} shards to {summary['out']}",
-        f"  time       {summary['seconds']:.1f} s ({rate:.2f} tiles/s)",
+        f"  time       {summary['seconds']:.1f} s ({rate:.2f} tiles/s); this run made {made} tiles "
+        f"in {run.get('shards', 0)} shards on {run.get('replicas', 0)} replicas, {run.get('retried_shards', 0)} shards retried",
+        "  stages     " + ", ".join(f"{s} {stages.get(s, 0.0):.1f} s" for s in STAGES)
+        + " (busy seconds summed over replicas; encode and upload overlap synthesis)",
         f"  abnormal   {sum(summary['cells'].values())} cells: "
         + ", ".join(f"{name} {count}" for name, count in summary["cells"].items()),
         f"  normal     {summary['normal_cells']} NILM cells annotated",

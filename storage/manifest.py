@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from typing import Any, Iterator, Mapping
+from itertools import islice
+from typing import Any, Iterable, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,6 +15,7 @@ from .shards import iter_shard_stats
 from .urls import join
 
 MANIFEST_NAME = "manifest.parquet"
+ROW_GROUP_ROWS = 65536  # rows buffered per Parquet row group: memory stays flat for any job size
 MANIFEST_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -35,10 +37,18 @@ def shard_rows(stats: Mapping[str, Any]) -> list[dict[str, Any]]:
     return sorted(stats["samples"], key=lambda row: row["tile_index"])
 
 
-def manifest_rows(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-    """Manifest rows of every committed shard, in tile order (no tar is opened)."""
-    for stats in iter_shard_stats(out_url, storage_options=storage_options):
-        yield from shard_rows(stats)
+def manifest_rows(
+    out_url: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    stats: Iterable[Mapping[str, Any]] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Manifest rows of every committed shard (or of ``stats``, shard stats in shard order), in
+    tile order (no tar is opened)."""
+    if stats is None:
+        stats = iter_shard_stats(out_url, storage_options=storage_options)
+    for shard in stats:
+        yield from shard_rows(shard)
 
 
 def manifest_table(rows: Iterator[Mapping[str, Any]] | list[Mapping[str, Any]]) -> pa.Table:
@@ -46,10 +56,23 @@ def manifest_table(rows: Iterator[Mapping[str, Any]] | list[Mapping[str, Any]]) 
     return pa.Table.from_pylist([{f: row.get(f) for f in MANIFEST_FIELDS} for row in rows], schema=MANIFEST_SCHEMA)
 
 
-def write_manifest(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Write ``manifest.parquet`` under ``out_url`` from the committed shards; return its URL."""
+def write_manifest(
+    out_url: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    stats: Iterable[Mapping[str, Any]] | None = None,
+) -> str:
+    """Write ``manifest.parquet`` under ``out_url`` from the committed shards; return its URL.
+
+    Rows stream through one row group at a time, so a million-tile manifest needs memory for
+    ``ROW_GROUP_ROWS`` rows plus the compressed file. ``stats`` lets a caller that also reads the
+    shard stats (e.g. to add up totals) pass them in, so they are read once.
+    """
+    rows = manifest_rows(out_url, storage_options=storage_options, stats=stats)
     buf = io.BytesIO()
-    pq.write_table(manifest_table(manifest_rows(out_url, storage_options=storage_options)), buf)
+    with pq.ParquetWriter(buf, MANIFEST_SCHEMA) as writer:
+        while chunk := list(islice(rows, ROW_GROUP_ROWS)):
+            writer.write_table(manifest_table(chunk))
     url = join(out_url, MANIFEST_NAME)
     put_bytes(url, buf.getvalue(), storage_options=storage_options)
     return url

@@ -6,7 +6,9 @@ choice of a tile comes from its own seed, so a tile's plan and boxes never depen
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +27,21 @@ from .selection import CROP_SIZE, CellEdit, Plan, select_cells, unedited_boxes
 
 # A normal-tile source maps (tile indices, seeds) to uint8 HxWx3 tiles.
 NormalTileSource = Callable[[Sequence[int], Sequence[int]], Sequence[np.ndarray]]
+# Stages timed by TileSynthesizer: normal tile (stage 1), detection + cell selection, the
+# Abnormal Cell Synthesizer (stage 2), paste-back. Each ends in numpy arrays on the host, so on a
+# GPU the wall time of a stage includes its kernels without an explicit synchronize.
+SYNTHESIS_STAGES = ("stage1", "detection", "stage2", "paste_back")
+
+
+@contextmanager
+def timed(stage_seconds: MutableMapping[str, float] | None, stage: str) -> Iterator[None]:
+    """Add the wall time of the block to ``stage_seconds[stage]`` (no-op when None)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if stage_seconds is not None:
+            stage_seconds[stage] = stage_seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 @dataclass(frozen=True)
@@ -86,15 +103,23 @@ class TileSynthesizer:
         self.settings, self.plan, self.source_kind = settings, plan, source_kind
         self.models = dict(models or {})
 
-    def __call__(self, tile_indices: Sequence[int], seeds: Sequence[int]) -> list[TileSample]:
+    def __call__(
+        self,
+        tile_indices: Sequence[int],
+        seeds: Sequence[int],
+        stage_seconds: MutableMapping[str, float] | None = None,
+    ) -> list[TileSample]:
+        """Synthesize a batch; with ``stage_seconds``, add each stage's seconds to it (SYNTHESIS_STAGES)."""
         size = self.settings.tile_size
-        tiles = [np.array(t, dtype=np.uint8, copy=True) for t in self.source(tile_indices, seeds)]
+        with timed(stage_seconds, "stage1"):
+            tiles = [np.array(t, dtype=np.uint8, copy=True) for t in self.source(tile_indices, seeds)]
         for index, tile in zip(tile_indices, tiles):
             if tile.shape != (size, size, 3):
                 raise InvalidInputError(f"tile {index}: normal tile is {tile.shape}, expected ({size}, {size}, 3)")
-        detections = self.detector.detect(tiles)
-        edits = [self._select(i, s, d) for i, s, d in zip(tile_indices, seeds, detections)]
-        self._edit(tiles, seeds, edits)
+        with timed(stage_seconds, "detection"):
+            detections = self.detector.detect(tiles)
+            edits = [self._select(i, s, d) for i, s, d in zip(tile_indices, seeds, detections)]
+        self._edit(tiles, seeds, edits, stage_seconds)
         return [
             TileSample(i, s, tile, self._annotation(i, s, e, unedited_boxes(d, e)))
             for i, s, tile, e, d in zip(tile_indices, seeds, tiles, edits, detections)
@@ -107,7 +132,13 @@ class TileSynthesizer:
             return self.plan.edits_for(index, detected, rng, s.tile_size, s.cells, s.class_weights)
         return select_cells(detected, rng, s.tile_size, s.cells, s.class_weights)
 
-    def _edit(self, tiles: list[np.ndarray], seeds: Sequence[int], edits: list[list[CellEdit]]) -> None:
+    def _edit(
+        self,
+        tiles: list[np.ndarray],
+        seeds: Sequence[int],
+        edits: list[list[CellEdit]],
+        stage_seconds: MutableMapping[str, float] | None = None,
+    ) -> None:
         """Stage 2 for every cell of the batch in one editor call, then paste-back in place."""
         cells = [(t, j, e) for t, tile_edits in enumerate(edits) for j, e in enumerate(tile_edits)]
         if not cells:
@@ -119,10 +150,12 @@ class TileSynthesizer:
         boxes = np.array([box_in_crop(e.box, o) for (_, _, e), o in zip(cells, origins)])
         # Cell j of a tile draws its noise from (tile seed, j): independent of the batch.
         cell_seeds = [tile_seed(seeds[t], j) for t, j, _ in cells]
-        edited = self.editor(crops, boxes, [e.label for _, _, e in cells], cell_seeds)
-        for (t, _, e), origin, crop in zip(cells, origins, edited):
-            others = [o.box for o in edits[t] if o is not e]
-            paste_back(tiles[t], crop, origin, e.box, self.settings.feather, keep_out=others)
+        with timed(stage_seconds, "stage2"):
+            edited = self.editor(crops, boxes, [e.label for _, _, e in cells], cell_seeds)
+        with timed(stage_seconds, "paste_back"):
+            for (t, _, e), origin, crop in zip(cells, origins, edited):
+                others = [o.box for o in edits[t] if o is not e]
+                paste_back(tiles[t], crop, origin, e.box, self.settings.feather, keep_out=others)
 
     def _annotation(self, index: int, seed: int, edits: list[CellEdit], normal: np.ndarray) -> dict[str, Any]:
         size = self.settings.tile_size

@@ -18,9 +18,9 @@ ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 from cytosynth import storage  # noqa: E402
-from cytosynth.cluster.distributed import run_distributed  # noqa: E402
+from cytosynth.cluster.distributed import pool_changes, run_distributed  # noqa: E402
 from cytosynth.cluster.runner import Runtime  # noqa: E402
-from cytosynth.cluster.worker import GenerateConfig  # noqa: E402
+from cytosynth.cluster.job import GenerateConfig  # noqa: E402
 from cytosynth.jobs.cli import main  # noqa: E402
 
 NUM_TILES = 8
@@ -35,7 +35,11 @@ def config(out: str) -> GenerateConfig:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    # Two fake GPUs: replicas can reserve GPU resources while computing on CPU.
+    ray.init(
+        address="local", num_cpus=3, num_gpus=2, include_dashboard=False, log_to_driver=False,
+        logging_level="ERROR", object_store_memory=150 * 1024**2,
+    )
     yield
     ray.shutdown()
 
@@ -61,15 +65,36 @@ def check_exactly_once(out: str) -> None:
     assert storage.is_complete(out)
 
 
-def test_three_replicas_to_s3(reference, s3_bucket):
+def test_pool_of_fake_gpu_replicas_computing_on_cpu_writes_the_reference_dataset_to_s3(reference, s3_bucket):
     out = s3_bucket + "/job"
-    summary = run_distributed(config(out), RUNTIME, workers=3)
+    summary = run_distributed(config(out), RUNTIME, workers=(1, 3), gpus_per_replica=0.5)
     assert summary["tiles"] == NUM_TILES and summary["shards"] == NUM_TILES
     check_exactly_once(out)
-    workers = {s["worker"] for s in storage.iter_shard_stats(out)}
-    assert workers and all(len(w) > 8 and w != "local" for w in workers)  # Ray actor ids
+    stats = list(storage.iter_shard_stats(out))
+    # Each replica reserved half of one of the session's 2 (fake) GPUs but computed on the CPU.
+    assert all(s["gpus"] and s["device"] == "cpu" for s in stats)
+    workers = {s["worker"] for s in stats}
+    assert 1 <= len(workers) <= 3 and all(len(w) > 8 and w != "local" for w in workers)  # Ray actor ids
+    assert all(s["node"] == ray.get_runtime_context().get_node_id() and s["attempt"] == 1 for s in stats)
+    assert set(stats[0]["stage_seconds"]) == {"stage1", "detection", "stage2", "paste_back", "encode"}
+    assert summary["this_run"]["shards"] == NUM_TILES and summary["this_run"]["stage_seconds"]["upload"] > 0
     # Invariant 1: replica count (and backend) does not change the data; on CPU not one byte.
     assert shard_bytes(out) == reference
+
+
+@pytest.mark.parametrize(
+    "waiting, replicas, starting, idle, expected",
+    [
+        (10, 0, 0, 0, (4, 0, 0)),  # shards wait, nothing started yet: up to MAX
+        (10, 1, 1, 0, (3, 0, 0)),  # the replica still starting will take one of them
+        (10, 4, 0, 0, (0, 0, 0)),  # at MAX: shards wait for a slot
+        (2, 3, 2, 0, (0, 0, 0)),  # as many starting as waiting: nothing to change
+        (1, 3, 2, 0, (0, 1, 0)),  # fewer shards than starting replicas: release the surplus
+        (0, 3, 0, 2, (0, 0, 2)),  # nothing waits: idle replicas go (their GPUs, then nodes, free up)
+    ],
+)
+def test_pool_grows_while_shards_wait_and_releases_replicas_with_no_shard_left(waiting, replicas, starting, idle, expected):
+    assert pool_changes(waiting, replicas, starting, idle, max_size=4) == expected
 
 
 def test_replica_killed_mid_job(reference, tmp_path):

@@ -1,0 +1,86 @@
+"""What a generation job is: its config (the dataset's identity) and its shard layout.
+
+Plain data with no model imports, so the driver's scheduler and light replicas (benchmarks)
+can use it without pulling in torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+NORMAL_SOURCES = ("diffusion", "phantom", "real")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Everything that defines a dataset. Written to job.json; a resume must match it exactly.
+
+    Runtime choices that do not change the data (device, batch size, workers) live elsewhere.
+    """
+
+    out: str
+    num_tiles: int | None = None  # None: as many as there are real tiles
+    preset: str = "tiny"
+    model_dir: str | None = None
+    random_weights: bool = False
+    lora: str | None = None
+    acs_unet: str | None = None
+    detector: str | None = None
+    normal_source: str = "diffusion"
+    real_tiles: str | None = None
+    cells: tuple[int, int] = (1, 8)
+    class_weights: dict[str, float] | None = None
+    seed: int = 0
+    tiles_per_shard: int = 64
+    plan: str | None = None  # the plan's JSON text (a file is read by the CLI)
+    image_format: str = "png"
+    tile_size: int = 1024
+    steps: int = 25
+    guidance: float = 5.0
+
+    def record(self) -> dict[str, Any]:
+        """The job.json form: the plan by hash (it can be large), no output URL (it is the key)."""
+        data = asdict(self)
+        data.pop("out")
+        if self.plan is not None:
+            data["plan"] = "sha256:" + hashlib.sha256(self.plan.encode()).hexdigest()[:16]
+        return data
+
+
+@dataclass(frozen=True)
+class JobLayout:
+    """Which tiles go in which shard: tiles [s*K, (s+1)*K) in shard s."""
+
+    num_tiles: int
+    tiles_per_shard: int
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_tiles // self.tiles_per_shard)
+
+    def tiles(self, shard: int) -> range:
+        start = shard * self.tiles_per_shard
+        return range(start, min(start + self.tiles_per_shard, self.num_tiles))
+
+
+@dataclass(frozen=True)
+class PendingShards:
+    """The shards a run still has to make, produced lazily: a million-tile job holds the set of
+    committed shard indices, never a list of tiles. `committed` holds indices < layout.num_shards."""
+
+    layout: JobLayout
+    committed: frozenset[int]
+
+    def __iter__(self) -> Iterator[int]:
+        return (s for s in range(self.layout.num_shards) if s not in self.committed)
+
+    def __len__(self) -> int:
+        return self.layout.num_shards - len(self.committed)
+
+    @property
+    def done_tiles(self) -> int:
+        """Tiles already in committed shards (the progress bar's starting point)."""
+        return sum(len(self.layout.tiles(s)) for s in self.committed)

@@ -1,0 +1,50 @@
+"""`ShardReplica`: the body of the Ray actor that holds one model replica.
+
+Kept apart from the scheduler and from model code so that a replica process imports only what
+its worker factory needs (a simulated replica never imports torch).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from .job import JobLayout
+from .worker import ShardWorker
+
+# make_worker(device=..., identity=...) -> ShardWorker, e.g. functools.partial(load_shard_worker, config).
+WorkerFactory = Callable[..., ShardWorker]
+
+
+class ShardReplica:
+    """One ShardWorker per actor: models loaded once by `load`, then whole shards via `run`.
+
+    The torch device is separate from what Ray reserved: `device=None` computes on the GPU Ray
+    assigned (cuda) or on CPU when it assigned none; an explicit device (e.g. "cpu" on fake GPUs
+    in tests) wins.
+    """
+
+    def __init__(self, make_worker: WorkerFactory, device: str | None) -> None:
+        context = ray.get_runtime_context()
+        gpus = list(context.get_accelerator_ids().get("GPU", []))
+        self.device = device or ("cuda" if gpus else "cpu")
+        self.identity = {"worker": context.get_actor_id(), "node": context.get_node_id(), "gpus": gpus, "pid": os.getpid()}
+        self._make_worker = make_worker
+        self._worker: ShardWorker | None = None
+
+    def load(self) -> dict[str, Any]:
+        """Load the models; returns their fingerprints and where this replica runs."""
+        if self._worker is None:
+            self._worker = self._make_worker(device=self.device, identity=self.identity)
+        return {"fingerprints": self._worker.fingerprints, **self._worker.identity}
+
+    def run(self, shard: int, layout: JobLayout, attempt: int) -> dict[str, Any]:
+        """Make and commit one shard; its stats without the manifest rows (they stay in storage,
+        so the driver never receives per-tile data)."""
+        assert self._worker is not None, "load() first"
+        stats = self._worker.run(shard, layout, attempt)
+        stats.pop("samples", None)
+        return stats

@@ -1,0 +1,112 @@
+"""Models into shard workers: the one place `cluster` loads a bundle and builds the synthesizer.
+
+Importing this module imports `synth` (torch, diffusers); the scheduler and the shard worker
+do not, so only processes that really synthesize pay for it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator, MutableMapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from cytosynth import storage
+from cytosynth.synth import (
+    InvalidInputError,
+    ModelBundle,
+    SynthesisSettings,
+    TileSample,
+    build_synthesizer,
+    load_bundle,
+    random_bundle,
+    tile_seed,
+)
+from cytosynth.synth.models import fingerprint
+from cytosynth.synth.selection import plan_from_json
+
+from .job import GenerateConfig
+from .worker import ShardWorker
+
+
+class RealTileSource:
+    """Real normal tiles (folder of images or shards) as a synth normal-tile source."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.urls = storage.list_real_tiles(url)
+        self.from_shards = self.urls[0].endswith(".tar")
+        self._count = sum(1 for _ in self._shard_images()) if self.from_shards else len(self.urls)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def check_sizes(self, tile_size: int) -> None:
+        """Fail before any work if a real tile is unreadable or not tile_size x tile_size."""
+        for where, (w, h) in self._sizes():
+            if (w, h) != (tile_size, tile_size):
+                raise InvalidInputError(f"real tile {where} is {w}x{h}, expected {tile_size}x{tile_size}")
+
+    def _sizes(self) -> Iterator[tuple[str, tuple[int, int]]]:
+        if self.from_shards:
+            for i, image in enumerate(self._shard_images()):
+                yield f"{i} of {self.url}", (image.shape[1], image.shape[0])
+        else:
+            for url in self.urls:
+                yield url, storage.real_tile_size(url)
+
+    def _shard_images(self) -> Iterator[np.ndarray]:
+        return storage.iter_shard_images(self.urls)
+
+    def __call__(self, indices: Sequence[int], seeds: Sequence[int]) -> list[np.ndarray]:
+        if not self.from_shards:
+            return [storage.read_real_tile(self.urls[i]) for i in indices]
+        # Shards are streamed, not indexed: skip to the batch (real sets are thousands, not millions).
+        return list(itertools.islice(self._shard_images(), indices[0], indices[0] + len(indices)))
+
+
+def synthesis_settings(config: GenerateConfig) -> SynthesisSettings:
+    return SynthesisSettings(config.tile_size, config.steps, config.guidance, config.cells, config.class_weights)
+
+
+def load_models(config: GenerateConfig) -> ModelBundle:
+    """The bundle a config names: random weights for `tiny` (or when asked), else from disk/URL."""
+    if config.model_dir:
+        return load_bundle(config.model_dir, config.preset, config.lora, config.acs_unet, config.detector)
+    if config.preset == "tiny" or config.random_weights:
+        bundle = random_bundle(config.preset, seed=0)
+        bundle.detector_path = config.detector
+        if config.detector and os.path.isfile(config.detector):  # a missing file fails in load_detector
+            bundle.fingerprints["detector"] = fingerprint(config.detector)
+        return bundle
+    raise InvalidInputError(
+        f"preset {config.preset} needs --model-dir with real weights (or --random-weights for benchmarks)"
+    )
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_shard_worker(
+    config: GenerateConfig,
+    device: str | None = None,
+    batch_size: int = 4,
+    identity: dict[str, Any] | None = None,
+) -> ShardWorker:
+    """Load the config's models once onto `device` (None: cuda when available) into a ShardWorker."""
+    device = device or default_device()
+    bundle = load_models(config).to(device)
+    source = RealTileSource(config.real_tiles) if config.normal_source == "real" else config.normal_source
+    plan = plan_from_json(config.plan) if config.plan else None
+    synthesizer = build_synthesizer(bundle, synthesis_settings(config), source, plan, device)
+
+    def synthesize(indices: Sequence[int], stage_seconds: MutableMapping[str, float]) -> list[TileSample]:
+        return synthesizer(indices, [tile_seed(config.seed, i) for i in indices], stage_seconds)
+
+    identity = {"worker": "local", **(identity or {}), "device": device}
+    return ShardWorker(config, synthesize, bundle.fingerprints, batch_size, identity)
