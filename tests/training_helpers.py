@@ -1,0 +1,109 @@
+"""Test-side helpers for the training jobs: a small real task for the harness, a local Ray
+session, state-dict comparison, phantom shards on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cytosynth import storage
+from cytosynth.synth import InvalidInputError, draw_phantom_tile
+from cytosynth.synth.training import freeze_all_but
+
+RAY_SETTINGS = {"num_cpus": 2, "include_dashboard": False, "object_store_memory": 150 * 1024**2, "log_to_driver": False}
+
+
+def start_ray() -> None:
+    """A small local Ray for one test module; this module's tasks travel by value to the workers."""
+    import sys
+
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(**RAY_SETTINGS)
+
+
+def changed_parameters(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names whose tensors differ between two state dicts (same keys required)."""
+    assert before.keys() == after.keys(), set(before) ^ set(after)
+    return sorted(k for k in before if not torch.equal(before[k].float(), after[k].float()))
+
+
+def read_metrics(out: str) -> list[dict[str, Any]]:
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def write_phantom_shards(out: str, tiles: int, per_shard: int, size: int, abnormal: bool = False) -> str:
+    """Committed cytosynth shards of phantom tiles: NILM boxes from the drawing; with `abnormal`,
+    each tile's first cell relabelled LSIL. Returns `out`."""
+    for shard in range(-(-tiles // per_shard)):
+        writer = storage.ShardWriter(out, shard)
+        for index in range(shard * per_shard, min(tiles, (shard + 1) * per_shard)):
+            image, boxes = draw_phantom_tile(index, size)
+            boxes = boxes.tolist()
+            cells = boxes[:1] if abnormal else []
+            annotation = {"boxes": cells, "labels": ["LSIL"] * len(cells), "normal_boxes": boxes[len(cells):],
+                          "source": "synthetic", "seed": index}
+            writer.add(index, image, annotation)
+        writer.commit()
+    return out
+
+
+@dataclass(frozen=True)
+class LineFitTask:
+    """A complete harness task in a few lines: fit y = 3x - 1 with a frozen random tanh layer
+    and a trainable linear read-out. `fail_after` batches, it raises (a corrupt input mid-run)."""
+
+    fail_after: int | None = None
+    name: str = "line-fit"
+
+    def record(self) -> dict[str, Any]:
+        return {"target": "3x-1"}
+
+    def validate(self) -> None:
+        pass
+
+    def build(self, device: torch.device) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+        model = initial_line_model().to(device)
+        return model, freeze_all_but(model, lambda name: name.startswith("2."))
+
+    def batches(self, rank: int, world_size: int, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rng = np.random.default_rng([seed, rank])
+        for count in range(1, 10**9):
+            if self.fail_after is not None and count > self.fail_after:
+                raise InvalidInputError(f"sample {count} on rank {rank} is corrupt")
+            x = torch.from_numpy(rng.uniform(-1, 1, (batch_size, 1)).astype(np.float32))
+            yield x, 3 * x - 1
+
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    def sample_images(self, model: torch.nn.Module, seed: int) -> np.ndarray:
+        """The fitted curve as a bar chart, one 16x16 image per half of [-1, 1]."""
+        x = torch.linspace(-1, 1, 32).reshape(-1, 1)
+        heights = ((model(x).clamp(-4, 2) + 4) / 6 * 15).round().long().flatten().tolist()
+        images = np.zeros((2, 16, 16, 3), np.uint8)
+        for i, h in enumerate(heights):
+            images[i // 16, 16 - h - 1 :, i % 16] = 255
+        return images
+
+    def save(self, model: torch.nn.Module, out_url: str) -> str:
+        from safetensors.torch import save
+
+        url = storage.join(out_url, "line.safetensors")
+        storage.put_bytes(url, save({k: v.contiguous() for k, v in model.state_dict().items()}))
+        return url
+
+
+def initial_line_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
