@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -192,3 +194,70 @@ def test_bad_input_is_one_line_error_and_exit_2(bad_inputs, tmp_path, case, mess
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not report.exists()  # nothing half-written
+
+
+# --------------------------------------------------------------------------- augmentation-study
+
+STUDY_TRAINING = ("--steps", "1", "--workers", "1", "--batch-size", "1", "--image-size", "64", "--device", "cpu",
+                  "--loader-workers", "0", "--checkpoint-every", "10", "--sample-every", "10", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def study(labelled) -> dict[str, object]:
+    """One augmentation study on a local Ray (both train-detector runs share it): real = the labelled
+    shards, synthetic = 3 more tiles, held-out set = the COCO export."""
+    import ray
+
+    synthetic = labelled["root"] + "/synthetic"
+    writer = ShardWriter(synthetic, 0)
+    for tile in range(100, 103):
+        image = np.random.default_rng(tile).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+        writer.add(tile, image, {"boxes": [[10, 10, 30, 34]], "labels": [CLASSES[tile % 4]], "source": "synthetic"})
+    writer.commit()
+    out = labelled["root"] + "/study"
+    argv = ("augmentation-study", "--real", labelled["shards"], "--synthetic", synthetic, "--synthetic-fraction", "0.5",
+            "--test-coco", labelled["coco"], "--test-images", labelled["images"], "--out", out, *STUDY_TRAINING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             object_store_memory=150 * 1024**2)
+    try:
+        code, stdout, stderr = run_cli(*argv)
+    finally:
+        ray.shutdown()
+    return {"code": code, "stdout": stdout, "stderr": stderr, "out": out, "argv": argv}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_study_trains_both_arms_with_train_detector_and_reports_them(study):
+    assert study["code"] == 0, study["stderr"]
+    out = study["out"]
+    # Each arm is a complete train-detector output, trained on its own data mix.
+    jobs = {arm: json.loads((Path(out) / arm / "job.json").read_text())["config"] for arm in ("real", "real+synthetic")}
+    assert {arm: job["job"] for arm, job in jobs.items()} == {"real": "train-detector", "real+synthetic": "train-detector"}
+    assert jobs["real"]["synthetic_fraction"] == 0.0 and jobs["real"]["synthetic"] is None
+    assert jobs["real+synthetic"]["synthetic_fraction"] == 0.5 and jobs["real+synthetic"]["synthetic"].endswith("synthetic")
+
+    lines = study["stdout"].splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("Training data"))
+    assert lines[header + 1].startswith("R: 6 ") and lines[header + 2].startswith("R: 6 + S: 6 ")  # f=0.5 of 6 real
+    report = json.loads((Path(out) / "augmentation_study.json").read_text())
+    assert [row["training_data"] for row in report["rows"]] == ["R: 6", "R: 6 + S: 6"]
+    for row in report["rows"]:
+        assert set(row["AP"]) == set(CLASSES) and row["images"] == TILES
+        assert all(0 <= row[m] <= 100 for m in ("mAP", "mAP.5", "mAP.75"))
+    with Image.open(Path(out) / "augmentation_study.png") as chart:
+        assert chart.format == "PNG" and chart.width > 400 and chart.height > 200
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--synthetic-fraction": "0"}, "strictly between 0 and 1"),
+    ({"--synthetic-fraction": "1"}, "strictly between 0 and 1"),
+    ({"--test": "nowhere"}, "no committed shards found at nowhere"),
+])
+def test_study_bad_input_fails_before_training(labelled, tmp_path, change, message):
+    out = tmp_path / "study"
+    options = {"--real": labelled["shards"], "--synthetic": labelled["shards"], "--synthetic-fraction": "0.5",
+               "--test": labelled["shards"], "--out": str(out), **change}
+    code, _, err = run_cli("augmentation-study", *(x for item in options.items() for x in item), *STUDY_TRAINING)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not out.exists()
