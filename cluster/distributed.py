@@ -278,7 +278,7 @@ def run_distributed(
     scheduler = None
     run = RunTally()
     try:
-        if started_ray:
+        if started_ray and ray_address is None:
             _check_local_gpus(gpus_per_replica)
         options: dict[str, Any] = {
             "num_cpus": 1,
