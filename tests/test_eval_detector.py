@@ -149,7 +149,7 @@ def test_cli_prints_table_ii_and_writes_json_the_same_from_shards_and_coco(label
         code, out, err = run_cli("eval-detector", "--detector", labelled["detector"], *data, *SMALL, "--json", str(report))
         assert code == 0, err
         header = next(line for line in out.splitlines() if line.startswith("Detector"))
-        assert header.split() == ["Detector", "mAP", "mAP.5", "mAP.75", *CLASSES]
+        assert header.split() == ["Detector", "mAP", "mAP.5", "mAP.75", "|", *CLASSES]
         assert "detector.safetensors" in out
         reports[source] = json.loads(report.read_text())
     shards = reports["shards"]
