@@ -25,7 +25,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from cytosynth.cluster.features import ExtractorFile, FeatureReplica, FeatureWorker, SetOptions, Slice
+from cytosynth.cluster.features import ExtractorFile, FeatureReplica, FeatureSettings, FeatureWorker, SetOptions, Slice
 from cytosynth.storage.imagesets import list_image_units
 from cytosynth.synth.extractors import clean_preprocess, load_feature_extractor
 
@@ -68,13 +68,13 @@ def time_in_process(extractor: ExtractorFile, images: list[np.ndarray], batch_si
     return {"resize_s_per_image": resize, "extractor_s_per_image": forward}
 
 
-def time_replicas(extractor: ExtractorFile, slices: list[Slice], replicas: int, batch_size: int) -> float:
+def time_replicas(extractor: ExtractorFile, slices: list[Slice], replicas: int, settings: FeatureSettings) -> float:
     """Images/s of `replicas` Ray CPU replicas over all slices (dealt round-robin), after loading."""
     import ray
 
     actor_class = ray.remote(num_cpus=1, max_restarts=0)(FeatureReplica)
     extractor_ref = ray.put(extractor)
-    actors = [actor_class.remote(extractor_ref, {"bench": SetOptions()}, batch_size, 0, "cpu") for _ in range(replicas)]
+    actors = [actor_class.remote(extractor_ref, {"bench": SetOptions()}, settings, "cpu") for _ in range(replicas)]
     ray.get([actor.take_results.remote() for actor in actors])  # wait until every replica has loaded
     start = time.perf_counter()
     refs = [actors[i % replicas].add.remote(work) for i, work in enumerate(slices)]
@@ -110,13 +110,14 @@ def main() -> None:
         counts = [int(c) for c in args.replicas.split(",")]
         ray.init(num_cpus=max(counts), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         try:
-            rates = {count: time_replicas(extractor, slices, count, args.batch_size) for count in counts}
+            settings = FeatureSettings(batch_size=args.batch_size)
+            rates = {count: time_replicas(extractor, slices, count, settings) for count in counts}
         finally:
             ray.shutdown()
         # In-process worker with every core, for comparison with the replicas.
         torch.set_num_threads(os.cpu_count() or 1)
         worker = FeatureWorker(load_feature_extractor(extractor.data, extractor.kind, extractor.name),
-                               {"bench": SetOptions()}, args.batch_size)
+                               {"bench": SetOptions()}, FeatureSettings(args.batch_size, threads=os.cpu_count() or 1))
         start = time.perf_counter()
         in_process = sum(worker.add(work) for work in slices) / (time.perf_counter() - start)
 

@@ -1,7 +1,7 @@
 """Distributed featurisation for FID/KID/IS: image-set slices spread over Ray replicas.
 
-Each replica (a Ray actor pinned to ``gpus_per_replica`` GPUs, or one CPU) loads the feature
-extractor once, takes slices (a run of image files or one shard) from the driver, at most
+Each replica (a Ray actor reserving ``gpus_per_replica`` GPUs and ``threads`` CPUs) loads the
+feature extractor once, takes slices (a run of image files or one shard) from the driver, at most
 ``IN_FLIGHT_PER_REPLICA`` queued at a time, and folds their features into its own running
 ``SetStatistics``. Only those statistics leave the replica, once, at the end: per set a DxD
 float64 matrix and a D vector (plus, with KID, at most ``kid_sample`` features; with IS, per split
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from cytosynth import storage
 from cytosynth.storage.imagesets import ImageUnit, SetImage, iter_unit_images
 from cytosynth.synth import InvalidInputError
 from cytosynth.synth.cell_crops import CellCrop, cell_crops
-from cytosynth.synth.extractors import FeatureExtractor, clean_preprocess, load_feature_extractor
+from cytosynth.synth.extractors import FeatureExtractor, clean_resize, load_feature_extractor
 from cytosynth.synth.metrics import (
     FeatureSample,
     FeatureStats,
@@ -35,9 +36,6 @@ from cytosynth.synth.metrics import (
     sample_keys,
     split_of,
 )
-
-# Ray session helpers shared with distributed generation (same local-Ray and address conventions).
-from .distributed import _connect, _forwarded_env, _probe
 
 IN_FLIGHT_PER_REPLICA = 2
 MAX_SLICE_ATTEMPTS = 3  # a slice whose replica dies this many times fails the job
@@ -64,6 +62,17 @@ class SetOptions:
 
 
 @dataclass(frozen=True)
+class FeatureSettings:
+    """How every worker featurises: batch size, resize threads, crop size, and the seed that
+    fixes which images the KID sample keeps and which IS split each image falls in."""
+
+    batch_size: int = 32
+    threads: int = 1  # CPU threads resizing images (and torch threads, under Ray) per worker
+    seed: int = 0
+    crop_size: int = 256  # per-class crops: the editor's 256x256 window centred on each box
+
+
+@dataclass(frozen=True)
 class Slice:
     """One unit of work: a slice of the image set called ``side``."""
 
@@ -75,15 +84,12 @@ class FeatureWorker:
     """Featurises slices and accumulates one ``SetStatistics`` per image set (runs anywhere)."""
 
     def __init__(
-        self,
-        extractor: FeatureExtractor,
-        options: Mapping[str, SetOptions],
-        batch_size: int = 32,
-        seed: int = 0,
-        crop_size: int = 256,
+        self, extractor: FeatureExtractor, options: Mapping[str, SetOptions], settings: FeatureSettings = FeatureSettings()
     ) -> None:
-        self.extractor, self.options = extractor, dict(options)
-        self.batch_size, self.seed, self.crop_size = batch_size, seed, crop_size
+        self.extractor, self.options, self.settings = extractor, dict(options), settings
+        # Resizing (PIL, releases the GIL) runs on these threads while the next image decodes
+        # and the extractor runs: on a GPU replica the CPU side is the bottleneck.
+        self._resizer = ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="clean-resize")
         self._stats: dict[str, SetStatistics] = {}
 
     def add(self, work: Slice) -> int:
@@ -95,12 +101,13 @@ class FeatureWorker:
         count, batch = 0, []
         for image in iter_unit_images(work.unit):
             count += 1
-            batch.append((WHOLE_IMAGE, image.id, image.image))
+            batch.append((WHOLE_IMAGE, image.id, self._resizer.submit(clean_resize, image.image)))
             if options.per_class:
-                batch.extend((crop.label, f"{image.id}#{crop.box}", crop.image) for crop in self._crops(image))
-            while len(batch) >= self.batch_size:
-                self._featurise(stats, options, batch[: self.batch_size])
-                batch = batch[self.batch_size :]
+                batch.extend((crop.label, f"{image.id}#{crop.box}", self._resizer.submit(clean_resize, crop.image))
+                             for crop in self._crops(image))
+            while len(batch) >= self.settings.batch_size:
+                self._featurise(stats, options, batch[: self.settings.batch_size])
+                batch = batch[self.settings.batch_size :]
         if batch:
             self._featurise(stats, options, batch)
         return count
@@ -120,14 +127,13 @@ class FeatureWorker:
 
     def _crops(self, image: SetImage) -> list[CellCrop]:
         annotation = image.annotation or {}
-        return cell_crops(
-            image.image, annotation.get("boxes", []), annotation.get("labels", []), self.crop_size, where=image.id
-        )
+        boxes, labels = annotation.get("boxes", []), annotation.get("labels", [])
+        return cell_crops(image.image, boxes, labels, self.settings.crop_size, where=image.id)
 
-    def _featurise(self, stats: SetStatistics, options: SetOptions, batch: Sequence[tuple[str, str, np.ndarray]]) -> None:
+    def _featurise(self, stats: SetStatistics, options: SetOptions, batch: Sequence[tuple[str, str, Future]]) -> None:
         """One extractor call on a batch mixing whole images and crops; each group to its statistics."""
         groups = np.array([group for group, _, _ in batch])
-        features, logits = self.extractor(clean_preprocess([pixels for _, _, pixels in batch]))
+        features, logits = self.extractor(torch.stack([resized.result() for _, _, resized in batch]))
         for label in np.unique(groups[groups != WHOLE_IMAGE]):
             selected = features[torch.from_numpy(groups == label)]
             stats.classes.setdefault(str(label), FeatureStats.empty(self.extractor.dim)).add(selected)
@@ -135,7 +141,7 @@ class FeatureWorker:
         if not whole.any():
             return
         stats.images.add(features[whole])
-        keys = sample_keys([image_id for group, image_id, _ in batch if group == WHOLE_IMAGE], self.seed)
+        keys = sample_keys([image_id for group, image_id, _ in batch if group == WHOLE_IMAGE], self.settings.seed)
         if stats.kid_sample is not None:
             stats.kid_sample.add(keys, features[whole])
         if stats.inception is not None:
@@ -145,9 +151,9 @@ class FeatureWorker:
 class FeatureReplica:
     """Body of the ``FeatureReplica`` Ray actor: one FeatureWorker, its extractor loaded once."""
 
-    def __init__(self, extractor: ExtractorFile, options: Mapping[str, SetOptions], batch_size: int, seed: int, device: str) -> None:
+    def __init__(self, extractor: ExtractorFile, options: Mapping[str, SetOptions], settings: FeatureSettings, device: str) -> None:
         loaded = load_feature_extractor(extractor.data, extractor.kind, extractor.name, device)
-        self._worker = FeatureWorker(loaded, options, batch_size, seed)
+        self._worker = FeatureWorker(loaded, options, settings)
 
     def add(self, work: Slice) -> int:
         return self._worker.add(work)
@@ -160,9 +166,8 @@ def featurize_sets(
     sets: Mapping[str, Sequence[ImageUnit]],
     extractor: ExtractorFile,
     options: Mapping[str, SetOptions],
+    settings: FeatureSettings = FeatureSettings(),
     *,
-    batch_size: int = 32,
-    seed: int = 0,
     device: str = "cpu",
     workers: int = 0,
     ray_address: str | None = None,
@@ -172,11 +177,11 @@ def featurize_sets(
     """Statistics of each named image set (``{"real": units, "fake": units}``).
 
     ``workers`` 0 runs in this process on ``device``; W >= 1 runs W Ray replicas (local Ray, or
-    the cluster at ``ray_address``; an already-initialised Ray session is used as is), each on
-    ``gpus_per_replica`` GPUs (CUDA) or one CPU.
+    the cluster at ``ray_address``; an already-initialised Ray session is used as is), each
+    reserving ``gpus_per_replica`` GPUs (then computing on CUDA) and ``settings.threads`` CPUs.
     """
-    if batch_size < 1:
-        raise InvalidInputError("--batch-size must be at least 1")
+    if settings.batch_size < 1 or settings.threads < 1:
+        raise InvalidInputError("--batch-size and --cpus-per-replica must be at least 1")
     if workers < 0 or gpus_per_replica < 0:
         raise InvalidInputError("--workers and --gpus-per-replica must be >= 0")
     slices = [Slice(side, unit) for side, units in sets.items() for unit in units]
@@ -184,14 +189,13 @@ def featurize_sets(
     total = None if None in sizes else sum(sizes)
     with tqdm(total=total, unit="img", desc="features", disable=not progress) as bar:
         if workers == 0 and not ray_address:
-            worker = FeatureWorker(load_feature_extractor(extractor.data, extractor.kind, extractor.name, device),
-                                   options, batch_size, seed)
+            loaded = load_feature_extractor(extractor.data, extractor.kind, extractor.name, device)
+            worker = FeatureWorker(loaded, options, settings)
             for work in slices:
                 bar.update(worker.add(work))
             parts = [worker.take_results()]
         else:
-            parts = _run_on_ray(slices, extractor, options, batch_size, seed, max(workers, 1), ray_address,
-                                gpus_per_replica, bar)
+            parts = _run_on_ray(slices, extractor, options, settings, max(workers, 1), ray_address, gpus_per_replica, bar)
     merged: dict[str, SetStatistics] = {}
     for part in parts:
         for side, stats in part.items():
@@ -203,8 +207,7 @@ def _run_on_ray(
     slices: Sequence[Slice],
     extractor: ExtractorFile,
     options: Mapping[str, SetOptions],
-    batch_size: int,
-    seed: int,
+    settings: FeatureSettings,
     workers: int,
     ray_address: str | None,
     gpus_per_replica: float,
@@ -212,13 +215,17 @@ def _run_on_ray(
 ) -> list[dict[str, SetStatistics]]:
     import ray
 
+    # Ray session helpers shared with distributed generation (same local-Ray and address conventions).
+    from .distributed import _check_local_gpus, _connect, _forwarded_env, _probe
+
     if ray_address:
         _probe(ray_address)
-    started_ray = _connect(ray_address, workers, gpus_per_replica)
+    # A local Ray gets CPUs for every replica's threads (with GPUs it takes the machine's CPUs).
+    started_ray = _connect(ray_address, workers * settings.threads, gpus_per_replica)
     try:
-        actor_options: dict[str, Any] = {"num_gpus": gpus_per_replica, "max_restarts": 0}
-        if gpus_per_replica == 0:
-            actor_options["num_cpus"] = 1
+        if started_ray and ray_address is None:
+            _check_local_gpus(gpus_per_replica)
+        actor_options: dict[str, Any] = {"num_gpus": gpus_per_replica, "num_cpus": settings.threads, "max_restarts": 0}
         if ray_address is None:
             actor_options["runtime_env"] = {"env_vars": _forwarded_env()}
         actor_class = ray.remote(**actor_options)(FeatureReplica)
@@ -226,7 +233,7 @@ def _run_on_ray(
         extractor_ref = ray.put(extractor)  # shipped once through the object store, not once per replica
 
         def spawn() -> Any:
-            return actor_class.remote(extractor_ref, dict(options), batch_size, seed, device)
+            return actor_class.remote(extractor_ref, dict(options), settings, device)
 
         return _ReplicaPool(ray, spawn, workers, bar).run(slices)
     finally:

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from cytosynth import storage
-from cytosynth.cluster.features import ExtractorFile, SetOptions, featurize_sets
+from cytosynth.cluster.features import ExtractorFile, FeatureSettings, SetOptions, featurize_sets
 from cytosynth.storage.imagesets import list_image_units
 from cytosynth.storage.jsonio import json_bytes
 from cytosynth.synth import ABNORMAL_CLASSES, InvalidInputError
@@ -44,7 +44,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     fid.add_argument("--workers", type=int, default=0, help="0: run in this process; W >= 1: W Ray replicas")
     fid.add_argument("--ray-address", help="an existing Ray cluster (host:port, ray://host:port or auto)")
     fid.add_argument("--gpus-per-replica", type=float, help="GPUs per Ray replica, may be fractional "
-                     "(default: 1 with a CUDA --device, else 0: one CPU per replica)")
+                     "(default: 1 with a CUDA --device, else 0: CPU replicas)")
+    fid.add_argument("--cpus-per-replica", type=int, default=1,
+                     help="CPUs each replica reserves: threads resizing images (also with --workers 0)")
     fid.add_argument("--quiet", action="store_true", help="no progress bar")
     fid.set_defaults(run=run_fid)
 
@@ -73,9 +75,10 @@ def run_fid(args: argparse.Namespace) -> int:
     gpus = args.gpus_per_replica
     if gpus is None:
         gpus = 1.0 if args.device.startswith("cuda") else 0.0
+    settings = FeatureSettings(args.batch_size, args.cpus_per_replica, args.seed, CROP_SIZE)
     stats = featurize_sets(
-        sets, extractor, options, batch_size=args.batch_size, seed=args.seed, device=args.device,
-        workers=args.workers, ray_address=args.ray_address, gpus_per_replica=gpus, progress=not args.quiet,
+        sets, extractor, options, settings, device=args.device, workers=args.workers,
+        ray_address=args.ray_address, gpus_per_replica=gpus, progress=not args.quiet,
     )
     real = real_stats or stats.get("real")
     if real is None:  # featurised sets are never empty (listing refuses), but a set may yield no images
@@ -124,7 +127,8 @@ def _check_args(args: argparse.Namespace) -> None:
         )
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--kid-subsets", args.kid_subsets, 1),
                                ("--kid-subset-size", args.kid_subset_size, 2), ("--kid-max-features", args.kid_max_features, 2),
-                               ("--is-splits", args.is_splits, 1), ("--workers", args.workers, 0)):
+                               ("--is-splits", args.is_splits, 1), ("--workers", args.workers, 0),
+                               ("--cpus-per-replica", args.cpus_per_replica, 1)):
         if value < least:
             raise InvalidInputError(f"{flag} must be at least {least}, got {value}")
 

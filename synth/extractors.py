@@ -35,9 +35,14 @@ INPUT_SIZE = 299  # clean-fid resizes every image to 299x299 before any extracto
 _clean_resize = build_resizer("clean")
 
 
+def clean_resize(image: np.ndarray) -> torch.Tensor:
+    """(3, 299, 299) float32 in [0, 255] from an HxWx3 uint8 image: clean-fid's clean mode."""
+    return torch.from_numpy(_clean_resize(image).transpose(2, 0, 1).copy())
+
+
 def clean_preprocess(images: Sequence[np.ndarray]) -> torch.Tensor:
-    """(N, 3, 299, 299) float32 in [0, 255] from HxWx3 uint8 images, as clean-fid's clean mode."""
-    return torch.stack([torch.from_numpy(_clean_resize(image).transpose(2, 0, 1).copy()) for image in images])
+    """A batch (N, 3, 299, 299) of ``clean_resize``d images, as clean-fid feeds its extractors."""
+    return torch.stack([clean_resize(image) for image in images])
 
 
 class CleanFIDInception(torch.nn.Module):

@@ -20,7 +20,7 @@ from cleanfid import fid as clean_fid
 from PIL import Image
 
 from cytosynth import storage
-from cytosynth.cluster.features import ExtractorFile, SetOptions, featurize_sets
+from cytosynth.cluster.features import ExtractorFile, FeatureSettings, SetOptions, featurize_sets
 from cytosynth.jobs.cli import main
 from cytosynth.storage.imagesets import list_image_units
 from cytosynth.synth.extractors import clean_preprocess, load_feature_extractor
@@ -204,7 +204,8 @@ def test_two_ray_replicas_over_shards_equal_clean_fid_and_merge_to_one_process_s
     merged, _ = statistics_from_npz(saved.read_bytes())
     extractor = ExtractorFile("torchscript", extractors["features"], Path(extractors["features"]).read_bytes())
     units = {"real": list_image_units(sets["real"]["shards"])}
-    one = featurize_sets(units, extractor, {"real": SetOptions(kid_sample=8)}, batch_size=3, progress=False)["real"]
+    one = featurize_sets(units, extractor, {"real": SetOptions(kid_sample=8)}, FeatureSettings(batch_size=3),
+                         progress=False)["real"]
     assert merged.images.count == one.images.count == IMAGES_PER_SET
     np.testing.assert_allclose(merged.images.sum, one.images.sum, rtol=1e-6)
     np.testing.assert_allclose(merged.images.outer_sum, one.images.outer_sum, rtol=1e-6)
@@ -341,7 +342,7 @@ def test_per_class_statistics_are_those_of_exactly_the_crops_of_that_class(boxed
     url, tiles = boxed_sets["fake"]
     extractor = ExtractorFile("torchscript", extractors["features"], Path(extractors["features"]).read_bytes())
     stats = featurize_sets({"fake": list_image_units(url)}, extractor, {"fake": SetOptions(per_class=True)},
-                           batch_size=4, progress=False)["fake"]
+                           FeatureSettings(batch_size=4, threads=2), progress=False)["fake"]
     model = torch.jit.load(extractors["features"])
     assert set(stats.classes) == {"ASC-US", "HSIL", "LSIL"}
     for label, class_stats in stats.classes.items():
