@@ -67,6 +67,11 @@ class AbnormalCellTask:
     def validate(self) -> None:
         if (self.data is None) == (self.coco is None):
             raise InvalidInputError("give the training data as either --data SHARDS or --coco FILE.json")
+        if self.images is not None and self.coco is None:
+            raise InvalidInputError("--images is the image folder of --coco; shards hold their own images")
+        for option in ("shuffle_buffer", "sample_count", "sample_steps"):
+            if getattr(self, option) < 1:
+                raise InvalidInputError(f"--{option.replace('_', '-')} must be at least 1")
         if self.model_dir is not None:
             for part in SD_COMPONENTS:
                 if not storage.exists(storage.join(self.model_dir, part)):

@@ -198,6 +198,7 @@ BAD_INPUTS = {
     "missing image": (lambda p: ["--coco", coco_set(p / "c"), "--images", str(p / "elsewhere")], "elsewhere/t.png"),
     "wrong image size": (
         lambda p: ["--coco", coco_set(p / "c", image_size=(300, 320))], "t.png is 300x320 but .* says 320x320"),
+    "image folder without COCO": (lambda p: ["--data", str(p), "--images", str(p)], "--images is the image folder of --coco"),
     "model folder without its parts": (
         lambda p: ["--coco", coco_set(p / "c"), "--model-dir", str(p)], "missing the .*/ folder of a diffusers SD1.5 model"),
 }
