@@ -24,6 +24,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--shuffle-buffer", type=int, default=64, help="crops per worker mixed before batching")
     parser.add_argument("--sample-count", type=int, default=4, help="crops in each samples/ grid (a row each)")
     parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the sample edits")
+    # The paper: AdamW, lr 1e-4, batch 4, 50k iterations. It does not state the weight decay;
+    # GLIGEN's trainer, which it follows, uses 0 (the harness default).
     add_train_arguments(parser, steps=50000, batch_size=4, lr=1e-4, optimizer="adamw")
     parser.set_defaults(run=finetune_abnormal)
 
