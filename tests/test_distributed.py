@@ -1,16 +1,21 @@
-"""Distributed generation on local Ray (DESIGN.md section 7; invariants 1, 3, 5, 6).
+"""Distributed generation on local Ray (DESIGN.md section 7; invariants 1, 3-6).
 
 One Ray session for the module (ray.init is slow); every job runs the same tiny config, so the
-outputs can be compared byte for byte: 1 replica (the reference), 3 replicas on moto S3, and 3
-replicas with one killed by kill -9 mid-job.
+outputs can be compared byte for byte with the reference made by 1 replica: a pool of up to 3
+fake-GPU replicas on moto S3, 3 replicas with one killed by kill -9 mid-job, and the
+`cytosynth generate --workers 2` command (its own local Ray) killed with SIGKILL, then
+interrupted with SIGINT, then re-run to the end.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +36,11 @@ def config(out: str) -> GenerateConfig:
     return GenerateConfig(
         out=out, num_tiles=NUM_TILES, tiles_per_shard=1, normal_source="phantom", steps=2, tile_size=256, seed=7
     )
+
+
+# The same job as `config` on the command line.
+JOB_ARGS = ("--num-tiles", str(NUM_TILES), "--tiles-per-shard", "1", "--normal-source", "phantom", "--steps", "2",
+            "--tile-size", "256", "--seed", "7", "--device", "cpu", "--batch-size", "2", "--quiet")
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +152,94 @@ def test_unreachable_ray_address(tmp_path, capsys):
     assert code != 0
     assert len(err) == 1 and err[0].startswith("error:") and "127.0.0.1:1" in err[0]
     assert not out.exists()  # nothing written
+
+
+# ------------------------------------------------------------------ the driver killed and resumed
+
+
+def start_generate(out: Path, log: Path) -> subprocess.Popen:
+    """`cytosynth generate --workers 2` in a new process (and process group), as a user runs it."""
+    argv = [sys.executable, "-m", "cytosynth.jobs.cli", "generate", "--out", str(out), "--workers", "2", *JOB_ARGS]
+    with open(log, "w") as err:
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+
+
+def wait_for_new_commit(out: Path, proc: subprocess.Popen, known: set[int], timeout: float = 300) -> set[int]:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if storage.committed_shards(str(out)) - known:
+            return storage.committed_shards(str(out))
+        time.sleep(0.05)
+    pytest.fail(f"no new shard committed (exit code {proc.poll()})")
+
+
+def committed_files(out: Path) -> dict[str, tuple[int, int]]:
+    """(inode, mtime in ns) of every committed shard's tar and stats JSON."""
+    files = {}
+    for shard in storage.committed_shards(str(out)):
+        for path in (out / "shards").glob(f"{shard:06d}.*"):
+            files[path.name] = (path.stat().st_ino, path.stat().st_mtime_ns)
+    return files
+
+
+def is_ray_agent(proc: psutil.Process) -> bool:
+    try:
+        return proc.cmdline()[0].startswith("ray::") and proc.cmdline()[0].rstrip().endswith("Agent")
+    except (psutil.Error, IndexError):
+        return False
+
+
+def kill(procs: list[psutil.Process]) -> list[str]:
+    """Kill the ones still running; their names."""
+    killed = []
+    for proc in procs:
+        try:
+            name = f"{proc.pid} {proc.name()}"
+            proc.kill()
+        except psutil.Error:  # already gone
+            continue
+        killed.append(name)
+    return killed
+
+
+def assert_gone(procs: list[psutil.Process], what: str, timeout: float = 30) -> None:
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    leaked = kill(alive)
+    assert not leaked, f"{what} outlived the driver: {leaked}"
+
+
+def test_driver_killed_then_interrupted_resumes_to_the_reference_dataset(reference, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "stderr.txt"
+
+    # 1. kill -9 the driver once a shard is committed: its local Ray dies with it.
+    proc = start_generate(out, log)
+    wait_for_new_commit(out, proc, set())
+    ray_processes = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # GCS, raylet and the replicas go at once. Ray's two per-node agents wait about a minute for
+    # the dead GCS before they exit on their own; they hold nothing of the job, so they are let go.
+    assert_gone([p for p in ray_processes if not is_ray_agent(p)], "the killed driver's Ray")
+    kill([p for p in ray_processes if is_ray_agent(p)])
+    after_kill = committed_files(out)
+    assert 0 < len(after_kill) < 2 * NUM_TILES and not storage.is_complete(str(out))
+
+    # 2. Re-run; interrupt it (SIGINT, like Ctrl-C) after one more shard: it stops cleanly.
+    proc = start_generate(out, log)
+    wait_for_new_commit(out, proc, {int(name[:6]) for name in after_kill})
+    ray_processes = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, log.read_text()
+    assert "interrupted" in log.read_text().splitlines()[-1]
+    assert_gone(ray_processes, "the interrupted driver's Ray")
+    after_interrupt = committed_files(out)
+    assert {k: after_interrupt[k] for k in after_kill} == after_kill  # committed shards untouched
+
+    # 3. Re-run to the end: only the missing shards are made; the dataset is the reference.
+    proc = start_generate(out, log)
+    assert proc.wait(timeout=300) == 0, log.read_text()
+    final = committed_files(out)
+    assert {k: final[k] for k in after_interrupt} == after_interrupt
+    assert len(final) == 2 * NUM_TILES
+    check_exactly_once(str(out))
+    assert shard_bytes(str(out)) == reference

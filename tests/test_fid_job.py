@@ -1,5 +1,5 @@
-"""`cytosynth fid` end to end: parity with clean-fid, Ray replicas, KID, IS, per-class FID,
-saved statistics, and bad input.
+"""`cytosynth fid` end to end: parity with clean-fid, Ray replicas (one killed mid-run), KID, IS,
+per-class FID, saved statistics, and bad input.
 
 Images are small (64x64 "blobs": a random colour, gradient and noise per image; the fake set is
 brighter) and few (20 per side); every extractor is a tiny random conv net scripted in this file.
@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ from cytosynth.synth.extractors import clean_preprocess, load_feature_extractor
 from cytosynth.synth.metrics import FeatureStats, kernel_distance, sample_keys, split_of, statistics_from_npz
 
 ray = pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
 
 pytestmark = pytest.mark.slow
 
@@ -227,6 +231,47 @@ def test_folders_in_process_equal_clean_fid_and_the_export_program_equals_its_to
     assert scripted_report["fid"] == pytest.approx(expected, rel=1e-6)
     assert exported_report["fid"] == pytest.approx(expected, rel=1e-5)
     assert exported_report["feature_extractor"]["kind"] == "export"
+
+
+def test_a_replica_killed_mid_run_costs_nothing_but_time(ray_session, extractors, tmp_path):
+    out = str(tmp_path / "single-tile-shards")
+    for shard in range(12):  # many small slices, so a replica is caught working
+        writer = storage.ShardWriter(out, shard)
+        writer.add(shard, blob(np.random.default_rng(shard), 0), {"boxes": [], "labels": []})
+        writer.commit()
+    units = {"fake": list_image_units(out)}
+    extractor = ExtractorFile("torchscript", extractors["features"], Path(extractors["features"]).read_bytes())
+    killed: list[int] = []
+
+    def kill_a_busy_replica() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            busy = [pid for pid, title in _replica_processes() if title.startswith("ray::FeatureReplica.add")]
+            if busy:
+                os.kill(busy[0], signal.SIGKILL)
+                killed.append(busy[0])
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_a_busy_replica, daemon=True)
+    killer.start()
+    options = {"fake": SetOptions(kid_sample=5)}
+    survived = featurize_sets(units, extractor, options, FeatureSettings(batch_size=2), workers=2, progress=False)["fake"]
+    killer.join(timeout=5)
+    assert killed, "no replica was caught featurising"
+    reference = featurize_sets(units, extractor, options, FeatureSettings(batch_size=2), progress=False)["fake"]
+    assert survived.images.count == reference.images.count == 12  # every image exactly once
+    np.testing.assert_allclose(survived.images.outer_sum, reference.images.outer_sum, rtol=1e-6)
+    assert np.array_equal(survived.kid_sample.keys, reference.kid_sample.keys)
+
+
+def _replica_processes() -> list[tuple[int, str]]:
+    """(pid, title) of this user's FeatureReplica actor processes (Ray titles them ray::<Class>.<method>)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "uids"]):
+        cmdline = proc.info["cmdline"] or []
+        if cmdline and cmdline[0].startswith("ray::FeatureReplica") and proc.info["uids"].real == os.getuid():
+            found.append((proc.info["pid"], " ".join(cmdline)))
+    return found
 
 
 # --------------------------------------------------------------------------- KID and IS
