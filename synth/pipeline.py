@@ -196,9 +196,12 @@ def build_synthesizer(
         source, kind = normal_source, "real-to-synthetic"
     else:
         raise InvalidInputError(f"unknown normal source {normal_source!r}; choose diffusion, phantom or real")
+    # Faster R-CNN sees tiles at their own size, as train-detector trains it (--image-size 1024),
+    # not torchvision's default resize to 800.
+    side = settings.tile_size
     return TileSynthesizer(
         source,
-        load_detector(bundle.detector_path, device=device),
+        load_detector(bundle.detector_path, device=device, min_size=side, max_size=side),
         editor,
         settings,
         plan=plan,
