@@ -40,7 +40,8 @@ summary. The harness owns everything else:
                                           checkpoint without it is never resumed from
     <out>/metrics.jsonl                   one JSON line per step: step, loss (mean over
                                           workers), samples_per_s, lr, run (0, then 1 after
-                                          the first resume, ...)
+                                          the first resume, ...), on GPUs gpu_peak_gib (rank 0's
+                                          peak allocated memory so far)
     <out>/samples/step_000500.png         grid of task.sample_images every sample_every steps
     <out>/<artifact>                      task.save, at the end
     <out>/_SUCCESS                        the summary, last
@@ -294,6 +295,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
                 "samples_per_s": config.batch_size * world_size / (time.perf_counter() - started),
                 "lr": engine.get_lr()[0],
             }
+            if config.use_gpu:  # how close a worker runs to its GPU's memory
+                row["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             metrics.add(row)
             loop_config["progress"].put_nowait(row)
             if step % config.sample_every == 0 or step == config.steps:

@@ -12,11 +12,10 @@ import re
 
 import numpy as np
 import pytest
-import s3fs
 import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
-from training_helpers import changed_parameters, read_metrics, start_ray, write_phantom_shards
+from training_helpers import changed_parameters, moto_bucket, read_metrics, start_ray, write_phantom_shards
 
 from cytosynth import storage
 from cytosynth.cluster.finetune_abnormal import AbnormalCellTask
@@ -34,14 +33,8 @@ STEPS = 24
 def s3_data(s3_server, tmp_path_factory):
     """Abnormal-cell shards (4 phantom tiles of 320 px, 2 shards, one LSIL box each) in a fresh moto
     bucket, with the AWS environment pointing at it for the whole module (Ray workers inherit it)."""
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
-                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            env.setenv(name, value)
-        s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}).mkdir("acs-data")
-        yield write_phantom_shards("s3://acs-data/cells", tiles=4, per_shard=2, size=320, abnormal=True)
-        s3fs.S3FileSystem.clear_instance_cache()
+    with moto_bucket(s3_server, "acs-data") as bucket:
+        yield write_phantom_shards(f"{bucket}/cells", tiles=4, per_shard=2, size=320, abnormal=True)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
-from training_helpers import changed_parameters, read_metrics, write_phantom_shards
+from training_helpers import changed_parameters, fake_aws_env, read_metrics, write_phantom_shards
 
 from cytosynth import storage
 from cytosynth.jobs import cli
@@ -45,9 +45,7 @@ def local_shards(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def s3_env(s3_server: str) -> dict[str, str]:
     """Environment of a subprocess that talks to the moto server (no real AWS config)."""
-    return {**os.environ, "AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": "/dev/null",
-            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "NO_PROXY": "127.0.0.1,localhost"}
+    return {**os.environ, **fake_aws_env(s3_server)}
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,9 @@ import os
 
 import numpy as np
 import pytest
-import s3fs
 import torch
 from safetensors.torch import load_file
-from training_helpers import read_metrics, start_ray, write_phantom_shards
+from training_helpers import moto_bucket, read_metrics, start_ray, write_phantom_shards
 
 from cytosynth import storage
 from cytosynth.jobs import cli
@@ -32,14 +31,8 @@ TRAINING = ("--image-size", str(TILE), "--batch-size", "2", "--device", "cpu", "
 def s3_data(s3_server):
     """4 phantom tiles (2 shards) whose every drawn cell is a NILM box, in a fresh moto bucket; the
     AWS environment points at it for the whole module (Ray workers inherit it)."""
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
-                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            env.setenv(name, value)
-        s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}).mkdir("detector-data")
-        yield write_phantom_shards("s3://detector-data/nilm", tiles=4, per_shard=2, size=TILE)
-        s3fs.S3FileSystem.clear_instance_cache()
+    with moto_bucket(s3_server, "detector-data") as bucket:
+        yield write_phantom_shards(f"{bucket}/nilm", tiles=4, per_shard=2, size=TILE)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """Test-side helpers for the training jobs: a small real task for the harness, a local Ray
-session, state-dict comparison, phantom shards on disk."""
+session, state-dict comparison, phantom shards, training data on the moto S3 server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -28,6 +29,29 @@ def start_ray() -> None:
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray.init(**RAY_SETTINGS)
+
+
+def fake_aws_env(s3_server: str) -> dict[str, str]:
+    """Environment variables that point every AWS client at `s3_server`, with no real AWS config."""
+    return {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": "/dev/null",
+            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "NO_PROXY": "127.0.0.1,localhost"}
+
+
+@contextlib.contextmanager
+def moto_bucket(s3_server: str, bucket: str) -> Iterator[str]:
+    """A fresh bucket on `s3_server`, yielded as "s3://bucket", with this process's environment
+    (so the Ray workers it starts too) pointing at the server until the block ends."""
+    import pytest
+    import s3fs
+
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in fake_aws_env(s3_server).items():
+            env.setenv(name, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}).mkdir(bucket)
+        yield f"s3://{bucket}"
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def changed_parameters(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> list[str]:
