@@ -19,14 +19,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
 
 
 def list_real_tiles(url: str, *, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """URLs of the images in folder `url` (sorted: tile i is the i-th), or of its shards."""
-    names = [n for n in list_names(url, storage_options=storage_options) if n.lower().endswith(IMAGE_SUFFIXES)]
-    if names:
-        return [join(url, n) for n in names]
+    """URLs of the shards at `url` (a job output, .tar, pattern), else of the images in folder
+    `url` (sorted: tile i is the i-th). Shards first: a job output also holds preview.png."""
     shards = shard_urls(url, storage_options=storage_options)
-    if not shards:
+    if shards:
+        return shards
+    names = [n for n in list_names(url, storage_options=storage_options) if n.lower().endswith(IMAGE_SUFFIXES)]
+    if not names:
         raise StorageError(f"no real tiles (images or shards) found at {url}")
-    return shards
+    return [join(url, n) for n in names]
 
 
 def read_real_tile(url: str, *, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:

@@ -501,6 +501,14 @@ def test_real_to_synthetic_edits_only_inside_the_edit_regions(tmp_path):
         assert (got[~keep] != inputs[index][~keep]).any()  # and the cells were edited
 
 
+def test_real_tiles_from_a_job_output_are_its_shards_not_its_preview(baseline, baseline_tiles, tmp_path):
+    out = tmp_path / "out"
+    assert generate(out, "--normal-source", "real", "--real-tiles", baseline, num_tiles=None) == 0
+    tiles = read_tiles(out)
+    assert sorted(tiles) == sorted(baseline_tiles)  # preview.png is not a tile
+    assert all(tile["json"]["source"] == "real-to-synthetic" for tile in tiles.values())
+
+
 # --------------------------------------------------------------------------- 7. user plan
 
 
