@@ -77,7 +77,7 @@ def run_job(out: str, num_tiles: int, tiles_per_shard: int, replicas: int, laten
     shards: list[dict[str, Any]] = []
 
     def on_shard(stats: dict[str, Any]) -> None:
-        shards.append({k: stats[k] for k in ("worker", "tiles", "started_at", "finished_at")})
+        shards.append({k: stats[k] for k in ("worker", "tiles", "finished_at")})
         if stop_after is not None and len(shards) >= stop_after:
             raise EnoughShards
 
