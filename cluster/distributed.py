@@ -273,7 +273,9 @@ def run_distributed(
     start = time.perf_counter()
     storage.ensure_writable(config.out)
     layout = validate_config(config)
-    make_worker = make_worker or functools.partial(load_shard_worker, config, batch_size=runtime.batch_size)
+    make_worker = make_worker or functools.partial(
+        load_shard_worker, config, batch_size=runtime.batch_size, precision=runtime.precision
+    )
     started_ray = _connect(ray_address, size[1], gpus_per_replica)
     scheduler = None
     run = RunTally()

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 NORMAL_SOURCES = ("diffusion", "phantom", "real")
+PRECISIONS = ("auto", "fp32", "bf16")  # of the diffusion models; see cluster.synthesis.model_dtype
 
 
 @dataclass(frozen=True)

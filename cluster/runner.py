@@ -28,12 +28,15 @@ from .worker import STAGES
 
 @dataclass(frozen=True)
 class Runtime:
-    """How to run (never changes the data): device (None: cuda where available), tiles per model
-    call, progress bar."""
+    """How to run: device (None: cuda where available), tiles per model call, progress bar, and
+    the models' precision (`synthesis.model_dtype`). Like the device, precision changes pixels at
+    the rounding level (so, on generated tiles, what the detector may find), not the job's
+    identity: shard stats record both."""
 
     device: str | None = None
     batch_size: int = 4
     progress: bool = True
+    precision: str = "auto"
 
 
 @dataclass
@@ -151,7 +154,7 @@ def run_local(config: GenerateConfig, runtime: Runtime = Runtime()) -> dict[str,
     start = time.perf_counter()
     storage.ensure_writable(config.out)
     layout = validate_config(config)  # checks inputs before the (possibly slow) model load
-    worker = load_shard_worker(config, runtime.device, runtime.batch_size)
+    worker = load_shard_worker(config, runtime.device, runtime.batch_size, precision=runtime.precision)
     pending = prepare_job(config, layout, worker.fingerprints)
     run = RunTally()
     with tqdm(

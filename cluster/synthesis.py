@@ -27,7 +27,7 @@ from cytosynth.synth import (
 from cytosynth.synth.models import fingerprint
 from cytosynth.synth.selection import plan_from_json
 
-from .job import GenerateConfig
+from .job import PRECISIONS, GenerateConfig
 from .worker import ShardWorker
 
 
@@ -92,15 +92,30 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def model_dtype(precision: str, device: str) -> Any:
+    """The diffusion models' torch dtype: `auto` is bf16 on CUDA (the GPU's fast matmuls) and fp32
+    elsewhere (CPU runs stay byte-reproducible). The detector always runs in fp32."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise InvalidInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def load_shard_worker(
     config: GenerateConfig,
     device: str | None = None,
     batch_size: int = 4,
     identity: dict[str, Any] | None = None,
+    precision: str = "auto",
 ) -> ShardWorker:
-    """Load the config's models once onto `device` (None: cuda when available) into a ShardWorker."""
+    """Load the config's models once onto `device` (None: cuda when available), in `precision`
+    (see `model_dtype`), into a ShardWorker."""
     device = device or default_device()
-    bundle = load_models(config).to(device)
+    dtype = model_dtype(precision, device)
+    bundle = load_models(config).to(device, dtype)
     source = RealTileSource(config.real_tiles) if config.normal_source == "real" else config.normal_source
     plan = plan_from_json(config.plan) if config.plan else None
     synthesizer = build_synthesizer(bundle, synthesis_settings(config), source, plan, device)
@@ -108,5 +123,5 @@ def load_shard_worker(
     def synthesize(indices: Sequence[int], stage_seconds: MutableMapping[str, float]) -> list[TileSample]:
         return synthesizer(indices, [tile_seed(config.seed, i) for i in indices], stage_seconds)
 
-    identity = {"worker": "local", **(identity or {}), "device": device}
+    identity = {"worker": "local", **(identity or {}), "device": device, "precision": str(dtype).removeprefix("torch.")}
     return ShardWorker(config, synthesize, bundle.fingerprints, batch_size, identity)

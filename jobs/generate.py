@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cytosynth import storage
-from cytosynth.cluster.job import NORMAL_SOURCES, GenerateConfig
+from cytosynth.cluster.job import NORMAL_SOURCES, PRECISIONS, GenerateConfig
 from cytosynth.cluster.runner import Runtime, run_local
 from cytosynth.cluster.worker import STAGES
 from cytosynth.synth import ABNORMAL_CLASSES, PRESETS, InvalidInputError
@@ -72,6 +72,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--device", help="torch device the models compute on, e.g. cuda, cuda:1, cpu (default: "
                      "cuda where available; under Ray, cuda on replicas that reserved GPUs, else cpu)")
     gen.add_argument("--batch-size", type=int, default=4, help="tiles per model call")
+    gen.add_argument("--precision", choices=PRECISIONS, default="auto", help="diffusion models' precision "
+                     "(default auto: bf16 on CUDA, fp32 on CPU, where runs are byte-reproducible)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--workers", type=_workers, default=(0, 0), help="Ray replicas: W, or MIN-MAX for a pool "
                      "that grows while shards wait and shrinks when they run out (default 0: in this process)")
@@ -118,7 +120,7 @@ def generate(args: argparse.Namespace) -> int:
         steps=args.steps,
         guidance=args.guidance,
     )
-    runtime = Runtime(args.device, args.batch_size, progress=not args.quiet)
+    runtime = Runtime(args.device, args.batch_size, progress=not args.quiet, precision=args.precision)
     if args.workers != (0, 0) or args.ray_address:
         from cytosynth.cluster.distributed import run_distributed  # Ray only when asked for
 

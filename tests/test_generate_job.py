@@ -265,6 +265,23 @@ def test_same_seed_gives_byte_identical_shards(baseline, tmp_path):
     assert (tmp_path / "again" / "manifest.parquet").read_bytes() == (baseline / "manifest.parquet").read_bytes()
 
 
+def test_bf16_models_edit_the_same_cells_and_leave_the_rest_of_the_tile_bit_identical(baseline, baseline_tiles, tmp_path):
+    """bf16 (the default on CUDA) runs on CPU too: same plan and boxes as fp32, edits differ only
+    at rounding level, and invariant 2 (locality) holds."""
+    out = tmp_path / "bf16"
+    assert generate(out, "--precision", "bf16") == 0
+    stats = [json.loads(p.read_text()) for p in sorted((out / "shards").glob("*.json"))]
+    assert {s["precision"] for s in stats} == {"bfloat16"}
+    assert {json.loads(p.read_text())["precision"] for p in (baseline / "shards").glob("*.json")} == {"float32"}
+    for index, tile in read_tiles(out).items():
+        fp32 = baseline_tiles[index]
+        assert (tile["json"]["boxes"], tile["json"]["labels"]) == (fp32["json"]["boxes"], fp32["json"]["labels"])
+        keep = outside_edit_regions(tile["json"])
+        got, reference = image(tile["png"]), image(fp32["png"])
+        np.testing.assert_array_equal(got[keep], reference[keep])
+        assert not np.array_equal(got[~keep], reference[~keep])
+
+
 def test_different_seed_gives_different_tiles_with_seeds_from_job_seed_and_index(baseline_tiles, tmp_path):
     assert generate(tmp_path / "seed1", num_tiles=2, seed=1) == 0
     tiles = read_tiles(tmp_path / "seed1")
