@@ -27,6 +27,7 @@ from cytosynth.cluster.distributed import pool_changes, run_distributed  # noqa:
 from cytosynth.cluster.runner import Runtime  # noqa: E402
 from cytosynth.cluster.job import GenerateConfig  # noqa: E402
 from cytosynth.jobs.cli import main  # noqa: E402
+from ray_processes import actor_processes  # noqa: E402
 
 NUM_TILES = 8
 RUNTIME = Runtime(device="cpu", batch_size=2, progress=False)
@@ -116,7 +117,7 @@ def test_replica_killed_mid_job(reference, tmp_path):
         while time.time() < deadline and not storage.committed_shards(out):
             time.sleep(0.05)
         while time.time() < deadline and not killed:
-            busy = [p for p in _replica_processes() if ".run" in p[1]]
+            busy = [p for p in actor_processes("ShardReplica") if ".run" in p[1]]
             if busy:
                 pid = busy[0][0]
                 os.kill(pid, signal.SIGKILL)
@@ -132,16 +133,6 @@ def test_replica_killed_mid_job(reference, tmp_path):
     assert summary["tiles"] == NUM_TILES
     check_exactly_once(out)
     assert shard_bytes(out) == reference
-
-
-def _replica_processes() -> list[tuple[int, str]]:
-    """(pid, title) of this user's ShardReplica actor processes (Ray titles them ray::<Class>.<method>)."""
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline", "uids"]):
-        cmdline = proc.info["cmdline"] or []
-        if cmdline and cmdline[0].startswith("ray::ShardReplica") and proc.info["uids"].real == os.getuid():
-            found.append((proc.info["pid"], " ".join(cmdline)))
-    return found
 
 
 def test_unreachable_ray_address(tmp_path, capsys):

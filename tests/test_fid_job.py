@@ -21,6 +21,7 @@ import pytest
 import torch
 from cleanfid import fid as clean_fid
 from PIL import Image
+from ray_processes import actor_processes
 
 from cytosynth import storage
 from cytosynth.cluster.features import ExtractorFile, FeatureSettings, SetOptions, featurize_sets
@@ -246,7 +247,7 @@ def test_a_replica_killed_mid_run_costs_nothing_but_time(ray_session, extractors
     def kill_a_busy_replica() -> None:
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
-            busy = [pid for pid, title in _replica_processes() if title.startswith("ray::FeatureReplica.add")]
+            busy = [pid for pid, title in actor_processes("FeatureReplica") if title.startswith("ray::FeatureReplica.add")]
             if busy:
                 os.kill(busy[0], signal.SIGKILL)
                 killed.append(busy[0])
@@ -262,16 +263,6 @@ def test_a_replica_killed_mid_run_costs_nothing_but_time(ray_session, extractors
     assert survived.images.count == reference.images.count == 12  # every image exactly once
     np.testing.assert_allclose(survived.images.outer_sum, reference.images.outer_sum, rtol=1e-6)
     assert np.array_equal(survived.kid_sample.keys, reference.kid_sample.keys)
-
-
-def _replica_processes() -> list[tuple[int, str]]:
-    """(pid, title) of this user's FeatureReplica actor processes (Ray titles them ray::<Class>.<method>)."""
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline", "uids"]):
-        cmdline = proc.info["cmdline"] or []
-        if cmdline and cmdline[0].startswith("ray::FeatureReplica") and proc.info["uids"].real == os.getuid():
-            found.append((proc.info["pid"], " ".join(cmdline)))
-    return found
 
 
 # --------------------------------------------------------------------------- KID and IS
