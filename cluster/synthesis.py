@@ -12,6 +12,7 @@ from collections.abc import Iterator, MutableMapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from cytosynth import storage
 from cytosynth.synth import (
@@ -87,16 +88,12 @@ def load_models(config: GenerateConfig) -> ModelBundle:
 
 
 def default_device() -> str:
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def model_dtype(precision: str, device: str) -> Any:
+def model_dtype(precision: str, device: str) -> torch.dtype:
     """The diffusion models' torch dtype: `auto` is bf16 on CUDA (the GPU's fast matmuls) and fp32
     elsewhere (CPU runs stay byte-reproducible). The detector always runs in fp32."""
-    import torch
-
     if precision not in PRECISIONS:
         raise InvalidInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
