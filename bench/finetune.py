@@ -68,11 +68,8 @@ def measure(job: str, data: str, args: argparse.Namespace, zero_stage: int) -> d
             rows = [json.loads(line) for line in fh if line.strip()]
     timed = rows[args.warmup:]
     return {
-        "job": job,
-        "zero_stage": zero_stage,
         "samples_per_s": round(statistics.median(r["samples_per_s"] for r in timed), 3),
         "gpu_peak_gib": max((r.get("gpu_peak_gib", 0.0) for r in rows), default=0.0) or None,
-        "steps_timed": len(timed),
         "job_wall_s": round(wall, 1),
     }
 

@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -118,12 +117,12 @@ def time_replica(config: GenerateConfig, device: str, batch_size: int, precision
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None}
 
 
-def time_baseline(config: GenerateConfig, device: str, dtype: torch.dtype, repeats: int) -> dict[str, float]:
-    """Median seconds of one tile (StableDiffusionPipeline) and one cell (GLIGEN inpainting)."""
+def time_baseline(bundle, config: GenerateConfig, device: str, repeats: int) -> dict[str, float]:
+    """Median seconds of one tile (StableDiffusionPipeline) and one cell (GLIGEN inpainting) on
+    `bundle`'s models (already on `device` in the replica's dtype)."""
     from diffusers import StableDiffusionGLIGENPipeline, StableDiffusionPipeline
     from PIL import Image
 
-    bundle = load_models(config).to(device, dtype)
     parts = {"vae": bundle.vae, "text_encoder": bundle.text_encoder, "tokenizer": bundle.tokenizer,
              "scheduler": bundle.scheduler, "safety_checker": None, "feature_extractor": None,
              "requires_safety_checker": False}
@@ -222,10 +221,10 @@ def main() -> None:
                                 steps=args.steps, guidance=args.guidance, cells=(low, high))
         peak = matmul_peak(args.device, dtype, args.matmul_size)
         replica = time_replica(config, args.device, args.batch_size, args.precision, shards)
-    bundle = load_models(replace(config, out="unused")).to(args.device, dtype)
+    # One copy of the models for the FLOP count and the baseline (the replica's copy is gone).
+    bundle = load_models(config).to(args.device, dtype)
     flops = work_flops(bundle, args.tile_size, args.steps, args.guidance)
-    del bundle
-    baseline = time_baseline(config, args.device, dtype, args.baseline_repeats)
+    baseline = time_baseline(bundle, config, args.device, args.baseline_repeats)
     section = report(args, peak, flops, replica, baseline)
     print(section)
     if args.append:
