@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -59,6 +59,7 @@ class AbnormalCellTask:
     sample_count: int = 4  # crops in each samples/ grid, each shown as all four classes
     sample_steps: int = 25
     name: str = "finetune-abnormal"
+    trains_in_bf16: ClassVar[bool] = True
 
     def record(self) -> dict[str, Any]:
         keep = ("data", "coco", "images", "model_dir", "preset")

@@ -17,7 +17,7 @@ import itertools
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -71,6 +71,7 @@ class NormalLoraTask:
     sample_count: int = 4
     sample_steps: int = 25
     name: str = "finetune-normal"
+    trains_in_bf16: ClassVar[bool] = True
 
     def record(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("name", "sample_count", "sample_steps")}

@@ -10,6 +10,8 @@ A task is a picklable object (a dataclass of its own settings) with these member
 calls `validate` on the driver and the rest on every Ray Train worker:
 
     name: str                                    "finetune-normal": logs, job.json
+    trains_in_bf16: bool                         False keeps the task in fp32 even on GPUs
+                                                 (see "Precision" below)
     record() -> dict                             settings that define the model (job.json; a
                                                  resume into the same --out must match them)
     validate() -> None                           driver, before anything is written or Ray
@@ -46,6 +48,16 @@ summary. The harness owns everything else:
     <out>/<artifact>                      task.save, at the end
     <out>/_SUCCESS                        the summary, last
 
+Precision
+---------
+`--precision auto` (the default) trains in bf16 on GPUs and fp32 on CPUs; `bf16` forces it (also
+on CPU, which is how the tests reproduce the GPU run). Under bf16 DeepSpeed casts the *parameters*
+of the module to bf16; whether it casts the floating-point *buffers* too depends on its version
+(before 0.19.2: `module.bfloat16()`, buffers included; since: parameters only). A task must give
+the same result either way, so tasks never rely on a buffer's dtype: they cast what they feed a
+layer to that layer's parameter dtype. A task that cannot train in bf16 says so
+(`trains_in_bf16 = False`) and the harness keeps it in fp32.
+
 Re-running with the same --out resumes from the last complete checkpoint (partial ones are
 removed), keeps the metrics up to that step and continues; a finished run is not repeated.
 Checkpoints are read with `torch.load(weights_only=True)` (DeepSpeed's own loader unpickles).
@@ -75,6 +87,7 @@ from cytosynth.storage.job import SUCCESS_NAME
 from cytosynth.synth import InvalidInputError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+PRECISIONS = ("auto", "fp32", "bf16")
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 METRICS_NAME = "metrics.jsonl"
@@ -96,6 +109,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0: no clipping
     workers: int = 1
     use_gpu: bool = False
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     zero_stage: int = 2
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -114,6 +128,7 @@ class TrainConfig:
 
 class TrainingTask(Protocol):
     name: str
+    trains_in_bf16: bool
 
     def record(self) -> dict[str, Any]: ...
     def validate(self) -> None: ...
@@ -139,7 +154,9 @@ def train(config: TrainConfig, task: TrainingTask) -> dict[str, Any]:
         raise InvalidInputError(f"{config.out} holds a checkpoint at step {resume_step}; resume or use a new --out")
     if resume_step and resume_step >= config.steps:
         raise InvalidInputError(f"{config.out} is checkpointed at step {resume_step}, beyond --steps {config.steps}")
-    storage.write_job_json(config.out, {"job": task.name, **config.record(), **task.record()})
+    storage.write_job_json(
+        config.out, {"job": task.name, **config.record(), "precision": "bf16" if uses_bf16(config, task) else "fp32", **task.record()}
+    )
 
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
@@ -186,6 +203,14 @@ def check_config(config: TrainConfig) -> None:
         raise InvalidInputError("--lr must be positive")
     if config.zero_stage not in (0, 1, 2):
         raise InvalidInputError("--zero-stage must be 0, 1 or 2")
+    if config.precision not in PRECISIONS:
+        raise InvalidInputError(f"unknown --precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
+
+
+def uses_bf16(config: TrainConfig, task: TrainingTask) -> bool:
+    """Whether DeepSpeed runs the task in bf16: asked for (or auto on GPU) and the task allows it."""
+    wanted = config.precision == "bf16" or (config.precision == "auto" and config.use_gpu)
+    return wanted and task.trains_in_bf16
 
 
 def read_summary(out: str) -> dict[str, Any]:
@@ -268,7 +293,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         model=_LossModule(task, module),
         optimizer=build_optimizer(config, trainable),
         model_parameters=trainable,
-        config=deepspeed_config(config, world_size),
+        config=deepspeed_config(config, world_size, uses_bf16(config, task)),
     )
     engine.checkpoint_engine = _safe_checkpoint_engine(engine)
     if start_step:
@@ -335,13 +360,13 @@ def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> to
     return optimizer(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
+def deepspeed_config(config: TrainConfig, world_size: int, bf16: bool) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": config.batch_size,
         "gradient_accumulation_steps": 1,
         "train_batch_size": config.batch_size * world_size,
         "zero_optimization": {"stage": config.zero_stage},
-        "bf16": {"enabled": config.use_gpu},
+        "bf16": {"enabled": bf16},
         "gradient_clipping": config.max_grad_norm,
         # torch's SGD is not on DeepSpeed's ZeRO list, though ZeRO-2 only partitions its state.
         "zero_allow_untested_optimizer": True,

@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from cytosynth.cluster.training import OPTIMIZERS, TrainConfig
+from cytosynth.cluster.training import OPTIMIZERS, PRECISIONS, TrainConfig
 
 from .common import default_device
 
@@ -23,7 +23,11 @@ def add_train_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> Non
     group.add_argument("--weight-decay", type=float, default=d["weight_decay"])
     group.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"], help="gradient clipping, 0: none")
     group.add_argument("--workers", type=int, default=d["workers"], help="Ray Train workers (one GPU each with cuda)")
-    group.add_argument("--device", choices=("cuda", "cpu"), default=default_device(), help="cuda: bf16 on GPUs; cpu: fp32, gloo")
+    group.add_argument("--device", choices=("cuda", "cpu"), default=default_device(), help="cuda: NCCL on GPUs; cpu: gloo")
+    group.add_argument(
+        "--precision", choices=PRECISIONS, default=d["precision"],
+        help="auto: bf16 on cuda, fp32 on cpu (detectors always train in fp32)",
+    )
     group.add_argument("--zero-stage", type=int, default=d["zero_stage"], help="DeepSpeed ZeRO stage (0: plain data parallel)")
     group.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"])
     group.add_argument("--sample-every", type=int, default=d["sample_every"], help="write samples/step_N.png this often")
@@ -50,6 +54,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         max_grad_norm=args.max_grad_norm,
         workers=args.workers,
         use_gpu=args.device == "cuda",
+        precision=args.precision,
         zero_stage=args.zero_stage,
         checkpoint_every=args.checkpoint_every,
         sample_every=args.sample_every,
