@@ -1,11 +1,12 @@
-"""train-detector: torchvision Faster R-CNN on cytosynth shards, real and synthetic mixed, on the harness.
+"""train-detector: torchvision Faster R-CNN or RetinaNet on cytosynth shards, real and synthetic mixed, on the harness.
 
 Two uses, one job (`labels`):
 
 - `"nilm"`: the paper's in-house cell detector (every cell one class, `num_classes=2`); its file is
   what `cytosynth generate --detector` loads to find the normal cells stage 2 edits.
 - `"abnormal"`: a downstream detector of ASC-US, ASC-H, LSIL, HSIL (`num_classes=5`), the paper's
-  Table II experiments (Faster R-CNN: SGD, lr 2e-4, batch 2, 20 epochs).
+  Table II experiments (Faster R-CNN: SGD, lr 2e-4; RetinaNet: SGD, lr 1e-3; batch 2, 20 epochs,
+  ImageNet-pretrained ResNet-50: `backbone_weights`, a safetensors file by path or URL, never downloaded).
 
 Data comes through `storage.detection_loader`'s dataset: streamed shards, split over ranks and
 loader workers, real and synthetic mixed at `synthetic_fraction`. `train_detector(config)` runs
@@ -14,12 +15,13 @@ the whole job from a plain `DetectorTrainConfig`; the augmentation study calls i
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -28,7 +30,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from cytosynth import storage
 from cytosynth.synth import InvalidInputError
-from cytosynth.synth.detector import build_fasterrcnn, save_detector
+from cytosynth.synth.detector import build_detector, check_arch, read_backbone_weights, save_detector
 from cytosynth.synth.models import DETECTOR_FILE
 
 from .training import TrainConfig, train
@@ -37,29 +39,34 @@ NUM_CLASSES = {"abnormal": 5, "nilm": 2}  # background included, as torchvision 
 SAMPLE_TILES = 4
 SAMPLE_PX = 256
 SCORE_THRESHOLD = 0.5  # boxes drawn on the progress grid, as generate's detector keeps them
+PAPER_EPOCHS = 20  # Table II's training length: the default when neither --steps nor --epochs is given
+DEFAULT_LR = {"fasterrcnn": 2e-4, "retinanet": 1e-3}  # Table II's SGD learning rates, per detector
 
 
 @dataclass(frozen=True)
 class DetectorTrainConfig:
-    """Everything one detector training run needs. `epochs`, when given, sets `steps` from the
-    real set's size (shard stats): epochs x samples / (batch_size x workers)."""
+    """Everything one detector training run needs. `epochs` sets `steps` from the real set's size
+    (shard stats): epochs x samples / (batch_size x workers); `steps` instead gives the count
+    itself; neither: the paper's 20 epochs. `lr` None: the paper's for `arch` (DEFAULT_LR)."""
 
     out: str
     real: str | None = None  # shards: a job output, a .tar, a brace pattern or a glob; or a list
     synthetic: str | None = None
     synthetic_fraction: float = 0.0  # share of synthetic samples in each epoch, in [0, 1]
     labels: str = "abnormal"  # "abnormal" (downstream detectors) | "nilm" (generate's cell detector)
-    steps: int = 1000
+    arch: str = "fasterrcnn"  # "fasterrcnn" | "retinanet" (torchvision *_resnet50_fpn)
+    backbone_weights: str | None = None  # torchvision ResNet-50 ImageNet state dict (safetensors); None: scratch
+    steps: int | None = None
     epochs: float | None = None
     batch_size: int = 2
-    lr: float = 2e-4
+    lr: float | None = None
     optimizer: str = "sgd"
     weight_decay: float = 1e-4
     max_grad_norm: float = 0.0  # no clipping (torchvision's detection recipe)
     workers: int = 1
     use_gpu: bool = False
     zero_stage: int = 2
-    image_size: int = 1024  # Faster R-CNN resizes to this side (tiles are used at full resolution)
+    image_size: int = 1024  # the detector resizes to this side (tiles are used at full resolution)
     loader_workers: int = 2  # DataLoader processes per Ray Train worker
     checkpoint_every: int = 500
     sample_every: int = 500
@@ -80,15 +87,21 @@ class DetectorTask:
     labels: str = "abnormal"
     image_size: int = 1024
     loader_workers: int = 2
+    arch: str = "fasterrcnn"
+    # Read by every worker itself (a path all nodes see, or an object-store URL) and checked against
+    # the driver's fingerprint; never recorded, since a URL may carry credentials.
+    backbone_weights: str | None = field(default=None, repr=False)
+    backbone_sha256: str | None = None  # job.json's name for the backbone file
     name: str = "train-detector"
     # fp32 always: in bf16, anchors and box regression lose up to 4 px at 1024 and BatchNorm's
     # fp32 buffers meet bf16 activations; torchvision's and mmdetection's recipes train in fp32.
     trains_in_bf16: ClassVar[bool] = False
 
     def record(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("name", "loader_workers")}
+        return {k: v for k, v in asdict(self).items() if k not in ("name", "loader_workers", "backbone_weights")}
 
     def validate(self) -> None:
+        check_arch(self.arch)
         if self.labels not in NUM_CLASSES:
             raise InvalidInputError(f"unknown --labels {self.labels!r}; choose one of {', '.join(NUM_CLASSES)}")
         if not 0.0 <= self.synthetic_fraction <= 1.0:
@@ -111,7 +124,16 @@ class DetectorTask:
         return [s for s, used in ((self.real, f < 1), (self.synthetic, f > 0)) if used and s]
 
     def build(self, device: torch.device) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-        model = build_fasterrcnn(NUM_CLASSES[self.labels], min_size=self.image_size, max_size=self.image_size)
+        """From scratch, or on the ImageNet backbone with frozen BatchNorm and conv1 + layer1 frozen
+        (torchvision's pretrained recipe); the trainable parameters are those left requiring grad."""
+        backbone = None
+        if self.backbone_weights:
+            backbone, sha256 = read_backbone(self.backbone_weights)
+            if self.backbone_sha256 and sha256 != self.backbone_sha256:
+                raise InvalidInputError(f"backbone weights changed during the run (sha256 {sha256}, "
+                                        f"expected {self.backbone_sha256})")
+        model = build_detector(self.arch, NUM_CLASSES[self.labels], backbone_state=backbone,
+                               min_size=self.image_size, max_size=self.image_size)
         model.to(device)
         return model, [p for p in model.parameters() if p.requires_grad]
 
@@ -184,30 +206,55 @@ def _drawn(image: torch.Tensor, target: dict[str, torch.Tensor], found: dict[str
     return np.asarray(ImageOps.pad(tile, (SAMPLE_PX, SAMPLE_PX), color=(0, 0, 0)))
 
 
+def read_backbone(url: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The ResNet-50 state dict at `url` (a path or fsspec URL; safetensors, never pickle) and the
+    sha256 prefix of its bytes (as synth.models.fingerprint names weights)."""
+    name = storage.redact(url)  # no URL userinfo in messages
+    try:
+        data = storage.get_bytes(url)
+    except storage.StorageError as err:
+        raise InvalidInputError(f"--backbone-weights: {err}") from None
+    return read_backbone_weights(data, name), hashlib.sha256(data).hexdigest()[:16]
+
+
+def backbone_fingerprint(url: str | None) -> str | None:
+    """Check the backbone file on the driver, before anything is written; its fingerprint."""
+    return None if url is None else read_backbone(url)[1]
+
+
 def detector_steps(config: DetectorTrainConfig) -> int:
-    """`config.steps`, or the steps of `config.epochs` passes over the real set (synthetic on top)."""
-    if config.epochs is None:
+    """`config.steps`, or the steps of `config.epochs` (default 20) passes over the real set
+    (synthetic on top)."""
+    if config.steps is not None and config.epochs is not None:
+        raise InvalidInputError("give --steps or --epochs, not both")
+    if config.steps is not None:
         return config.steps
+    epochs = PAPER_EPOCHS if config.epochs is None else config.epochs
+    if not epochs > 0:
+        raise InvalidInputError(f"--epochs must be positive, got {epochs}")
     source = config.real if config.synthetic_fraction < 1 else config.synthetic
     samples = storage.count_samples(storage.resolve_shards(source))
     if samples is None:
-        raise InvalidInputError(f"cannot count the samples of {source} (shards without stats); give --steps")
+        raise InvalidInputError(f"cannot count the samples of {source} (shards without stats) for "
+                                f"{epochs:g} epochs; give --steps")
     if 0 < config.synthetic_fraction < 1:
         samples = samples / (1 - config.synthetic_fraction)  # the synthetic share comes on top
-    return max(1, math.ceil(config.epochs * samples / (config.batch_size * config.workers)))
+    return max(1, math.ceil(epochs * samples / (config.batch_size * config.workers)))
 
 
 def train_detector(config: DetectorTrainConfig) -> dict[str, Any]:
     """Train (or resume) a detector; returns the summary (`artifact`: the safetensors URL)."""
+    check_arch(config.arch)
     task = DetectorTask(
-        config.real, config.synthetic, config.synthetic_fraction, config.labels, config.image_size, config.loader_workers
+        config.real, config.synthetic, config.synthetic_fraction, config.labels, config.image_size,
+        config.loader_workers, config.arch, config.backbone_weights, backbone_fingerprint(config.backbone_weights),
     )
     task.validate()  # before counting steps from the same shards
     training = TrainConfig(
         out=config.out,
         steps=detector_steps(config),
         batch_size=config.batch_size,
-        lr=config.lr,
+        lr=DEFAULT_LR[config.arch] if config.lr is None else config.lr,
         optimizer=config.optimizer,
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,

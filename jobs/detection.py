@@ -25,6 +25,7 @@ from .train_options import absolute
 
 LABEL_SETS = ("abnormal", "nilm")  # storage.LABEL_SETS, spelled out: it would import torch at CLI start
 STUDY_JSON, STUDY_CHART = "augmentation_study.json", "augmentation_study.png"
+ARCH_NAMES = {"fasterrcnn": "Faster R-CNN", "retinanet": "RetinaNet"}  # as Table II names them
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,10 @@ def evaluate(detector: str, test_set: EvalSet, *, image_size: int, device: str, 
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    ev = commands.add_parser("eval-detector", help="COCO AP of a Faster R-CNN detector on a labelled set (Table II)")
-    ev.add_argument("--detector", required=True, help="Faster R-CNN state dict (safetensors, path or URL); "
-                    "the class count is read from it")
+    ev = commands.add_parser("eval-detector", help="COCO AP of a Faster R-CNN or RetinaNet detector on a labelled set "
+                             "(Table II)")
+    ev.add_argument("--detector", required=True, help="a train-detector file (safetensors, path or URL); its "
+                    "architecture and class count are read from it")
     data = ev.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", help="labelled shards: a job output, .tar, brace pattern or glob (or s3://)")
     data.add_argument("--coco", help="a COCO detection JSON (categories matched by name)")
@@ -197,9 +199,11 @@ def augmentation_study(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, progress=not args.quiet)
         rows.append((label, metrics))
         report.append({"arm": folder, "training_data": label, "detector": artifact, **metrics})
-    print(f"cytosynth augmentation-study: Faster R-CNN, held-out {describe_set(rows[0][1])} from {test_set.name}")
+    print(f"cytosynth augmentation-study: {ARCH_NAMES[args.arch]}, held-out {describe_set(rows[0][1])} "
+          f"from {test_set.name}")
     print(format_table(rows, "Training data"))
-    summary = {"labels": args.labels, "synthetic_fraction": args.synthetic_fraction, "test": test_set.name,
+    summary = {"arch": args.arch, "labels": args.labels, "synthetic_fraction": args.synthetic_fraction,
+               "test": test_set.name,
                "units": "AP x 100 (the paper's Table II)", "rows": report}
     storage.put_bytes(storage.join(args.out, STUDY_JSON), json.dumps(summary, indent=2).encode())
     storage.put_bytes(storage.join(args.out, STUDY_CHART), ap_bar_chart(rows))

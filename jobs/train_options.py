@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from cytosynth.cluster.training import OPTIMIZERS, PRECISIONS, TrainConfig
@@ -11,14 +12,19 @@ from cytosynth.cluster.training import OPTIMIZERS, PRECISIONS, TrainConfig
 from .common import default_device
 
 
-def add_train_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> None:
-    """--out, --steps, --batch-size, ... on `parser`; `defaults` set a job's own (e.g. lr=2e-4)."""
+def add_train_arguments(
+    parser: argparse.ArgumentParser, helps: Mapping[str, str] | None = None, **defaults: Any
+) -> None:
+    """--out, --steps, --batch-size, ... on `parser`; `defaults` set a job's own (e.g. lr=2e-4),
+    `helps` its own help texts (e.g. {"steps": ...} for a job whose default is not a step count)."""
+    helps = helps or {}
     d = {**{f: TrainConfig.__dataclass_fields__[f].default for f in TrainConfig.__dataclass_fields__}, **defaults}
     group = parser.add_argument_group("training")
     group.add_argument("--out", required=True, help="output URL: the artifact, job.json, metrics.jsonl, checkpoints/, samples/")
-    group.add_argument("--steps", type=int, default=d["steps"], help=f"optimizer steps (default {d['steps']})")
+    steps_help = helps.get("steps", f"optimizer steps (default {d['steps']})")
+    group.add_argument("--steps", type=int, default=d["steps"], help=steps_help)
     group.add_argument("--batch-size", type=int, default=d["batch_size"], help="samples per worker per step")
-    group.add_argument("--lr", type=float, default=d["lr"])
+    group.add_argument("--lr", type=float, default=d["lr"], help=helps.get("lr"))
     group.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"])
     group.add_argument("--weight-decay", type=float, default=d["weight_decay"])
     group.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"], help="gradient clipping, 0: none")

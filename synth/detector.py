@@ -3,7 +3,8 @@
 Two implementations behind one interface, ``detect(images) -> boxes per image``:
 
 - ``FasterRCNNCellDetector``: the paper's in-house detector, torchvision Faster R-CNN
-  (ResNet-50 FPN) with weights from a safetensors state dict.
+  (ResNet-50 FPN) with weights from a safetensors state dict (a RetinaNet file, as
+  ``train-detector --arch retinanet`` writes, loads into it too: the file's metadata says which).
 - ``ClassicalCellDetector``: no weights needed. Colour deconvolution (haematoxylin for nuclei),
   Otsu thresholds and a nucleus-seeded watershed, so the pipeline still works on real tiles when
   no trained detector is given.
@@ -215,28 +216,165 @@ def _merge_split_cells(labels: np.ndarray, dist: np.ndarray, ratio: float) -> np
     return roots[labels]
 
 
-# --------------------------------------------------------------------------- Faster R-CNN
+# --------------------------------------------------------------------------- torchvision detectors
+
+DETECTOR_ARCHS = ("fasterrcnn", "retinanet")  # torchvision's *_resnet50_fpn; DINO is not in torchvision
+PRETRAINED_TRAINABLE_LAYERS = 3  # torchvision's default with a pretrained backbone (scratch: all 5)
+BACKBONE = "ResNet-50"
+_NORMS = ("batch", "frozen")  # nn.BatchNorm2d (from scratch) | FrozenBatchNorm2d (pretrained backbone)
+
+
+def build_detector(arch: str = "fasterrcnn", num_classes: int = 2, *, backbone_state: dict | None = None,
+                   frozen_norm: bool | None = None, **kwargs):
+    """torchvision ``fasterrcnn_resnet50_fpn`` / ``retinanet_resnet50_fpn``, built the way its builders
+    build them, but with backbone weights passed in (nothing is ever downloaded).
+
+    Without ``backbone_state``: random init, BatchNorm, every layer trainable (torchvision's
+    ``weights_backbone=None``). With it (a torchvision ResNet-50 state dict, see
+    ``read_backbone_weights``): FrozenBatchNorm2d and only the last 3 ResNet stages trainable, the
+    weights loaded into the ResNet body before the FPN is put on it, as ``weights_backbone=`` does.
+    ``frozen_norm`` overrides the norm layer (loading a trained file); ``kwargs`` go to the model
+    (e.g. ``min_size``, ``max_size``)."""
+    from torch import nn
+    from torchvision.models import resnet50
+    from torchvision.models.detection import FasterRCNN, RetinaNet
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops import misc as misc_nn_ops
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    check_arch(arch)
+    pretrained = backbone_state is not None
+    frozen = pretrained if frozen_norm is None else frozen_norm
+    body = resnet50(weights=None, norm_layer=misc_nn_ops.FrozenBatchNorm2d if frozen else nn.BatchNorm2d)
+    if pretrained:
+        body.load_state_dict(backbone_state)
+    trainable = PRETRAINED_TRAINABLE_LAYERS if frozen else 5
+    if arch == "fasterrcnn":
+        return FasterRCNN(_resnet_fpn_extractor(body, trainable), num_classes=num_classes, **kwargs)
+    # RetinaNet skips P2 (too many anchors) and adds P6/P7, as retinanet_resnet50_fpn does.
+    backbone = _resnet_fpn_extractor(body, trainable, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+    return RetinaNet(backbone, num_classes, **kwargs)
 
 
 def build_fasterrcnn(num_classes: int = 2, **kwargs):
     """torchvision ``fasterrcnn_resnet50_fpn`` with random init; nothing is downloaded.
     ``kwargs`` go to the model (e.g. ``min_size``, ``max_size``)."""
-    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+    return build_detector("fasterrcnn", num_classes, **kwargs)
 
-    return fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+
+def check_arch(arch: str) -> None:
+    if arch not in DETECTOR_ARCHS:
+        raise InvalidInputError(
+            f"unknown --arch {arch!r}; choose one of {', '.join(DETECTOR_ARCHS)} (DINO is not in torchvision)"
+        )
+
+
+def detector_arch(model) -> str:
+    from torchvision.models.detection import RetinaNet
+
+    return "retinanet" if isinstance(model, RetinaNet) else "fasterrcnn"
+
+
+def read_backbone_weights(data: bytes, name: str) -> dict:
+    """A torchvision ResNet-50 state dict from safetensors bytes (never pickle); one-line
+    InvalidInputError naming what was expected if the file is anything else. ``fc.*`` (the
+    ImageNet classifier, unused by detectors) may be present or not."""
+    import torch
+    from safetensors.torch import load
+    from torchvision.models import resnet50
+
+    try:
+        state = load(data)
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InvalidInputError(f"backbone weights {name} are not a readable safetensors file: {reason}") from None
+    with torch.device("meta"):  # shapes only: nothing allocated
+        expected = _body_keys(resnet50(weights=None).state_dict())
+    problem = _state_dict_mismatch(expected, _body_keys(state))
+    if problem:
+        raise InvalidInputError(
+            f"backbone weights {name} are not a torchvision {BACKBONE} state dict "
+            f"(expected keys like conv1.weight {tuple(expected['conv1.weight'].shape)}, "
+            f"layer1.0.conv3.weight {tuple(expected['layer1.0.conv3.weight'].shape)}): {problem}"
+        )
+    return {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+
+def _body_keys(state: dict) -> dict:
+    """What the detector's ResNet body uses: no classifier, no BatchNorm step counters."""
+    return {k: v for k, v in state.items() if not (k.startswith("fc.") or k.endswith("num_batches_tracked"))}
 
 
 def save_detector(model, path: str | os.PathLike) -> None:
-    """Write a detector's state dict as safetensors (the only format we load)."""
+    """Write a detector's state dict as safetensors (the only format we load), with its
+    architecture and norm layer in the file's metadata so loaders rebuild the same model."""
     from safetensors.torch import save_file
+    from torchvision.ops.misc import FrozenBatchNorm2d
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, os.fspath(path))
+    frozen = any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    metadata = {"arch": detector_arch(model), "norm": "frozen" if frozen else "batch"}
+    save_file(state, os.fspath(path), metadata=metadata)
+
+
+def read_detector_file(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
+    """(state dict, metadata) of a detector file; files from before the metadata are Faster R-CNN
+    with BatchNorm, the only detector then trained. Any problem is an InvalidInputError."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InvalidInputError(f"detector weights not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as weights:
+            metadata = dict(weights.metadata() or {})
+            state = {k: weights.get_tensor(k) for k in weights.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InvalidInputError(f"detector weights {path} are not a readable safetensors file: {reason}") from None
+    metadata.setdefault("arch", "fasterrcnn")
+    metadata.setdefault("norm", "batch")
+    if metadata["arch"] not in DETECTOR_ARCHS or metadata["norm"] not in _NORMS:
+        raise InvalidInputError(
+            f"detector weights {path} declare arch {metadata['arch']!r}, norm {metadata['norm']!r}; "
+            f"expected one of {', '.join(DETECTOR_ARCHS)} with norm {' or '.join(_NORMS)}"
+        )
+    return state, metadata
+
+
+def state_classes(state: dict, arch: str) -> int | None:
+    """Classes (background included, as torchvision counts) of a detector state dict; None if the
+    class logits are missing."""
+    if arch == "fasterrcnn":
+        logits = state.get("roi_heads.box_predictor.cls_score.weight")  # [classes, features]
+        return None if logits is None else logits.shape[0]
+    logits = state.get("head.classification_head.cls_logits.weight")  # [anchors x classes, ...]
+    boxes = state.get("head.regression_head.bbox_reg.weight")  # [anchors x 4, ...]
+    return None if logits is None or boxes is None else logits.shape[0] // (boxes.shape[0] // 4)
+
+
+def load_detector_model(path: str | os.PathLike, num_classes: int | None = None, **model_kwargs):
+    """The torchvision detector a file holds, rebuilt from its metadata (arch, norm); with
+    ``num_classes`` None, as many classes as the file has. Any problem is an InvalidInputError."""
+    path = os.fspath(path)
+    state, metadata = read_detector_file(path)
+    arch = metadata["arch"]
+    classes = num_classes or state_classes(state, arch)
+    if classes is None:
+        raise InvalidInputError(f"detector weights {path} are not a {arch} state dict (no class logits)")
+    model = build_detector(arch, classes, frozen_norm=metadata["norm"] == "frozen", **model_kwargs)
+    problem = _state_dict_mismatch(model.state_dict(), state)
+    if problem:
+        raise InvalidInputError(
+            f"detector weights {path} do not match {arch}_resnet50_fpn(num_classes={classes}): {problem}"
+        )
+    model.load_state_dict(state)
+    return model
 
 
 class FasterRCNNCellDetector(CellDetector):
-    """The paper's in-house detector: Faster R-CNN, boxes of class ``nilm_label`` with
-    score >= ``score_threshold``. Images run in batches of ``batch_size`` on ``device``."""
+    """The paper's in-house detector: Faster R-CNN (or a RetinaNet file), boxes of class
+    ``nilm_label`` with score >= ``score_threshold``. Images run in batches of ``batch_size`` on ``device``."""
 
     def __init__(self, model, device="cpu", score_threshold: float = 0.5, nilm_label: int = 1, batch_size: int = 4):
         import torch
@@ -257,25 +395,9 @@ class FasterRCNNCellDetector(CellDetector):
         batch_size: int = 4,
         **model_kwargs,
     ) -> "FasterRCNNCellDetector":
-        """Load weights from a safetensors state dict; any problem is an InvalidInputError."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise InvalidInputError(f"detector weights not found: {path}")
-        try:
-            state = load_file(path)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise InvalidInputError(f"detector weights {path} are not a readable safetensors file: {reason}") from None
-        model = build_fasterrcnn(num_classes, **model_kwargs)
-        problem = _state_dict_mismatch(model.state_dict(), state)
-        if problem:
-            raise InvalidInputError(
-                f"detector weights {path} do not match fasterrcnn_resnet50_fpn(num_classes={num_classes}): {problem}"
-            )
-        model.load_state_dict(state)
+        """Load a detector file (Faster R-CNN or RetinaNet, as its metadata says); any problem is
+        an InvalidInputError."""
+        model = load_detector_model(path, num_classes, **model_kwargs)
         return cls(model, device, score_threshold=score_threshold, batch_size=batch_size)
 
     def detect(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -327,7 +449,7 @@ def _state_dict_mismatch(expected: dict, got: dict) -> str:
 
 
 def load_detector(path: str | os.PathLike | None, device="cpu", **kwargs) -> CellDetector:
-    """Faster R-CNN from ``path`` (safetensors) if given, else the classical detector."""
+    """The torchvision detector in ``path`` (safetensors) if given, else the classical detector."""
     if path is None or path == "":
         return ClassicalCellDetector()
     return FasterRCNNCellDetector.from_file(path, device, **kwargs)

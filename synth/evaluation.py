@@ -22,13 +22,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .detector import FasterRCNNCellDetector
+from .detector import load_detector_model
 from .errors import InvalidInputError
 
 __all__ = ["SUMMARY_METRICS", "coco_metrics", "evaluate_detector", "load_detection_model", "object_classes", "predict"]
 
 SUMMARY_METRICS = ("mAP", "mAP.5", "mAP.75")
-_CLASS_LOGITS = "roi_heads.box_predictor.cls_score.weight"  # [num_classes incl. background, features]
 
 
 def _coco(images: list[dict], annotations: list[dict], categories: Mapping[int, str]):
@@ -107,27 +106,18 @@ def coco_metrics(
 
 
 def load_detection_model(path: str | os.PathLike, device: str = "cpu", **model_kwargs: Any) -> torch.nn.Module:
-    """Faster R-CNN in eval mode from a safetensors state dict, with as many classes as the file has
-    (``object_classes`` tells how many). ``model_kwargs`` go to ``build_fasterrcnn`` (e.g. ``min_size``)."""
-    from safetensors import SafetensorError, safe_open
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InvalidInputError(f"detector weights not found: {path}")
-    try:
-        with safe_open(path, framework="pt") as weights:
-            shape = weights.get_slice(_CLASS_LOGITS).get_shape() if _CLASS_LOGITS in weights.keys() else None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InvalidInputError(f"detector weights {path} are not a readable safetensors file: {reason}") from None
-    if shape is None:
-        raise InvalidInputError(f"detector weights {path} are not a Faster R-CNN state dict (no {_CLASS_LOGITS})")
-    detector = FasterRCNNCellDetector.from_file(path, device, num_classes=shape[0], **model_kwargs)
-    return detector.model.eval()
+    """The detector in a safetensors file (Faster R-CNN or RetinaNet, as its metadata says) in eval
+    mode, with as many classes as the file has (``object_classes`` tells how many). ``model_kwargs``
+    go to ``build_detector`` (e.g. ``min_size``)."""
+    return load_detector_model(path, **model_kwargs).to(device).eval()
 
 
 def object_classes(model: torch.nn.Module) -> int:
-    """Object classes a torchvision Faster R-CNN predicts, background excluded."""
+    """Object classes a torchvision Faster R-CNN or RetinaNet predicts, background excluded."""
+    from torchvision.models.detection import RetinaNet
+
+    if isinstance(model, RetinaNet):
+        return model.head.classification_head.num_classes - 1
     return model.roi_heads.box_predictor.cls_score.out_features - 1
 
 
