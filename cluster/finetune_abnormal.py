@@ -34,7 +34,7 @@ from cytosynth import storage
 from cytosynth.storage.annotated import coco_index, entries_for_rank, read_tiles, shard_index
 from cytosynth.synth import ABNORMAL_CLASSES, InvalidInputError
 from cytosynth.synth.abnormal import embed_classes
-from cytosynth.synth.acs_training import ACSTrainingModel, trained_state
+from cytosynth.synth.acs_training import GROUNDING_DROPOUT, PROMPT_DROPOUT, ACSTrainingModel, trained_state
 from cytosynth.synth.cell_crops import CellCrop, CropBatch, cell_crops, check_annotation, crop_batches, fits_in_crop
 from cytosynth.synth.models import SD_COMPONENTS, acs_unet_from_base
 from cytosynth.synth.paste import paste_back
@@ -58,11 +58,13 @@ class AbnormalCellTask:
     shuffle_buffer: int = 64  # crops per worker mixed before batching
     sample_count: int = 4  # crops in each samples/ grid, each shown as all four classes
     sample_steps: int = 25
+    prompt_dropout: float = PROMPT_DROPOUT  # CFG training: the empty prompt instead of the class prompt
+    grounding_dropout: float = GROUNDING_DROPOUT  # CFG training: the grounding token hidden (masks = 0)
     name: str = "finetune-abnormal"
     trains_in_bf16: ClassVar[bool] = True
 
     def record(self) -> dict[str, Any]:
-        keep = ("data", "coco", "images", "model_dir", "preset")
+        keep = ("data", "coco", "images", "model_dir", "preset", "prompt_dropout", "grounding_dropout")
         return {**{k: v for k, v in asdict(self).items() if k in keep}, "crop_size": CROP_SIZE}
 
     def validate(self) -> None:
@@ -73,6 +75,9 @@ class AbnormalCellTask:
         for option in ("shuffle_buffer", "sample_count", "sample_steps"):
             if getattr(self, option) < 1:
                 raise InvalidInputError(f"--{option.replace('_', '-')} must be at least 1")
+        for option in ("prompt_dropout", "grounding_dropout"):
+            if not 0.0 <= getattr(self, option) < 1.0:
+                raise InvalidInputError(f"--{option.replace('_', '-')} must be in [0, 1), got {getattr(self, option)}")
         if self.model_dir is not None:
             for part in SD_COMPONENTS:
                 if not storage.exists(storage.join(self.model_dir, part)):
@@ -109,7 +114,10 @@ class AbnormalCellTask:
         embeddings = embed_classes(sd.tokenizer, sd.text_encoder)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)
-            model, trainable = ACSTrainingModel.from_base(sd.unet, sd.vae, embeddings, noise_scheduler(sd.scheduler_config))
+            model, trainable = ACSTrainingModel.from_base(
+                sd.unet, sd.vae, embeddings, noise_scheduler(sd.scheduler_config),
+                prompt_dropout=self.prompt_dropout, grounding_dropout=self.grounding_dropout,
+            )
         return model.to(device), trainable
 
     def batches(self, rank: int, world_size: int, batch_size: int, seed: int) -> Iterator[CropBatch]:

@@ -7,6 +7,7 @@ import argparse
 from cytosynth.cluster.finetune_abnormal import AbnormalCellTask
 from cytosynth.cluster.training import train
 from cytosynth.synth import PRESETS
+from cytosynth.synth.acs_training import GROUNDING_DROPOUT, PROMPT_DROPOUT
 
 from .train_options import absolute, add_train_arguments, print_summary, train_config
 
@@ -24,6 +25,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--shuffle-buffer", type=int, default=64, help="crops per worker mixed before batching")
     parser.add_argument("--sample-count", type=int, default=4, help="crops in each samples/ grid (a row each)")
     parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the sample edits")
+    parser.add_argument(
+        "--prompt-dropout", type=float, default=PROMPT_DROPOUT,
+        help=f"share of crops trained with the empty prompt, for CFG (default {PROMPT_DROPOUT}, GLIGEN's)",
+    )
+    parser.add_argument(
+        "--grounding-dropout", type=float, default=GROUNDING_DROPOUT,
+        help=f"share of crops trained without the grounding token, for CFG (default {GROUNDING_DROPOUT}, GLIGEN's)",
+    )
     # The paper: AdamW, lr 1e-4, batch 4, 50k iterations. It does not state the weight decay;
     # GLIGEN's trainer, which it follows, uses 0 (the harness default).
     add_train_arguments(parser, steps=50000, batch_size=4, lr=1e-4, optimizer="adamw")
@@ -40,6 +49,8 @@ def finetune_abnormal(args: argparse.Namespace) -> int:
         shuffle_buffer=args.shuffle_buffer,
         sample_count=args.sample_count,
         sample_steps=args.sample_steps,
+        prompt_dropout=args.prompt_dropout,
+        grounding_dropout=args.grounding_dropout,
     )
     summary = train(train_config(args), task)
     print_summary(summary)

@@ -15,7 +15,15 @@ What learns, as in the paper and in GLIGEN's own inpainting training (which the 
 
 Everything else stays frozen: ResNet blocks, self- and cross-attention (the paper guides the class
 "through the frozen cross-attention layers"), the VAE and the text encoder. The loss is the plain
-LDM objective (`synth.training.diffusion_loss`) on the 9-channel input [z_t, mask, masked z0].
+LDM objective (`synth.training.diffusion_loss`) on the 9-channel input [z_t, z0 * mask, mask].
+
+Classifier-free guidance is trained, as GLIGEN trains it: each crop independently has its prompt
+replaced by the empty prompt (`PROMPT_DROPOUT`) and its grounding token hidden (GLIGEN masks = 0,
+`GROUNDING_DROPOUT`), so the UNet learns the unconditional estimate that sampling's first CFG
+half asks for (`abnormal.edit_cells`). The paper does not state its rates; these are GLIGEN's.
+The prompt rate is high because the frozen cross-attention reads the class word poorly: dropping
+the prompt half the time makes the trainable grounding path carry the class, which is the signal
+CFG 5.0 then amplifies.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ ACS_TRAINABLE = re.compile(r"\.fuser\.|^position_net\.|^conv_in\.weight$")
 
 
 GATES = ("alpha_attn", "alpha_dense")
+PROMPT_DROPOUT = 0.5  # GLIGEN's caption drop rate
+GROUNDING_DROPOUT = 0.1  # GLIGEN's grounding-token drop rate
 
 
 def is_acs_trainable(name: str) -> bool:
@@ -67,7 +77,8 @@ class ACSTrainingModel(torch.nn.Module):
     """The ACS UNet with what its loss needs: the frozen VAE and the classes' text embeddings.
 
     Embeddings are computed once with the frozen text encoder, which is then not needed; they are
-    buffers, so they follow the module to its device and dtype (bf16 under DeepSpeed on GPU).
+    buffers, so they follow the module to its device (their dtype depends on DeepSpeed's version,
+    so the UNet call casts them: `abnormal.predict_noise`).
     """
 
     def __init__(
@@ -77,23 +88,35 @@ class ACSTrainingModel(torch.nn.Module):
         embeddings: ClassEmbeddings,
         noise_scheduler: DDPMScheduler,
         classes: Sequence[str] = ABNORMAL_CLASSES,
+        prompt_dropout: float = PROMPT_DROPOUT,
+        grounding_dropout: float = GROUNDING_DROPOUT,
     ) -> None:
         super().__init__()
         self.unet, self.vae = unet, vae
         self.noise_scheduler = noise_scheduler
         self.classes = tuple(classes)
+        self.prompt_dropout, self.grounding_dropout = prompt_dropout, grounding_dropout
         self.register_buffer("uncond_embeddings", embeddings.uncond.clone(), persistent=False)
         self.register_buffer("prompt_embeddings", torch.stack([embeddings.prompt[c] for c in classes]), persistent=False)
         self.register_buffer("phrase_embeddings", torch.stack([embeddings.phrase[c] for c in classes]), persistent=False)
 
     @classmethod
     def from_base(
-        cls, base_unet: UNet2DConditionModel, vae: AutoencoderKL, embeddings: ClassEmbeddings, noise_scheduler: DDPMScheduler
+        cls,
+        base_unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        embeddings: ClassEmbeddings,
+        noise_scheduler: DDPMScheduler,
+        prompt_dropout: float = PROMPT_DROPOUT,
+        grounding_dropout: float = GROUNDING_DROPOUT,
     ) -> tuple["ACSTrainingModel", list[torch.nn.Parameter]]:
         """A fresh ACS from an SD1.5 UNet, everything but `is_acs_trainable` frozen; (model, trainable)."""
         unet = acs_unet_from_base(base_unet)
         hold_gates_as_vectors(unet)
-        model = cls(unet, vae.requires_grad_(False).eval(), embeddings, noise_scheduler)
+        model = cls(
+            unet, vae.requires_grad_(False).eval(), embeddings, noise_scheduler,
+            prompt_dropout=prompt_dropout, grounding_dropout=grounding_dropout,
+        )
         return model, freeze_all_but(model.unet, is_acs_trainable)
 
     @property
@@ -106,16 +129,22 @@ class ACSTrainingModel(torch.nn.Module):
 
     def loss(self, batch: CropBatch) -> torch.Tensor:
         """The LDM loss of a batch of crops: noise z0 of the crop, predict the noise from
-        [z_t, mask, masked z0], the class prompt and the (box, phrase) grounding token."""
+        [z_t, z0 * mask, mask], the class prompt and the (box, phrase) grounding token, each
+        dropped at its rate (the module docstring)."""
         images = torch.from_numpy(batch.images).to(self.vae.device)
-        z0 = sample_latents(self.vae, images).to(self.unet.dtype)
-        embeddings = self.embeddings
-        grounding = grounding_inputs(batch.boxes, embeddings.phrases(batch.labels), batch.images.shape[1])
+        dtype = self.unet.dtype
+        z0 = sample_latents(self.vae, images).to(dtype)
+        n, embeddings = len(batch.labels), self.embeddings
+        keep_prompt = (torch.rand(n) >= self.prompt_dropout).to(z0.device)
+        prompts = torch.where(keep_prompt[:, None, None], embeddings.prompts(batch.labels), embeddings.uncond)
+        keep_grounding = (torch.rand(n) >= self.grounding_dropout).float()
+        phrases = embeddings.phrases(batch.labels).to(dtype)
+        grounding = grounding_inputs(batch.boxes, phrases, batch.images.shape[1], keep_grounding)
         return diffusion_loss(
             self.unet,
             self.noise_scheduler,
             z0,
-            embeddings.prompts(batch.labels),
+            prompts.to(dtype),
             conditioning=inpainting_condition(z0, batch.boxes),
             cross_attention_kwargs={"gligen": grounding},
         )

@@ -6,6 +6,7 @@ A bundle directory uses the formats people already have:
         vae/ unet/ text_encoder/ tokenizer/ scheduler/
         normal_lora/pytorch_lora_weights.safetensors   the Normal Image Generator's LoRA
         acs_unet/                     the Abnormal Cell Synthesizer, a UNet2DConditionModel folder
+                                      whose config declares its input layout
         detector/detector.safetensors optional torchvision Faster R-CNN state dict
 
 Weights are read from safetensors only: no pickle ever comes from storage.
@@ -15,18 +16,23 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .abnormal import ACS_INPUT_LAYOUT, ACS_LAYOUT_KEY, check_acs_layout
 from .errors import InvalidInputError
 from .presets import Preset, get_preset
 
@@ -85,12 +91,21 @@ def build_unet(preset: Preset) -> UNet2DConditionModel:
 def build_acs_unet(preset: Preset) -> UNet2DConditionModel:
     """The Abnormal Cell Synthesizer's UNet: 9 input channels and GLIGEN gated self-attention.
 
-    Input channels are [noisy latent (4), mask (1), masked latent (4)], the order of diffusers'
-    inpainting UNets, so an SD inpainting checkpoint can seed it. `attention_type="gated"` adds a
-    `GatedSelfAttentionDense` (gates tanh(alpha), alpha = 0 at init) ahead of the cross-attention
-    of every transformer block, and the box + phrase projection `position_net`.
+    Input channels are [noisy latent (4), masked latent (4), mask (1)] with mask 1 on the
+    background, GLIGEN's inpainting layout (`abnormal.ACS_INPUT_LAYOUT`, declared in the config).
+    diffusers' SD inpainting checkpoints use another order and polarity ([z_t, mask, masked z0],
+    mask 1 = the hole), so they cannot seed it; an SD1.5 UNet can (`acs_unet_from_base`).
+    `attention_type="gated"` adds a `GatedSelfAttentionDense` (gates tanh(alpha), alpha = 0 at
+    init) ahead of the cross-attention of every transformer block, and the box + phrase
+    projection `position_net`.
     """
-    return UNet2DConditionModel(**{**preset.unet, "in_channels": 9, "attention_type": "gated"})
+    return declare_acs_layout(UNet2DConditionModel(**{**preset.unet, "in_channels": 9, "attention_type": "gated"}))
+
+
+def declare_acs_layout(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """Write the 9-channel input layout into the UNet's config (saved with it, checked on load)."""
+    unet.register_to_config(**{ACS_LAYOUT_KEY: ACS_INPUT_LAYOUT})
+    return unet
 
 
 def acs_unet_from_base(base: UNet2DConditionModel) -> UNet2DConditionModel:
@@ -101,7 +116,7 @@ def acs_unet_from_base(base: UNet2DConditionModel) -> UNet2DConditionModel:
     """
     # Private keys dropped: `_use_default_values` would make from_config ignore attention_type.
     config = {**{k: v for k, v in base.config.items() if not k.startswith("_")}, "in_channels": 9, "attention_type": "gated"}
-    acs = UNet2DConditionModel.from_config(config).to(dtype=base.dtype)
+    acs = declare_acs_layout(UNet2DConditionModel.from_config(config).to(dtype=base.dtype))
     state = base.state_dict()
     conv_in = state.pop("conv_in.weight")
     missing, unexpected = acs.load_state_dict(state, strict=False)
@@ -228,11 +243,9 @@ def load_bundle(
         load("normal LoRA", load_normal_lora, unet, lora_path)
     elif lora:
         raise InvalidInputError(f"normal LoRA not found: {lora}")
-    acs = load("acs_unet", UNet2DConditionModel.from_pretrained, acs_path, use_safetensors=True)
-    if acs.config.in_channels != 9 or acs.config.attention_type != "gated":
-        raise InvalidInputError(
-            f"{acs_path} is not an Abnormal Cell Synthesizer UNet (needs in_channels=9 and attention_type='gated')"
-        )
+    check_acs_layout(load("acs_unet config", _read_json, acs_path / "config.json"), acs_unet or f"{model_dir}/acs_unet")
+    with _quiet_diffusers():  # it warns that the layout key is not an __init__ argument
+        acs = load("acs_unet", UNet2DConditionModel.from_pretrained, acs_path, use_safetensors=True)
     if detector and not detector_path.exists():
         raise InvalidInputError(f"detector weights not found: {detector}")
 
@@ -271,6 +284,20 @@ class _seeded:
 
     def __exit__(self, *exc: object) -> None:
         torch.random.set_rng_state(self._state)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+@contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def _require(path: Path, message: str) -> None:

@@ -40,11 +40,11 @@ class NormalTileGenerator:
         """uint8 tiles (B, tile_size, tile_size, 3), tile b drawn from `seeds[b]` alone."""
         batch = len(seeds)
         side = self.tile_size // 8
-        latents = seeded_noise(seeds, (self.unet.config.in_channels, side, side), self.unet.device, self.unet.dtype)
+        noise = seeded_noise(seeds, (self.unet.config.in_channels, side, side), self.unet.device)
         context = torch.cat([self.uncond.expand(batch, -1, -1), self.cond.expand(batch, -1, -1)])
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.unet(x, t, encoder_hidden_states=context).sample
+            return self.unet(x.to(self.unet.dtype), t, encoder_hidden_states=context).sample
 
-        latents = ddim_cfg_sample(denoise, self.scheduler, latents, self.steps, self.guidance)
+        latents = ddim_cfg_sample(denoise, self.scheduler, noise, self.steps, self.guidance)
         return decode_latents(self.vae, latents)

@@ -3,6 +3,7 @@ that index annotated tiles from shards and COCO files (the paper's Section IV-A 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -14,10 +15,10 @@ from cytosynth.storage import ShardWriter, StorageError, encode_image, shard_url
 from cytosynth.storage.annotated import coco_index, entries_for_rank, read_tiles, shard_index
 from cytosynth.synth import InvalidInputError, random_bundle
 from cytosynth.synth.abnormal import LATENT_SCALE, edit_cells, embed_classes, grounding_inputs, inpainting_condition
-from cytosynth.synth.acs_training import ACSTrainingModel
+from cytosynth.synth.acs_training import GROUNDING_DROPOUT, PROMPT_DROPOUT, ACSTrainingModel
 from cytosynth.synth.cell_crops import cell_crops, collate_crops, crop_batches
 from cytosynth.synth.paste import crop_origin
-from cytosynth.synth.sampling import encode_images, encode_text
+from cytosynth.synth.sampling import encode_images, encode_text, seeded_noise
 from cytosynth.synth.training import noise_scheduler
 
 
@@ -112,16 +113,16 @@ def bundle():
     return random_bundle("tiny").to("cpu")
 
 
-def test_mask_is_zero_on_every_latent_cell_the_box_touches_and_one_elsewhere():
+def test_condition_is_gligen_masked_latent_then_mask_zero_on_every_latent_cell_the_box_touches():
     z0 = torch.randn(1, 4, 32, 32)
     box = (98, 88, 158, 169)
     condition = inpainting_condition(z0, np.array([box]))
-    mask = condition[0, 0]
+    mask = condition[0, 4]
     for y in range(32):
         for x in range(32):
             touches = x * LATENT_SCALE < box[2] and (x + 1) * LATENT_SCALE > box[0] and y * LATENT_SCALE < box[3] and (y + 1) * LATENT_SCALE > box[1]
             assert mask[y, x] == (0.0 if touches else 1.0), (y, x)
-    torch.testing.assert_close(condition[:, 1:], z0 * mask, rtol=0, atol=0)
+    torch.testing.assert_close(condition[:, :4], z0 * mask, rtol=0, atol=0)
 
 
 def test_prompt_and_grounding_phrase_name_the_class(bundle):
@@ -158,7 +159,10 @@ def test_training_conditions_the_unet_exactly_as_sampling_does(bundle):
     tile = noise_tile(8)
     batch = collate_crops(cell_crops(tile, [[200, 220, 260, 300], [0, 0, 40, 70]], ["ASC-H", "HSIL"]))
     embeddings = embed_classes(bundle.tokenizer, bundle.text_encoder)
-    model = ACSTrainingModel(bundle.acs_unet, bundle.vae, embeddings, noise_scheduler(bundle.scheduler.config))
+    # No dropout here: a kept prompt and grounding token must be exactly what sampling's cond half sees.
+    model = ACSTrainingModel(
+        bundle.acs_unet, bundle.vae, embeddings, noise_scheduler(bundle.scheduler.config), prompt_dropout=0, grounding_dropout=0
+    )
 
     ((x_train, context_train, grounding_train),) = _unet_inputs(model.unet, lambda: model.loss(batch))
     sampled = _unet_inputs(model.unet, lambda: edit_cells(
@@ -166,15 +170,68 @@ def test_training_conditions_the_unet_exactly_as_sampling_does(bundle):
     x_sample, context_sample, grounding_sample = sampled[0]
     cond = slice(2, 4)  # sampling's batch is [uncond; cond]
     assert x_train.shape[1] == x_sample.shape[1] == 9
-    torch.testing.assert_close(x_train[:, 4:5], x_sample[cond, 4:5], rtol=0, atol=0)  # the box mask
+    torch.testing.assert_close(x_train[:, 8:], x_sample[cond, 8:], rtol=0, atol=0)  # the mask, last (GLIGEN)
     torch.testing.assert_close(context_train, context_sample[cond], rtol=0, atol=0)  # the class prompt
     for name in ("boxes", "positive_embeddings", "masks"):
         torch.testing.assert_close(grounding_train[name], grounding_sample[name][cond], rtol=0, atol=0)
-        torch.testing.assert_close(grounding_sample[name][:2], grounding_sample[name][cond])  # both CFG halves
     # The masked latent is z0 with the box zeroed, z0 of the same crops (sampling: the posterior mean).
     z0 = encode_images(model.vae, batch.images)
-    torch.testing.assert_close(x_sample[cond, 5:], z0 * x_sample[cond, 4:5])
-    assert torch.all(x_train[:, 5:][x_train[:, 4:5].expand(-1, 4, -1, -1) == 0] == 0)
+    torch.testing.assert_close(x_sample[cond, 4:8], z0 * x_sample[cond, 8:])
+    torch.testing.assert_close(x_sample[:2, 4:], x_sample[cond, 4:])  # both CFG halves keep the background
+    assert torch.all(x_train[:, 4:8][x_train[:, 8:].expand(-1, 4, -1, -1) == 0] == 0)
+
+
+def test_the_unconditional_cfg_half_has_neither_the_prompt_nor_the_grounding_token(bundle):
+    batch = collate_crops(cell_crops(noise_tile(8), [[200, 220, 260, 300], [0, 0, 40, 70]], ["ASC-H", "HSIL"]))
+    embeddings = embed_classes(bundle.tokenizer, bundle.text_encoder)
+    calls = _unet_inputs(bundle.acs_unet, lambda: edit_cells(
+        bundle.acs_unet, bundle.vae, bundle.scheduler, embeddings, batch.images, batch.boxes, batch.labels, [1, 2], steps=2))
+    assert len(calls) == 2
+    for _, context, grounding in calls:
+        assert grounding["masks"][:, 0].tolist() == [0.0, 0.0, 1.0, 1.0]  # GLIGEN: 0 hides the token
+        torch.testing.assert_close(context[:2], embeddings.uncond.expand(2, -1, -1), rtol=0, atol=0)
+        torch.testing.assert_close(context[2:], embeddings.prompts(batch.labels), rtol=0, atol=0)
+
+
+def test_the_edit_starts_from_z0_noised_to_the_first_timestep(bundle):
+    """Section III-C: z_T comes from z0 by the forward process, not from pure noise."""
+    batch = collate_crops(cell_crops(noise_tile(9), [[200, 220, 260, 300]], ["LSIL"]))
+    embeddings = embed_classes(bundle.tokenizer, bundle.text_encoder)
+    calls = _unet_inputs(bundle.acs_unet, lambda: edit_cells(
+        bundle.acs_unet, bundle.vae, bundle.scheduler, embeddings, batch.images, batch.boxes, batch.labels, [5], steps=3))
+    scheduler = copy.deepcopy(bundle.scheduler)
+    scheduler.set_timesteps(3)
+    z0 = encode_images(bundle.vae, batch.images)
+    noise = seeded_noise([5], tuple(z0.shape[1:]), z0.device)
+    expected = scheduler.add_noise(z0, noise, scheduler.timesteps[:1])
+    first_input = calls[0][0]
+    torch.testing.assert_close(first_input[:1, :4], expected)
+    assert not torch.allclose(first_input[:1, :4], noise, atol=1e-3)  # z0 shows through
+
+
+def test_training_drops_the_prompt_and_the_grounding_token_at_their_rates(bundle):
+    boxes = [[200, 220, 260, 300]] * 200
+    batch = collate_crops(cell_crops(noise_tile(8), boxes[:1], ["HSIL"]) * 200)
+    embeddings = embed_classes(bundle.tokenizer, bundle.text_encoder)
+
+    def inputs(prompt_dropout, grounding_dropout):
+        model = ACSTrainingModel(
+            bundle.acs_unet, bundle.vae, embeddings, noise_scheduler(bundle.scheduler.config),
+            prompt_dropout=prompt_dropout, grounding_dropout=grounding_dropout,
+        )
+        torch.manual_seed(0)
+        ((_, context, grounding),) = _unet_inputs(model.unet, lambda: model.loss(batch))
+        dropped = (context == embeddings.uncond).all(dim=(1, 2)).float()
+        return dropped, 1 - grounding["masks"][:, 0]
+
+    prompt_dropped, grounding_dropped = inputs(1.0, 0.0)
+    assert prompt_dropped.tolist() == [1.0] * 200 and grounding_dropped.tolist() == [0.0] * 200
+    prompt_dropped, grounding_dropped = inputs(0.0, 1.0)
+    assert prompt_dropped.tolist() == [0.0] * 200 and grounding_dropped.tolist() == [1.0] * 200
+    prompt_dropped, grounding_dropped = inputs(PROMPT_DROPOUT, GROUNDING_DROPOUT)
+    assert (PROMPT_DROPOUT, GROUNDING_DROPOUT) == (0.5, 0.1)  # GLIGEN's rates
+    # 200 independent draws: 5 standard deviations either side.
+    assert 0.32 < prompt_dropped.mean() < 0.68 and 0.02 < grounding_dropped.mean() < 0.2
 
 
 # --------------------------------------------------------------------------- readers
