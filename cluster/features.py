@@ -52,6 +52,17 @@ class ExtractorFile:
     data: bytes
 
 
+def read_extractor_file(path: str, flag: str, inception: bool = False) -> ExtractorFile:
+    """The extractor file at `path` (local or URL) as `cytosynth fid` reads it: clean-fid's
+    Inception with `inception`, else TorchScript, or a torch.export program when it ends in .pt2.
+    `flag` names the option in the error of a missing file."""
+    if not storage.exists(path):
+        hint = " (clean-fid's inception-2015-12-05.pt; nothing is downloaded)" if inception else ""
+        raise InvalidInputError(f"{flag} {path}: no such file{hint}")
+    kind = "inception" if inception else "export" if path.endswith(".pt2") else "torchscript"
+    return ExtractorFile(kind, path, storage.get_bytes(path))
+
+
 @dataclass(frozen=True)
 class SetOptions:
     """What to gather for one image set besides its feature statistics."""

@@ -8,7 +8,8 @@ on the fixed prompt "A normal cervical cytopathological image". The paper: 1,000
 
 Data is a folder of tiles, WebDataset shards, or either on `s3://`, streamed tile by tile (never
 copied whole to local disk). The output is `pytorch_lora_weights.safetensors` in diffusers
-format: `StableDiffusionPipeline.load_lora_weights` and `cytosynth generate --lora` read it.
+format: `StableDiffusionPipeline.load_lora_weights` and `cytosynth generate --lora` read it: the
+last step's LoRA, or with `select` (--select-by fid) the best-scoring one (cluster.selection).
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ from cytosynth.synth.training import (
     sample_latents,
 )
 
+from .selection import FidSelection, record_score
+
 TILES_CHECKED_UP_FRONT = 4  # the rest are checked as they stream in (a real set is thousands)
+SELECTION_SEED = 0  # the tiles scored for --select-by: the same seeds at every step, so scores compare
+SAMPLING_BATCH = 4  # tiles per sampler call: bounds memory at 1024x1024 whatever the count
 
 
 class NormalLoraModel(torch.nn.Module):
@@ -70,11 +75,14 @@ class NormalLoraTask:
     prompt: str = NORMAL_PROMPT
     sample_count: int = 4
     sample_steps: int = 25
+    select: FidSelection | None = None  # keep the best step by FID instead of the last
     name: str = "finetune-normal"
     trains_in_bf16: ClassVar[bool] = True
 
     def record(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("name", "sample_count", "sample_steps")}
+        unrecorded = ("name", "sample_count", "sample_steps", "select")
+        settings = {k: v for k, v in asdict(self).items() if k not in unrecorded}
+        return settings if self.select is None else {**settings, **self.select.record()}
 
     def validate(self) -> None:
         if self.tile_size < 64 or self.tile_size % 64:
@@ -88,6 +96,8 @@ class NormalLoraTask:
         sources = storage.list_real_tiles(self.data)
         for where, tile in itertools.islice(_tiles_in_order(sources), TILES_CHECKED_UP_FRONT):
             self.check_tile(where, tile)
+        if self.select is not None:
+            self.select.validate()
 
     def check_tile(self, where: str, tile: np.ndarray) -> None:
         if tile.shape[:2] != (self.tile_size, self.tile_size):
@@ -115,12 +125,24 @@ class NormalLoraTask:
         return diffusion_loss(model.unet, model.noise_scheduler, latents, context)
 
     def sample_images(self, model: NormalLoraModel, seed: int) -> np.ndarray:
-        """Tiles from the current LoRA, the way `generate` draws them (DDIM, CFG 5.0)."""
+        return self.draw_tiles(model, seed, self.sample_count, batch=self.sample_count)
+
+    def draw_tiles(self, model: NormalLoraModel, seed: int, count: int, batch: int = SAMPLING_BATCH) -> np.ndarray:
+        """Tiles from the current LoRA, the way `generate` draws them (DDIM, CFG 5.0), `batch` per call."""
         generator = NormalTileGenerator(
             model.unet, model.vae, model.text_encoder, model.tokenizer,
             DDIMScheduler.from_config(model.scheduler_config), self.tile_size, self.sample_steps, prompt=self.prompt,
         )
-        return generator([tile_seed(seed, i) for i in range(self.sample_count)])
+        seeds = [tile_seed(seed, i) for i in range(count)]
+        return np.concatenate([generator(seeds[i : i + batch]) for i in range(0, count, batch)])
+
+    def select(self, model: NormalLoraModel, out_url: str, step: int, final: bool) -> dict[str, Any] | None:
+        """Model selection (cluster.training): FID of `select.count` tiles against the held-out set."""
+        if self.select is None:
+            return None
+        tiles = self.draw_tiles(model, SELECTION_SEED, self.select.count)
+        score = self.select.scorer(model.unet.device).fid(tiles)
+        return record_score(out_url, step, final, score, LORA_FILE)
 
     def save(self, model: NormalLoraModel, out_url: str) -> str:
         with tempfile.TemporaryDirectory() as local:

@@ -31,6 +31,18 @@ calls `validate` on the driver and the rest on every Ray Train worker:
                                                  its URL. Called on rank 0 only, at the end,
                                                  with the trainable parameters in float32
 
+and optionally, for model selection ("keep the best step", e.g. by FID):
+
+    select(module, out_url, step, final)         rank 0, in eval mode, at every checkpoint step
+            -> dict | None                       (before its checkpoint) and the final step:
+                                                 score the model, record it; None: no selection.
+                                                 With "save_to": best so far, the harness saves
+                                                 it there now (task.save, float32). When a task
+                                                 selects, the end saves nothing more (the task
+                                                 has put the best model's artifact in place) and
+                                                 the final verdict, with "artifact", goes into
+                                                 the summary
+
 and `TrainConfig` holds what every job shares. `train(config, task)` runs it and returns the
 summary. The harness owns everything else:
 
@@ -121,9 +133,13 @@ class TrainConfig:
     progress: bool = True
 
     def record(self) -> dict[str, Any]:
-        """The settings that change the trained model (job.json); the rest may change on resume."""
-        keys = ("batch_size", "lr", "optimizer", "weight_decay", "max_grad_norm", "seed")
-        return {k: getattr(self, k) for k in keys}
+        """The settings that change the trained model (job.json); the rest may change on resume.
+
+        The paper's batch sizes are global: one step averages `batch_size` samples on each of
+        `workers` workers. Nothing is rescaled, so a resume with other workers is refused.
+        """
+        keys = ("batch_size", "workers", "lr", "optimizer", "weight_decay", "max_grad_norm", "seed")
+        return {**{k: getattr(self, k) for k in keys}, "global_batch_size": self.batch_size * self.workers}
 
 
 class TrainingTask(Protocol):
@@ -303,6 +319,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         remove_checkpoints(config.out, keep=0)  # a crashed first run may have left a partial one
 
     batches = task.batches(rank, world_size, config.batch_size, seed)
+    selected = None  # the task's last model-selection verdict
     for step in range(start_step + 1, config.steps + 1):
         started = time.perf_counter()
         loss = engine(next(batches))
@@ -326,18 +343,22 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             loop_config["progress"].put_nowait(row)
             if step % config.sample_every == 0 or step == config.steps:
                 _write_sample_grid(task, engine.module.model, config, step)
+        if step % config.checkpoint_every == 0 or step == config.steps:  # before the checkpoint: see _select
+            selected = _select(task, engine.module.model, trainable, config.out, step, step == config.steps, rank)
         if step % config.checkpoint_every == 0 and step < config.steps:
             save_checkpoint(engine, config.out, step, rank, config.keep_checkpoints)
             if rank == 0:
                 metrics.flush()  # the metrics up to a checkpoint survive a crash after it
 
-    with _float32_trainable(trainable):  # collective: every rank takes part
-        if rank == 0:
-            artifact = task.save(engine.module.model, config.out)
-            metrics.flush()
-            summary = {"job": task.name, "out": config.out, "artifact": artifact, "steps": config.steps,
-                       "final_loss": metrics.rows[-1]["loss"], "workers": world_size}
-            storage.put_bytes(storage.join(config.out, SUCCESS_NAME), json.dumps(summary, indent=2).encode())
+    if selected is None:  # no model selection: the artifact is the last step's model
+        with _float32_trainable(trainable):  # collective: every rank takes part
+            if rank == 0:
+                selected = {"artifact": task.save(engine.module.model, config.out)}
+    if rank == 0:
+        metrics.flush()
+        summary = {"job": task.name, "out": config.out, "artifact": selected.pop("artifact"), "steps": config.steps,
+                   "final_loss": metrics.rows[-1]["loss"], "workers": world_size, **selected}
+        storage.put_bytes(storage.join(config.out, SUCCESS_NAME), json.dumps(summary, indent=2).encode())
     dist.barrier()
 
 
@@ -392,6 +413,34 @@ class _float32_trainable:
     def __exit__(self, *exc: object) -> None:
         for p, data in zip(self.params, self.saved):
             p.data = data
+
+
+def _select(task: TrainingTask, module: torch.nn.Module, trainable: list[torch.nn.Parameter], out: str,
+            step: int, final: bool, rank: int) -> dict[str, Any] | None:
+    """Model selection, for a task with `select`: rank 0 scores and every rank gets its verdict, so
+    all enter the float32 collective together when the model is to be saved (rank 0 saves).
+
+    Called before the step's checkpoint: a complete checkpoint implies its step's score is
+    recorded, so a resume never skips a score (the task drops those after the last checkpoint)."""
+    import torch.distributed as dist
+
+    if not hasattr(task, "select"):
+        return None
+    verdict = [None]
+    if rank == 0:
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            verdict[0] = task.select(module, out, step, final)
+        module.train(was_training)
+    dist.broadcast_object_list(verdict, src=0)
+    selected = verdict[0]
+    if selected is not None and "save_to" in selected:
+        with _float32_trainable(trainable):  # collective: every rank takes part
+            if rank == 0:
+                task.save(module, selected["save_to"])
+        selected = {k: v for k, v in selected.items() if k != "save_to"}
+    return selected
 
 
 def _write_sample_grid(task: TrainingTask, module: torch.nn.Module, config: TrainConfig, step: int) -> None:

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from cytosynth import storage
-from cytosynth.cluster.features import ExtractorFile, FeatureSettings, SetOptions, featurize_sets
+from cytosynth.cluster.features import ExtractorFile, FeatureSettings, SetOptions, featurize_sets, read_extractor_file
 from cytosynth.storage.imagesets import list_image_units
 from cytosynth.storage.jsonio import json_bytes
 from cytosynth.synth import ABNORMAL_CLASSES, InvalidInputError
@@ -134,12 +134,9 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _read_extractor(args: argparse.Namespace) -> ExtractorFile:
-    flag, path = ("--inception", args.inception) if args.inception else ("--feature-extractor", args.feature_extractor)
-    if not storage.exists(path):
-        hint = " (clean-fid's inception-2015-12-05.pt; nothing is downloaded)" if args.inception else ""
-        raise InvalidInputError(f"{flag} {path}: no such file{hint}")
-    kind = "inception" if args.inception else "export" if path.endswith(".pt2") else "torchscript"
-    return ExtractorFile(kind, path, storage.get_bytes(path))
+    if args.inception:
+        return read_extractor_file(args.inception, "--inception", inception=True)
+    return read_extractor_file(args.feature_extractor, "--feature-extractor")
 
 
 def _units(url: str, per_class: bool) -> list:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 from cytosynth.cluster.finetune_normal import NormalLoraTask
+from cytosynth.cluster.selection import SELECT_BY, FidSelection
 from cytosynth.cluster.training import train
-from cytosynth.synth import PRESETS
+from cytosynth.synth import PRESETS, InvalidInputError
 
 from .train_options import absolute, add_train_arguments, print_summary, train_config
 
@@ -20,6 +21,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (paper: 8)")
     parser.add_argument("--sample-count", type=int, default=4, help="tiles in each samples/ grid")
     parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the sample tiles")
+    select = parser.add_argument_group("model selection (paper: \"the best model is selected\")")
+    select.add_argument("--select-by", choices=SELECT_BY,
+                        help="score every checkpoint and the final step; the artifact is the best one, not the last")
+    select.add_argument("--select-real", help="held-out real tiles to score against: a folder of images or shards, or s3://...")
+    select.add_argument("--select-feature-extractor", metavar="FILE",
+                        help="TorchScript or torch.export (.pt2) extractor, as `cytosynth fid --feature-extractor`")
+    select.add_argument("--select-count", type=int, default=16, help="tiles drawn (fixed seeds) per scored step")
     add_train_arguments(parser, steps=5000, batch_size=1, lr=1e-4, optimizer="adam")
     parser.set_defaults(run=finetune_normal)
 
@@ -33,6 +41,19 @@ def finetune_normal(args: argparse.Namespace) -> int:
         rank=args.rank,
         sample_count=args.sample_count,
         sample_steps=args.sample_steps,
+        select=_selection(args),
     )
-    print_summary(train(train_config(args), task))
+    summary = train(train_config(args), task)
+    print_summary(summary)
+    if "best_step" in summary:
+        print(f"  selected   step {summary['best_step']}, FID {summary['best_fid']} (every score: {summary['selection']})")
     return 0
+
+
+def _selection(args: argparse.Namespace) -> FidSelection | None:
+    """--select-* options; they are checked with the rest of the task (NormalLoraTask.validate)."""
+    if args.select_by is None:
+        if args.select_real or args.select_feature_extractor:
+            raise InvalidInputError("--select-real and --select-feature-extractor need --select-by fid")
+        return None
+    return FidSelection(absolute(args.select_real), absolute(args.select_feature_extractor), args.select_count, args.select_by)
