@@ -234,6 +234,8 @@ def load_bundle(
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise InvalidInputError(f"cannot load {what} from {model_dir}: {reason}") from err
 
+    # Before any weights are read: a UNet of another layout is refused at once.
+    check_acs_layout(load("acs_unet config", _read_json, acs_path / "config.json"), acs_unet or f"{model_dir}/acs_unet")
     vae = load("vae", AutoencoderKL.from_pretrained, root, subfolder="vae", use_safetensors=True)
     text_encoder = load("text_encoder", CLIPTextModel.from_pretrained, root / "text_encoder", use_safetensors=True)
     tokenizer = load("tokenizer", CLIPTokenizer.from_pretrained, root / "tokenizer")
@@ -243,7 +245,6 @@ def load_bundle(
         load("normal LoRA", load_normal_lora, unet, lora_path)
     elif lora:
         raise InvalidInputError(f"normal LoRA not found: {lora}")
-    check_acs_layout(load("acs_unet config", _read_json, acs_path / "config.json"), acs_unet or f"{model_dir}/acs_unet")
     with _quiet_diffusers():  # it warns that the layout key is not an __init__ argument
         acs = load("acs_unet", UNet2DConditionModel.from_pretrained, acs_path, use_safetensors=True)
     if detector and not detector_path.exists():

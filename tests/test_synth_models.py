@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from diffusers.models.attention import BasicTransformerBlock, GatedSelfAttentionDense
 
+from cytosynth.jobs import cli
 from cytosynth.synth import InvalidInputError, NormalTileGenerator, load_bundle, random_bundle, save_bundle
+from cytosynth.synth.abnormal import ACS_INPUT_LAYOUT, ACS_LAYOUT_KEY
 from cytosynth.synth.models import (
     acs_unet_from_base,
     add_normal_lora,
@@ -200,3 +204,40 @@ def test_bundle_loads_from_an_fsspec_url(tmp_path):
     assert loaded.fingerprints == local.fingerprints
     with pytest.raises(InvalidInputError, match="not found"):
         load_bundle("memory://models/nothing-here", preset="tiny")
+
+
+# --------------------------------------------------------------------------- the ACS input layout
+
+
+def acs_config(bundle_dir) -> dict:
+    return json.loads((bundle_dir / "acs_unet" / "config.json").read_text())
+
+
+def test_the_acs_unet_declares_gligens_input_layout_in_its_saved_config(tmp_path):
+    save_bundle(random_bundle("tiny"), tmp_path)
+    config = acs_config(tmp_path)
+    assert config[ACS_LAYOUT_KEY] == ACS_INPUT_LAYOUT
+    assert config[ACS_LAYOUT_KEY].startswith("gligen: [z_t, z0*mask, mask], mask 1 = background")
+    assert load_bundle(str(tmp_path), preset="tiny").acs_unet.config[ACS_LAYOUT_KEY] == ACS_INPUT_LAYOUT
+
+
+@pytest.mark.parametrize(
+    "layout", [None, "sd-inpainting: [z_t, mask, z0*mask], mask 1 = hole"], ids=["undeclared", "another-layout"]
+)
+def test_a_9_channel_unet_of_another_layout_is_refused_on_load_by_generate(tmp_path, capsys, layout):
+    """A diffusers GLIGEN inpainting UNet (or any 9-channel UNet that does not declare cytosynth's
+    layout) would silently be fed the wrong channels: one line that says what is expected."""
+    bundle = tmp_path / "bundle"
+    save_bundle(random_bundle("tiny"), bundle)
+    config = {k: v for k, v in acs_config(bundle).items() if k != ACS_LAYOUT_KEY}
+    if layout is not None:
+        config[ACS_LAYOUT_KEY] = layout
+    (bundle / "acs_unet" / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    capsys.readouterr()  # diffusers' "Writing model shards" bar from save_bundle
+    code = cli.main(["generate", "--out", str(out), "--model-dir", str(bundle), "--preset", "tiny", "--num-tiles", "1",
+                     "--normal-source", "phantom", "--tile-size", "256", "--steps", "1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert f'"{ACS_LAYOUT_KEY}": "{ACS_INPUT_LAYOUT}"' in err
+    assert not out.exists() or not any(out.iterdir())  # nothing written (the writability probe is gone)
