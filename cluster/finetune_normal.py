@@ -9,7 +9,7 @@ on the fixed prompt "A normal cervical cytopathological image". The paper: 1,000
 Data is a folder of tiles, WebDataset shards, or either on `s3://`, streamed tile by tile (never
 copied whole to local disk). The output is `pytorch_lora_weights.safetensors` in diffusers
 format: `StableDiffusionPipeline.load_lora_weights` and `cytosynth generate --lora` read it: the
-last step's LoRA, or with `select` (--select-by fid) the best-scoring one (cluster.selection).
+last step's LoRA, or with `selection` (--select-by fid) the best-scoring one (cluster.selection).
 """
 
 from __future__ import annotations
@@ -75,14 +75,14 @@ class NormalLoraTask:
     prompt: str = NORMAL_PROMPT
     sample_count: int = 4
     sample_steps: int = 25
-    select: FidSelection | None = None  # keep the best step by FID instead of the last
+    selection: FidSelection | None = None  # keep the best step by FID instead of the last
     name: str = "finetune-normal"
     trains_in_bf16: ClassVar[bool] = True
 
     def record(self) -> dict[str, Any]:
-        unrecorded = ("name", "sample_count", "sample_steps", "select")
+        unrecorded = ("name", "sample_count", "sample_steps", "selection")
         settings = {k: v for k, v in asdict(self).items() if k not in unrecorded}
-        return settings if self.select is None else {**settings, **self.select.record()}
+        return settings if self.selection is None else {**settings, **self.selection.record()}
 
     def validate(self) -> None:
         if self.tile_size < 64 or self.tile_size % 64:
@@ -96,8 +96,8 @@ class NormalLoraTask:
         sources = storage.list_real_tiles(self.data)
         for where, tile in itertools.islice(_tiles_in_order(sources), TILES_CHECKED_UP_FRONT):
             self.check_tile(where, tile)
-        if self.select is not None:
-            self.select.validate()
+        if self.selection is not None:
+            self.selection.validate()
 
     def check_tile(self, where: str, tile: np.ndarray) -> None:
         if tile.shape[:2] != (self.tile_size, self.tile_size):
@@ -137,11 +137,11 @@ class NormalLoraTask:
         return np.concatenate([generator(seeds[i : i + batch]) for i in range(0, count, batch)])
 
     def select(self, model: NormalLoraModel, out_url: str, step: int, final: bool) -> dict[str, Any] | None:
-        """Model selection (cluster.training): FID of `select.count` tiles against the held-out set."""
-        if self.select is None:
+        """Model selection (cluster.training): FID of `selection.count` tiles against the held-out set."""
+        if self.selection is None:
             return None
-        tiles = self.draw_tiles(model, SELECTION_SEED, self.select.count)
-        score = self.select.scorer(model.unet.device).fid(tiles)
+        tiles = self.draw_tiles(model, SELECTION_SEED, self.selection.count)
+        score = self.selection.scorer(model.unet.device).fid(tiles)
         return record_score(out_url, step, final, score, LORA_FILE)
 
     def save(self, model: NormalLoraModel, out_url: str) -> str:

@@ -41,7 +41,7 @@ def finetune_normal(args: argparse.Namespace) -> int:
         rank=args.rank,
         sample_count=args.sample_count,
         sample_steps=args.sample_steps,
-        select=_selection(args),
+        selection=_selection(args),
     )
     summary = train(train_config(args), task)
     print_summary(summary)
