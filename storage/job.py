@@ -23,10 +23,15 @@ _SECRET_KEY = re.compile(r"secret|passw|token|credential|access_key|(^|_)key$|^a
 _VERSIONED = ("cytosynth", "torch", "diffusers", "numpy", "fsspec", "s3fs", "webdataset", "pyarrow")
 
 
+def is_secret_name(name: str) -> bool:
+    """True for a key or variable name that holds credentials (``secret``, ``AWS_SESSION_TOKEN``...)."""
+    return bool(_SECRET_KEY.search(str(name)))
+
+
 def redact(obj: Any) -> Any:
     """Plain-JSON copy of ``obj`` with secret-looking keys' values and URL passwords replaced."""
     if isinstance(obj, Mapping):
-        return {k: REDACTED if _SECRET_KEY.search(str(k)) else redact(v) for k, v in obj.items()}
+        return {k: REDACTED if is_secret_name(k) else redact(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]
     if isinstance(obj, str):
