@@ -44,7 +44,7 @@ from cytosynth.synth import InvalidInputError
 
 from .job import GenerateConfig, JobLayout
 from .replica import ShardReplica, WorkerFactory
-from .runner import Runtime, RunTally, finalize_job, prepare_job, validate_config
+from .runner import Runtime, RunTally, finalize_job, prepare_job, validate_config, validate_options, validate_runtime
 from .synthesis import load_shard_worker
 
 IN_FLIGHT_PER_REPLICA = 2
@@ -269,6 +269,7 @@ def run_distributed(
     ShardWorker (benchmarks); `on_shard` sees each shard's stats as it commits.
     """
     size = _pool_size(workers)
+    validate_runtime(runtime)
     if gpus_per_replica < 0:
         raise InvalidInputError("--gpus-per-replica must be >= 0")
     if (runtime.device or "").startswith("cuda") and gpus_per_replica == 0:
@@ -276,6 +277,8 @@ def run_distributed(
     if ray_address:
         _probe(ray_address)  # before anything is written
     start = time.perf_counter()
+    validate_options(config)
+    storage.check_not_foreign(config.out)
     storage.ensure_writable(config.out)
     layout = validate_config(config)
     make_worker = make_worker or functools.partial(
