@@ -23,10 +23,13 @@ those; one object ref per shard and `ray.wait` give that with nothing in between
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -41,15 +44,17 @@ from cytosynth.synth import InvalidInputError
 
 from .job import GenerateConfig, JobLayout
 from .replica import ShardReplica, WorkerFactory
-from .runner import Runtime, RunTally, finalize_job, prepare_job, validate_config
+from .runner import Runtime, RunTally, finalize_job, prepare_job, validate_config, validate_options, validate_runtime
 from .synthesis import load_shard_worker
 
 IN_FLIGHT_PER_REPLICA = 2
 MAX_SHARD_ATTEMPTS = 3  # a shard whose replica dies this many times fails the job
 QUIET_SECONDS = 120  # log a line when nothing finishes for this long
 USER_ERRORS = (InvalidInputError, storage.StorageError)
-# Passed to local replicas so they reach the same storage as the driver (endpoint, credentials).
-# Never written to job.json or logs; on a remote cluster nodes use their own (instance profile).
+# Passed to local replicas through runtime_env so they reach the same storage as the driver
+# (endpoint, region, proxy). Never a secret: Ray logs runtime_env in plain text
+# (runtime_env_agent.log). Credentials reach replicas by inheritance (a local Ray this job starts
+# inherits the driver's environment) or from the nodes' own chain on a cluster.
 _ENV_PREFIXES = ("AWS_", "FSSPEC_")
 _ENV_NAMES = ("NO_PROXY", "no_proxy", "TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")
 
@@ -264,6 +269,7 @@ def run_distributed(
     ShardWorker (benchmarks); `on_shard` sees each shard's stats as it commits.
     """
     size = _pool_size(workers)
+    validate_runtime(runtime)
     if gpus_per_replica < 0:
         raise InvalidInputError("--gpus-per-replica must be >= 0")
     if (runtime.device or "").startswith("cuda") and gpus_per_replica == 0:
@@ -271,6 +277,8 @@ def run_distributed(
     if ray_address:
         _probe(ray_address)  # before anything is written
     start = time.perf_counter()
+    validate_options(config)
+    storage.check_not_foreign(config.out)
     storage.ensure_writable(config.out)
     layout = validate_config(config)
     make_worker = make_worker or functools.partial(
@@ -332,7 +340,11 @@ def _first_line(err: BaseException) -> str:
 
 
 def _forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES}
+    """The driver's storage settings for local replicas, without any secret-looking variable."""
+    return {
+        k: v for k, v in os.environ.items()
+        if (k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES) and not storage.is_secret_name(k)
+    }
 
 
 def _connect(ray_address: str | None, max_replicas: int, gpus_per_replica: float) -> bool:
@@ -344,11 +356,25 @@ def _connect(ray_address: str | None, max_replicas: int, gpus_per_replica: float
     if ray_address is None:
         # "local": a fresh Ray for this job, never a cluster someone else started on this machine.
         kwargs.update(num_cpus=max_replicas if gpus_per_replica == 0 else None, include_dashboard=False)
-    try:
-        ray.init(address=ray_address or "local", **kwargs)
-    except (ConnectionError, RuntimeError, TimeoutError) as err:
-        raise InvalidInputError(f"cannot connect to Ray at {ray_address or 'local'}: {_first_line(err)}") from None
+    with _keeping_sigterm_handler():
+        try:
+            ray.init(address=ray_address or "local", **kwargs)
+        except (ConnectionError, RuntimeError, TimeoutError) as err:
+            raise InvalidInputError(f"cannot connect to Ray at {ray_address or 'local'}: {_first_line(err)}") from None
     return True
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """ray.init installs a SIGTERM handler that calls sys.exit mid-job; the job's own (the CLI's:
+    SIGTERM as Ctrl-C, replicas released, resumable) stays in place."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    try:
+        yield
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _check_local_gpus(gpus_per_replica: float) -> None:

@@ -9,6 +9,7 @@ as they arrive, and the manifest is streamed from the committed shards.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from cytosynth import storage
 from cytosynth.synth import InvalidInputError
-from cytosynth.synth.selection import plan_from_json
+from cytosynth.synth.selection import MAX_CELLS_PER_TILE, plan_from_json
 
 from .job import NORMAL_SOURCES, GenerateConfig, JobLayout, PendingShards
 from .synthesis import RealTileSource, load_shard_worker
@@ -66,8 +67,35 @@ class RunTally:
         }
 
 
+def validate_runtime(runtime: Runtime) -> None:
+    """Runtime choices that are wrong whatever the data: one line, before anything is written."""
+    if runtime.batch_size < 1:
+        raise InvalidInputError(f"--batch-size must be at least 1, got {runtime.batch_size}")
+
+
+def validate_options(config: GenerateConfig) -> None:
+    """The numeric options, each in its range: a value that would fail mid-job, or quietly make a
+    poisoned dataset (no denoising, no cells, NaN guidance), is refused before job.json exists."""
+    lo, hi = config.cells
+    if not 0 <= lo <= hi <= MAX_CELLS_PER_TILE:
+        raise InvalidInputError(f"--cells must be MIN-MAX with 0 <= MIN <= MAX <= {MAX_CELLS_PER_TILE}, got {lo}-{hi}")
+    if config.seed < 0 or config.seed >= 2**63:
+        raise InvalidInputError(f"--seed must be in [0, 2^63), got {config.seed}")
+    if config.steps < 1:
+        raise InvalidInputError(f"--steps must be at least 1, got {config.steps}")
+    if not math.isfinite(config.guidance):
+        raise InvalidInputError(f"--guidance must be a finite number, got {config.guidance}")
+    weights = config.class_weights
+    if weights is not None:
+        if not all(math.isfinite(w) and w >= 0 for w in weights.values()):
+            raise InvalidInputError(f"--class-weights must be finite and >= 0, got {weights}")
+        if not any(w > 0 for w in weights.values()):
+            raise InvalidInputError(f"--class-weights needs at least one weight > 0, got {weights}")
+
+
 def validate_config(config: GenerateConfig) -> JobLayout:
     """Check every input a job can check up front; returns the job's shard layout."""
+    validate_options(config)
     if config.normal_source not in NORMAL_SOURCES:
         raise InvalidInputError(f"unknown normal source {config.normal_source!r}; choose one of {', '.join(NORMAL_SOURCES)}")
     if config.image_format not in storage.IMAGE_FORMATS:
@@ -152,6 +180,9 @@ class DatasetTotals:
 def run_local(config: GenerateConfig, runtime: Runtime = Runtime()) -> dict[str, Any]:
     """Run a whole job in this process (one model replica), resuming where a previous run stopped."""
     start = time.perf_counter()
+    validate_runtime(runtime)
+    validate_options(config)  # the cheap checks first: nothing below may write before they pass
+    storage.check_not_foreign(config.out)
     storage.ensure_writable(config.out)
     layout = validate_config(config)  # checks inputs before the (possibly slow) model load
     worker = load_shard_worker(config, runtime.device, runtime.batch_size, precision=runtime.precision)

@@ -82,6 +82,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -563,11 +564,11 @@ def load_checkpoint(engine: Any, out: str, step: int) -> None:
     """Every rank fetches the checkpoint's files (ZeRO reads all partitions) and loads them."""
     tag = f"step_{step:06d}"
     url = checkpoint_url(out, step)
-    marker = json.loads(storage.get_bytes(storage.join(url, COMPLETE_MARKER)))
+    names = checkpoint_file_names(storage.get_bytes(storage.join(url, COMPLETE_MARKER)), url)
     local = tempfile.mkdtemp(prefix="cytosynth-ckpt-")
     try:
         os.makedirs(os.path.join(local, tag))
-        for name in marker["files"]:
+        for name in names:
             with open(os.path.join(local, tag, name), "wb") as fh:
                 fh.write(storage.get_bytes(storage.join(url, name)))
         loaded, client_state = engine.load_checkpoint(local, tag=tag, load_module_strict=False)
@@ -575,6 +576,28 @@ def load_checkpoint(engine: Any, out: str, step: int) -> None:
         shutil.rmtree(local, ignore_errors=True)
     if loaded is None or client_state.get("step") != step:
         raise RuntimeError(f"checkpoint {url} did not load")
+
+
+def checkpoint_file_names(marker: bytes, url: str) -> list[str]:
+    """The file names a COMPLETE marker lists, each a plain name inside the checkpoint folder
+    (DeepSpeed writes flat files): an absolute path, `..`, a folder or a backslash would make
+    `load_checkpoint` write outside it. Anything else is a one-line StorageError."""
+    try:
+        names = json.loads(marker)["files"]
+    except (ValueError, TypeError, KeyError) as err:
+        raise storage.StorageError(f"checkpoint marker {storage.join(url, COMPLETE_MARKER)} is corrupt: {err}") from None
+    if not isinstance(names, list):
+        names = [names]
+    for name in names:
+        if not isinstance(name, str) or not _PLAIN_FILE_NAME.fullmatch(name):
+            raise storage.StorageError(
+                f"checkpoint marker {storage.join(url, COMPLETE_MARKER)} lists {str(name)[:80]!r}, "
+                "not a plain file name inside the checkpoint folder"
+            )
+    return names
+
+
+_PLAIN_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,254}")
 
 
 def _safe_checkpoint_engine(engine: Any) -> Any:

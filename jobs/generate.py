@@ -96,6 +96,8 @@ def _read_plan(path: str | None) -> str | None:
             return fh.read()
     except OSError as err:
         raise InvalidInputError(f"cannot read plan {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise InvalidInputError(f"cannot read plan {path}: not UTF-8 text (byte {err.start})") from None
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -155,6 +157,8 @@ def format_summary(summary: dict) -> str:
 
 
 def preview(args: argparse.Namespace) -> int:
+    if args.max_tiles < 1:
+        raise InvalidInputError(f"--max-tiles must be at least 1, got {args.max_tiles}")
     url = storage.write_preview(args.url, max_tiles=args.max_tiles)
     print(f"cytosynth: wrote {url}")
     return 0

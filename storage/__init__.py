@@ -13,8 +13,10 @@ from .coco import CATEGORIES, to_coco, write_coco
 from .errors import StorageError
 from .images import IMAGE_FORMATS, decode_image, encode_image
 from .job import (
+    check_not_foreign,
     ensure_writable,
     is_complete,
+    is_secret_name,
     read_job_json,
     redact,
     write_job_json,
@@ -57,8 +59,8 @@ __all__ = [*_LOADER_NAMES,
     "IMAGE_SUFFIXES", "iter_shard_images", "list_real_tiles", "read_real_tile", "real_tile_size",
     "CATEGORIES", "CATEGORY_IDS", "CLASSES", "CLASS_COLORS", "DEFAULT_RETRY", "IMAGE_FORMATS",
     "MANIFEST_FIELDS", "MANIFEST_SCHEMA", "NORMAL_LABEL", "SHARDS_DIR", "Retry", "ShardWriter",
-    "StorageError", "category_id", "committed_shards", "contact_sheet", "decode_image", "decode_sample",
-    "encode_image", "ensure_writable", "exists", "filesystem", "get_bytes", "is_complete", "is_transient",
+    "StorageError", "category_id", "check_not_foreign", "committed_shards", "contact_sheet", "decode_image", "decode_sample",
+    "encode_image", "ensure_writable", "exists", "filesystem", "get_bytes", "is_complete", "is_secret_name", "is_transient",
     "iter_shard_stats", "iter_tar_samples", "join", "list_names", "manifest_rows", "normalize_annotation",
     "open_shard", "open_shards", "put_bytes", "read_job_json", "read_manifest", "read_samples",
     "read_shard_stats", "redact", "retrying", "sample_key", "shard_name", "shard_url", "shard_urls",

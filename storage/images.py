@@ -5,9 +5,13 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_FORMATS = ("png", "jpg", "webp")
+# What decoding untrusted bytes may raise: not an image, truncated, a decompression bomb (more
+# pixels than Pillow's MAX_IMAGE_PIXELS), a pixel format with no faithful 8-bit RGB form.
+UNREADABLE_IMAGE = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
+_16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 
 
@@ -35,6 +39,16 @@ def encode_image(array: np.ndarray, fmt: str = "png", *, quality: int = 95) -> b
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Decode PNG/JPEG/WebP bytes to an HxWx3 uint8 RGB array."""
+    """Decode PNG/JPEG/WebP bytes to an HxWx3 uint8 RGB array.
+
+    16-bit greyscale keeps its top 8 bits (Pillow's own convert would clip it to 255, a white
+    tile); 32-bit integer and float images have no agreed 8-bit scale and are refused.
+    """
     with Image.open(io.BytesIO(data)) as image:
+        if image.mode in _16_BIT_MODES:
+            grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+            return np.repeat(grey[:, :, None], 3, axis=2)
+        if image.mode in ("I", "F"):
+            raise ValueError(f"{image.mode!r} ({'32-bit integer' if image.mode == 'I' else 'float'}) images are not supported; "
+                             "use 8-bit or 16-bit images")
         return np.asarray(image.convert("RGB")).copy()

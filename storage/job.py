@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import posixpath
 import re
 import uuid
 from typing import Any, Mapping
@@ -12,6 +13,7 @@ from typing import Any, Mapping
 from .errors import StorageError, describe, redact_url
 from .jsonio import json_bytes, parse_json, to_plain
 from .objects import exists, get_bytes, put_bytes, write_whole
+from .retry import retrying
 from .shards import committed_shards
 from .urls import S3_PROTOCOLS, filesystem, join, protocol
 
@@ -23,10 +25,15 @@ _SECRET_KEY = re.compile(r"secret|passw|token|credential|access_key|(^|_)key$|^a
 _VERSIONED = ("cytosynth", "torch", "diffusers", "numpy", "fsspec", "s3fs", "webdataset", "pyarrow")
 
 
+def is_secret_name(name: str) -> bool:
+    """True for a key or variable name that holds credentials (``secret``, ``AWS_SESSION_TOKEN``...)."""
+    return bool(_SECRET_KEY.search(str(name)))
+
+
 def redact(obj: Any) -> Any:
     """Plain-JSON copy of ``obj`` with secret-looking keys' values and URL passwords replaced."""
     if isinstance(obj, Mapping):
-        return {k: REDACTED if _SECRET_KEY.search(str(k)) else redact(v) for k, v in obj.items()}
+        return {k: REDACTED if is_secret_name(k) else redact(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]
     if isinstance(obj, str):
@@ -56,7 +63,39 @@ def read_job_json(out_url: str, *, storage_options: Mapping[str, Any] | None = N
     url = join(out_url, JOB_NAME)
     if not exists(url, storage_options=storage_options):
         return None
-    return parse_json(get_bytes(url, storage_options=storage_options), redact_url(url))
+    try:
+        record = parse_json(get_bytes(url, storage_options=storage_options), redact_url(url))
+    except ValueError as err:
+        raise StorageError(f"{err}; it was not written by cytosynth, or is damaged: use a new --out") from None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise StorageError(f"{redact_url(url)} is not a cytosynth job record (no \"config\"); use a new --out")
+    return record
+
+
+# Names cytosynth itself may leave in an output before job.json: probes and temp files.
+_OWN_LEFTOVERS = (".cytosynth-probe-", ".tmp-")
+
+
+def check_not_foreign(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Refuse, before anything is written, an ``out_url`` that holds anything but a cytosynth
+    output: a non-empty folder without ``job.json`` (files of someone else, a junk shard)."""
+    if exists(join(out_url, JOB_NAME), storage_options=storage_options):
+        return
+    fs, path = filesystem(out_url, **(storage_options or {}))
+
+    def entries() -> list[str]:
+        fs.invalidate_cache(path)
+        try:
+            return [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    found = [n for n in retrying(entries, out_url, action="list") if not n.startswith(_OWN_LEFTOVERS)]
+    if found:
+        raise StorageError(
+            f"output {redact_url(out_url)} is not empty and holds no {JOB_NAME} (e.g. {found[0]!r}): "
+            "it is not a cytosynth output; use a new --out"
+        )
 
 
 def write_job_json(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import tarfile
 from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
 
 from braceexpand import braceexpand
 
-from .images import decode_image
+from .errors import StorageError, describe, redact_url
+from .images import UNREADABLE_IMAGE, decode_image
 from .jsonio import parse_json
 from .retry import DEFAULT_RETRY, Retry, retrying
 from .shards import committed_shards, shard_url
@@ -73,9 +75,14 @@ def read_samples(
     """
     urls = [url] if isinstance(url, str) else list(url)
     for shard in (s for u in urls for s in shard_urls(u, storage_options=storage_options)):
-        with open_shard(shard, storage_options=storage_options) as stream:
-            for raw in iter_tar_samples(stream):
-                yield decode_sample(raw)
+        try:
+            with open_shard(shard, storage_options=storage_options) as stream:
+                for raw in iter_tar_samples(stream):
+                    yield decode_sample(raw)
+        except StorageError:
+            raise
+        except UNREADABLE_IMAGE + (tarfile.TarError,) as err:  # a truncated or tampered shard
+            raise StorageError(f"cannot read shard {redact_url(shard)}: {describe(err)}") from None
 
 
 def open_shards(

@@ -7,10 +7,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .errors import StorageError
-from .images import decode_image
+from .errors import StorageError, describe, redact_url
+from .images import UNREADABLE_IMAGE, decode_image
 from .objects import get_bytes, list_names
 from .reader import read_samples, shard_urls
 from .urls import join
@@ -35,8 +35,8 @@ def read_real_tile(url: str, *, storage_options: Mapping[str, Any] | None = None
     data = get_bytes(url, storage_options=storage_options)
     try:
         return decode_image(data)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise StorageError(f"cannot read real tile {url}: {err}") from None
+    except UNREADABLE_IMAGE as err:
+        raise StorageError(f"cannot read real tile {redact_url(url)}: {describe(err)}") from None
 
 
 def real_tile_size(url: str, *, storage_options: Mapping[str, Any] | None = None) -> tuple[int, int]:
@@ -44,9 +44,11 @@ def real_tile_size(url: str, *, storage_options: Mapping[str, Any] | None = None
     data = get_bytes(url, storage_options=storage_options)
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.mode in ("I", "F"):
+                raise ValueError(f"{image.mode!r} images are not supported; use 8-bit or 16-bit images")
             return image.size
-    except (UnidentifiedImageError, OSError) as err:
-        raise StorageError(f"cannot read real tile {url}: {err}") from None
+    except UNREADABLE_IMAGE as err:
+        raise StorageError(f"cannot read real tile {redact_url(url)}: {describe(err)}") from None
 
 
 def iter_shard_images(shards: list[str], *, storage_options: Mapping[str, Any] | None = None) -> Iterator[np.ndarray]:

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from .errors import StorageError, redact_url
 from .annotations import manifest_row, normalize_annotation, sample_key
 from .classes import CLASSES
 from .images import IMAGE_FORMATS, check_image, encode_image
@@ -26,6 +27,8 @@ from .tars import tar_bytes
 from .urls import join
 
 SHARDS_DIR = "shards"
+# What every reader of a shard marker relies on (totals, manifest, resume and verify checks).
+STATS_FIELDS = ("shard", "tiles", "cells", "normal_cells", "samples", "tar_bytes", "tar_sha256")
 _MARKER = re.compile(r"^(\d{6,})\.json$")
 
 __all__ = [
@@ -145,7 +148,17 @@ def committed_shards(out_url: str, *, storage_options: Mapping[str, Any] | None 
 def read_shard_stats(out_url: str, index: int, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The stats JSON of committed shard ``index``."""
     url = stats_url(out_url, index)
-    return parse_json(get_bytes(url, storage_options=storage_options), url)
+    try:
+        stats = parse_json(get_bytes(url, storage_options=storage_options), redact_url(url))
+    except ValueError as err:
+        raise StorageError(f"{err}; run `cytosynth verify --repair` or use a new --out") from None
+    missing = [f for f in STATS_FIELDS if not isinstance(stats, dict) or f not in stats]
+    if missing:
+        raise StorageError(
+            f"{redact_url(url)} is not a cytosynth shard marker (no {', '.join(missing)}); "
+            "run `cytosynth verify --repair` or use a new --out"
+        )
+    return stats
 
 
 def iter_shard_stats(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:

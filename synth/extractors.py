@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import posixpath
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -87,6 +90,7 @@ def load_feature_extractor(data: bytes, kind: str, name: str, device: str | torc
     device = torch.device(device)
     try:
         if kind == "export":
+            check_export_archive(data, name)  # torch.export.load would unpickle with weights_only=False
             module = torch.export.load(io.BytesIO(data)).module()
         else:
             module = torch.jit.load(io.BytesIO(data), map_location="cpu")
@@ -95,11 +99,73 @@ def load_feature_extractor(data: bytes, kind: str, name: str, device: str | torc
         module = module.to(device)
         if kind != "export":  # exported programs have no train/eval mode to set
             module.eval()
+    except InvalidInputError:
+        raise
     except Exception as err:  # torch raises many types for a bad archive; the user needs one line
         raise InvalidInputError(f"cannot load feature extractor {name}: {_first_line(err)}") from None
     extractor = FeatureExtractor(kind, module, device, hashlib.sha256(data).hexdigest())
     _probe(extractor, name)
     return extractor
+
+
+# Members of a torch.export .pt2 archive (under its root folder) that hold no pickle: metadata,
+# the graph as JSON, raw tensor bytes, extra text files. Anything else is refused.
+_PT2_METADATA = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
+_PT2_RAW_TENSORS = {"data/weights/": "weight_", "data/constants/": "tensor_"}
+
+
+def check_export_archive(data: bytes, name: str) -> None:
+    """Refuse a .pt2 archive that would make ``torch.export.load`` run a pickle.
+
+    torch loads weights and constants marked ``use_pickle``, custom objects, legacy ``.pt``
+    weight files and sample inputs it cannot read safely with full pickle (``weights_only=False``),
+    i.e. arbitrary code. Only raw tensors, JSON and sample inputs that load with
+    ``weights_only=True`` pass. Checked on the zip's members before torch sees the bytes.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = archive.namelist()
+    except (zipfile.BadZipFile, ValueError) as err:
+        raise InvalidInputError(f"cannot load feature extractor {name}: not a .pt2 (zip) archive: {err}") from None
+    roots = {member.split("/", 1)[0] for member in members}
+    if len(roots) != 1 or not all("/" in m for m in members):
+        raise InvalidInputError(f"cannot load feature extractor {name}: not a torch.export .pt2 archive (one root folder)")
+    root = roots.pop() + "/"
+    for member in members:
+        if not member.endswith("/"):
+            _check_export_member(archive, member, member[len(root):], name)
+
+
+def _check_export_member(archive: zipfile.ZipFile, member: str, rel: str, name: str) -> None:
+    def refuse(why: str) -> None:
+        raise InvalidInputError(f"refusing feature extractor {name}: {rel} {why} (no input file may run code)")
+
+    folder, base = posixpath.split(rel)
+    if rel in _PT2_METADATA or rel.startswith("extra/") or folder == "models" and base.endswith(".json"):
+        return
+    if folder + "/" in _PT2_RAW_TENSORS:
+        if base.endswith(".json"):
+            try:
+                config = json.loads(archive.read(member)).get("config", {})
+                entries = list(config.values())
+            except (ValueError, AttributeError, UnicodeDecodeError):
+                refuse("is not a valid payload config")
+            for entry in entries:
+                if not isinstance(entry, dict) or entry.get("use_pickle") is not False:
+                    refuse("marks a weight or constant as pickled")
+                if not str(entry.get("path_name", "")).startswith(_PT2_RAW_TENSORS[folder + "/"]):
+                    refuse(f"names a non-tensor payload {entry.get('path_name')!r}")
+            return
+        if base.startswith(_PT2_RAW_TENSORS[folder + "/"]) and not base.endswith(".pt"):
+            return
+        refuse("is a pickled payload")
+    if folder == "data/sample_inputs" and base.endswith(".pt"):
+        try:  # torch retries a failed safe load with full pickle: only a safe load may pass
+            torch.load(io.BytesIO(archive.read(member)), weights_only=True)
+        except Exception:
+            refuse("needs full pickle to load")
+        return
+    refuse("is not a part of a torch.export program this loader accepts")
 
 
 def _probe(extractor: FeatureExtractor, name: str) -> None:

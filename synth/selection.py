@@ -304,6 +304,10 @@ def plan_from_json(text: str) -> Plan:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidInputError(f"plan: not valid JSON: {exc}") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise InvalidInputError(f"plan: not valid JSON: {' '.join(str(exc).split())[:200]}") from None
+    except RecursionError:
+        raise InvalidInputError("plan: not valid JSON: nested too deeply") from None
     if not isinstance(data, Mapping):
         raise InvalidInputError("plan: expected a JSON object with a \"tiles\" object")
     return load_plan(data)
@@ -348,8 +352,10 @@ def load_plan(text_or_path: str | os.PathLike | Mapping) -> Plan:
 
 def _tile_index(key) -> int:
     s = str(key).strip()
-    if not s.isdigit():
-        raise InvalidInputError(f"plan: tile {key!r}: tile index out of range (must be an integer >= 0)")
+    # ASCII digits only ("²".isdigit() is True), and few enough to be a tile index.
+    if not (s.isascii() and s.isdigit() and len(s) <= 18):
+        shown = repr(key) if len(repr(key)) <= 40 else repr(key)[:37] + "..."
+        raise InvalidInputError(f"plan: tile {shown}: tile index out of range (must be an integer >= 0, below 10^18)")
     return int(s)
 
 

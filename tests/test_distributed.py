@@ -27,6 +27,7 @@ from cytosynth.cluster.distributed import pool_changes, run_distributed  # noqa:
 from cytosynth.cluster.runner import Runtime  # noqa: E402
 from cytosynth.cluster.job import GenerateConfig  # noqa: E402
 from cytosynth.jobs.cli import main  # noqa: E402
+from conftest import FAKE_CREDENTIALS  # noqa: E402
 from ray_processes import actor_processes  # noqa: E402
 
 NUM_TILES = 8
@@ -46,13 +47,21 @@ JOB_ARGS = ("--num-tiles", str(NUM_TILES), "--tiles-per-shard", "1", "--normal-s
 
 @pytest.fixture(scope="module")
 def ray_session():
-    # Two fake GPUs: replicas can reserve GPU resources while computing on CPU.
+    # Two fake GPUs: replicas can reserve GPU resources while computing on CPU. Credentials never
+    # travel in runtime_env: replicas inherit them from the environment this Ray starts with.
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in FAKE_CREDENTIALS.items():
+            env.setenv(name, value)
+        _init_ray()
+    yield
+    ray.shutdown()
+
+
+def _init_ray() -> None:
     ray.init(
         address="local", num_cpus=3, num_gpus=2, include_dashboard=False, log_to_driver=False,
         logging_level="ERROR", object_store_memory=150 * 1024**2,
     )
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import pytest
 import torch
 from cleanfid import fid as clean_fid
 from PIL import Image
+from conftest import FAKE_CREDENTIALS
 from ray_processes import actor_processes
 
 from cytosynth import storage
@@ -149,8 +150,11 @@ def sets(tmp_path_factory) -> dict[str, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False,
-             logging_level="ERROR")
+    with pytest.MonkeyPatch.context() as env:  # replicas inherit credentials; runtime_env never holds them
+        for name, value in FAKE_CREDENTIALS.items():
+            env.setenv(name, value)
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False,
+                 logging_level="ERROR")
     yield
     ray.shutdown()
 
