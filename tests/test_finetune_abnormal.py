@@ -74,6 +74,8 @@ def test_the_run_writes_a_diffusers_acs_unet_folder_with_its_records(trained):
     job = json.loads(open(os.path.join(out, "job.json")).read())
     config = job["config"]
     assert config["data"] == "s3://acs-data/cells" and config["lr"] == 2e-3 and config["optimizer"] == "adamw"
+    assert config["prompt_dropout"] == 0.5 and config["grounding_dropout"] == 0.1  # CFG training, named as such
+    assert (config["batch_size"], config["workers"], config["global_batch_size"]) == (2, 2, 4)
     assert "crops      ASC-US 0, ASC-H 0, LSIL 4, HSIL 0" in stdout
     grid = Image.open(os.path.join(out, "samples", f"step_{STEPS:06d}.png"))
     assert grid.size == (5 * 256 + 6 * 4, 4 * 256 + 5 * 4)  # 4 crops x (crop + the four classes)
