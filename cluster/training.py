@@ -164,6 +164,10 @@ def train(config: TrainConfig, task: TrainingTask) -> dict[str, Any]:
     check_config(config)
     storage.ensure_writable(config.out)
     task.validate()
+    # Before anything else looks at --out: a finished run with other settings is refused too.
+    storage.write_job_json(
+        config.out, {"job": task.name, **config.record(), "precision": "bf16" if uses_bf16(config, task) else "fp32", **task.record()}
+    )
     if storage.is_complete(config.out):
         return read_summary(config.out)
     resume_step = latest_checkpoint(config.out)
@@ -171,9 +175,6 @@ def train(config: TrainConfig, task: TrainingTask) -> dict[str, Any]:
         raise InvalidInputError(f"{config.out} holds a checkpoint at step {resume_step}; resume or use a new --out")
     if resume_step and resume_step >= config.steps:
         raise InvalidInputError(f"{config.out} is checkpointed at step {resume_step}, beyond --steps {config.steps}")
-    storage.write_job_json(
-        config.out, {"job": task.name, **config.record(), "precision": "bf16" if uses_bf16(config, task) else "fp32", **task.record()}
-    )
 
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig, WorkerGroupError

@@ -15,6 +15,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from cytosynth.jobs.cli import main
+from cytosynth.jobs.detection import format_table
 from cytosynth.storage import (
     ShardWriter,
     detection_categories,
@@ -155,7 +156,6 @@ def test_cli_prints_table_ii_and_writes_json_the_same_from_shards_and_coco(label
     shards = reports["shards"]
     assert shards["images"] == TILES and shards["labels"] == "abnormal"
     assert sum(shards["boxes"].values()) == sum(1 + t % 3 for t in range(TILES))
-    assert all(0 <= shards[m] <= 100 for m in ("mAP", "mAP.5", "mAP.75"))
     metrics = ("mAP", "mAP.5", "mAP.75", "AP", "images", "boxes")
     assert {m: reports["coco"][m] for m in metrics} == {m: shards[m] for m in metrics}
 
@@ -261,3 +261,136 @@ def test_study_bad_input_fails_before_training(labelled, tmp_path, change, messa
     code, _, err = run_cli("augmentation-study", *(x for item in options.items() for x in item), *STUDY_TRAINING)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- coco_metrics against pycocotools
+
+
+def pycocotools_ap(ground_truth: list[dict], detections: list[dict], category_ids: list[int]) -> np.ndarray:
+    """COCOeval's own summary (stats[0..2]: AP, AP.5, AP.75 at all areas, 100 detections) on the
+    same boxes, built without the project's code."""
+    images = [{"id": i, "width": g["width"], "height": g["height"]} for i, g in enumerate(ground_truth, 1)]
+    annotations, results = [], []
+    for image_id, (g, d) in enumerate(zip(ground_truth, detections), 1):
+        for (x0, y0, x1, y1), c in zip(np.asarray(g["boxes"], float).tolist(), g["labels"]):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(c),
+                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+        for (x0, y0, x1, y1), c, s in zip(np.asarray(d["boxes"], float).tolist(), d["labels"], d["scores"]):
+            results.append({"image_id": image_id, "category_id": int(c), "score": float(s),
+                            "bbox": [x0, y0, x1 - x0, y1 - y0]})
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = {"images": images, "annotations": annotations,
+                           "categories": [{"id": i, "name": CLASSES[i - 1]} for i in range(1, 5)]}
+        coco_gt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+        evaluator.params.catIds = category_ids
+        evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+    return evaluator.stats * 100
+
+
+def crowded_large_set(missing_class: int | None = None) -> tuple[list[dict], list[dict]]:
+    """4 images of 512 px with 12 boxes each, small (16 px), medium (48 px) and large (150 px), and
+    30 detections per image: the true boxes jittered, scored *below* 18 confident false boxes, so
+    a cap of 10 (or 1) detections per image, or one area range, scores differently from COCO's
+    "all areas, 100 detections". `missing_class`: that class has no ground truth (its detections stay)."""
+    rng = np.random.default_rng(7)
+    ground_truth, detections = [], []
+    for _ in range(4):
+        boxes, labels = [], []
+        for k in range(12):
+            side = (16, 48, 150)[k % 3]
+            x0, y0 = (k % 4) * 128 + rng.uniform(0, 128 - min(side, 120)), (k // 4) * 170 + rng.uniform(0, 10)
+            boxes.append([x0, y0, x0 + side, y0 + side])
+            labels.append(1 + (k * 5 + int(rng.integers(0, 2))) % 4)
+        boxes, labels = np.array(boxes), np.array(labels)
+        found = boxes + rng.normal(0, 2.0, boxes.shape)
+        false = rng.uniform(0, 400, (18, 2))
+        false = np.hstack([false, false + rng.uniform(10, 100, (18, 2))])
+        keep = labels != missing_class
+        ground_truth.append({"width": 512, "height": 512, "boxes": boxes[keep], "labels": labels[keep]})
+        detections.append({"boxes": np.vstack([found, false]),
+                           "labels": np.concatenate([labels, rng.integers(1, 5, 18)]),
+                           "scores": np.concatenate([rng.uniform(0.05, 0.5, 12), rng.uniform(0.6, 1.0, 18)])})
+    return ground_truth, detections
+
+
+def test_metrics_count_every_box_size_and_100_detections_per_image_as_pycocotools_does():
+    ground_truth, detections = crowded_large_set()
+    ours = coco_metrics(ground_truth, detections, detection_categories("abnormal"))
+    overall = pycocotools_ap(ground_truth, detections, [1, 2, 3, 4])
+    assert [ours[m] for m in ("mAP", "mAP.5", "mAP.75")] == pytest.approx(overall[:3].tolist(), abs=1e-9)
+    for category_id, name in enumerate(CLASSES, start=1):
+        assert ours["AP"][name] == pytest.approx(pycocotools_ap(ground_truth, detections, [category_id])[0], abs=1e-9)
+    assert ours["mAP.5"] > 30  # the low-scored true boxes count: with 10 detections per image it is far lower
+
+
+def test_a_class_without_boxes_has_no_ap_and_is_left_out_of_the_means():
+    ground_truth, detections = crowded_large_set(missing_class=4)
+    ours = coco_metrics(ground_truth, detections, detection_categories("abnormal"))
+    assert ours["AP"]["HSIL"] is None and ours["boxes"]["HSIL"] == 0
+    present = [ours["AP"][name] for name in CLASSES[:3]]
+    assert all(ap > 5 for ap in present)
+    assert ours["mAP"] == pytest.approx(np.mean(present), abs=1e-9)
+    assert ours["mAP"] == pytest.approx(pycocotools_ap(ground_truth, detections, [1, 2, 3])[0], abs=1e-9)
+    table = format_table([("detector.safetensors", ours)], "Detector").splitlines()[-1].split()
+    assert table[-1] == "-" and table[1] == f"{ours['mAP']:.1f}"
+
+
+def remapped_coco(coco: dict, drop: str | None = None) -> dict:
+    """The same set with other category ids (names kept, order reversed), an extra "bacteria"
+    class whose boxes sit on the cells, and optionally one class's boxes dropped."""
+    new_ids = {1: 14, 2: 13, 3: 12, 4: 11}
+    annotations = [{**a, "category_id": new_ids[a["category_id"]]} for a in coco["annotations"]
+                   if drop is None or a["category_id"] != CLASSES.index(drop) + 1]
+    bacteria = [{**a, "id": 1000 + a["id"], "category_id": 3} for a in coco["annotations"]]
+    categories = [{"id": 3, "name": "bacteria"}] + [{"id": new_ids[c["id"]], "name": c["name"].lower()}
+                                                     for c in coco["categories"]]
+    return {**coco, "annotations": annotations + bacteria, "categories": categories}
+
+
+def detector_ap_directly(labelled) -> np.ndarray:
+    """AP of the labelled detector file on the image folder: torchvision's forward and pycocotools,
+    none of the project's reading or scoring."""
+    from cytosynth.synth.evaluation import load_detection_model
+
+    coco = json.loads(Path(labelled["coco"]).read_text())
+    model = load_detection_model(labelled["detector"], min_size=SIZE, max_size=SIZE)
+    ground_truth, detections = [], []
+    for info in coco["images"]:
+        pixels = np.asarray(Image.open(Path(labelled["images"]) / info["file_name"]).convert("RGB"))
+        with torch.inference_mode():
+            out = model([torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255])[0]
+        boxes = [a for a in coco["annotations"] if a["image_id"] == info["id"]]
+        ground_truth.append({"width": SIZE, "height": SIZE, "labels": [a["category_id"] for a in boxes],
+                             "boxes": [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in boxes)]})
+        detections.append({k: out[k].numpy() for k in ("boxes", "labels", "scores")})
+    return pycocotools_ap(ground_truth, detections, [1, 2, 3, 4])
+
+
+def test_cli_map_is_the_detectors_coco_ap_and_coco_categories_are_matched_by_name(labelled, tmp_path):
+    expected = detector_ap_directly(labelled)
+    assert expected[1] > 0  # the random detector does find a box at IoU 0.5: a real number to match
+    coco = tmp_path / "remapped.json"
+    coco.write_text(json.dumps(remapped_coco(json.loads(Path(labelled["coco"]).read_text()))))
+    for data in (("--data", labelled["shards"]), ("--coco", str(coco), "--images", labelled["images"])):
+        report = tmp_path / "report.json"
+        code, _, err = run_cli("eval-detector", "--detector", labelled["detector"], *data, *SMALL, "--json", str(report))
+        assert code == 0, err
+        metrics = json.loads(report.read_text())
+        assert [metrics[m] for m in ("mAP", "mAP.5", "mAP.75")] == pytest.approx(expected[:3].tolist(), abs=1e-6)
+        assert metrics["boxes"] == {name: 3 for name in CLASSES}  # no bacteria counted, none lost
+
+
+def test_cli_shows_a_class_without_boxes_as_a_dash_and_leaves_it_out_of_the_means(labelled, tmp_path):
+    coco = tmp_path / "no-hsil.json"
+    coco.write_text(json.dumps(remapped_coco(json.loads(Path(labelled["coco"]).read_text()), drop="HSIL")))
+    report = tmp_path / "report.json"
+    code, out, err = run_cli("eval-detector", "--detector", labelled["detector"], "--coco", str(coco), "--images",
+                             labelled["images"], *SMALL, "--json", str(report))
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if line.startswith("detector.safetensors")).split()
+    assert row[-1] == "-" and "-" not in row[:-1]
+    metrics = json.loads(report.read_text())
+    assert metrics["AP"]["HSIL"] is None and metrics["boxes"]["HSIL"] == 0
+    assert metrics["mAP"] == pytest.approx(np.mean([metrics["AP"][c] for c in CLASSES[:3]]), abs=1e-9)

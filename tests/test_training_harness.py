@@ -22,6 +22,7 @@ from cytosynth.cluster.training import (
     remove_checkpoints,
     train,
 )
+from cytosynth import storage
 from cytosynth.synth import InvalidInputError
 
 pytestmark = pytest.mark.timeout(900)
@@ -62,6 +63,9 @@ def test_resume_continues_from_the_last_complete_checkpoint(resumed_run):
     assert [r["step"] for r in rows] == list(range(1, 9))  # rows 5.. of the failed attempt are replaced
     assert [r["run"] for r in rows] == [0] * 4 + [1] * 4
     assert all(np.isfinite(r["loss"]) and r["samples_per_s"] > 0 and r["lr"] == 0.05 for r in rows)
+    # The resumed run starts from step 4's weights, not from scratch: its first loss is step 4's level
+    # (measured 2.06 after 4.64 at step 1; about 4.6 again when the checkpoint is not loaded).
+    assert rows[4]["loss"] < 0.6 * rows[0]["loss"]
     assert summary["steps"] == 8 and summary["workers"] == 2
     assert summary["artifact"] == os.path.join(out, "line.safetensors")
 
@@ -76,7 +80,7 @@ def test_loss_falls_and_only_the_trainable_layer_changed(resumed_run):
     with torch.no_grad():
         loss_before = torch.nn.functional.mse_loss(before(x), 3 * x - 1)
         loss_after = torch.nn.functional.mse_loss(after(x), 3 * x - 1)
-    assert loss_after < 0.5 * loss_before
+    assert loss_after < 0.35 * loss_before  # measured 0.24; 0.53 when the resume restarts from scratch
 
 
 def test_checkpoints_samples_and_records(resumed_run):
@@ -93,11 +97,31 @@ def test_checkpoints_samples_and_records(resumed_run):
     assert json.load(open(os.path.join(out, "_SUCCESS")))["final_loss"] == read_metrics(out)[-1]["loss"]
 
 
+def test_job_json_is_written_first_and_success_last(resumed_run):
+    out, *_ = resumed_run
+    written = {os.path.relpath(os.path.join(folder, name), out): os.stat(os.path.join(folder, name)).st_mtime_ns
+               for folder, _, names in os.walk(out) for name in names}
+    others = [t for name, t in written.items() if name not in ("job.json", "_SUCCESS")]
+    assert "line.safetensors" in written and len(others) > 5
+    assert written["job.json"] < min(others) and written["_SUCCESS"] > max(others)
+
+
 def test_a_finished_run_is_not_repeated(resumed_run):
     out, *_, summary = resumed_run
     before = open(os.path.join(out, "metrics.jsonl")).read()
     again = train(TrainConfig(out=out, steps=8, batch_size=16, lr=0.05, workers=2, progress=False), LineFitTask())
     assert again == summary and open(os.path.join(out, "metrics.jsonl")).read() == before
+
+
+@pytest.mark.parametrize("change", [{"lr": 0.01}, {"batch_size": 8}, {"optimizer": "sgd"}])
+def test_a_finished_run_rerun_with_other_settings_is_refused(resumed_run, change):
+    out, *_, summary = resumed_run
+    before = open(os.path.join(out, "_SUCCESS")).read()
+    settings = {"out": out, "steps": 8, "batch_size": 16, "lr": 0.05, "workers": 2, "progress": False, **change}
+    with pytest.raises(storage.StorageError, match="different job config") as refused:
+        train(TrainConfig(**settings), LineFitTask())
+    assert next(iter(change)) in str(refused.value)
+    assert open(os.path.join(out, "_SUCCESS")).read() == before
 
 
 def test_only_complete_checkpoints_count_and_partial_ones_are_removed(tmp_path):
@@ -129,3 +153,4 @@ def test_image_grid_places_images_in_a_near_square():
     grid = image_grid(images, gutter=1)
     assert grid.shape == (2 * 5 + 1, 2 * 7 + 1, 3)
     assert grid[1, 1, 0] == 10 and grid[1, 8, 0] == 20 and grid[6, 1, 0] == 30 and grid[6, 8, 0] == 255
+
