@@ -11,7 +11,7 @@ from .annotations import MANIFEST_FIELDS, normalize_annotation, sample_key
 from .classes import CATEGORY_IDS, CLASSES, NORMAL_LABEL, category_id
 from .coco import CATEGORIES, to_coco, write_coco
 from .errors import StorageError
-from .images import IMAGE_FORMATS, decode_image, encode_image
+from .images import IMAGE_FORMATS, LOSSLESS_FORMATS, decode_image, encode_image, image_extension
 from .job import (
     ensure_writable,
     is_complete,
@@ -24,14 +24,17 @@ from .manifest import MANIFEST_SCHEMA, manifest_rows, read_manifest, write_manif
 from .objects import exists, get_bytes, list_names, put_bytes
 from .preview import CLASS_COLORS, contact_sheet, write_preview
 from .realtiles import IMAGE_SUFFIXES, iter_shard_images, list_real_tiles, read_real_tile, real_tile_size
-from .reader import decode_sample, open_shard, open_shards, read_samples, shard_urls
+from .reader import committed_shard_urls, decode_sample, open_shard, open_shards, read_samples, shard_urls
 from .retry import DEFAULT_RETRY, Retry, is_transient, retrying
 from .shards import (
     SHARDS_DIR,
+    STATS_DIR,
     ShardWriter,
     committed_shards,
     iter_shard_stats,
+    marker_url,
     read_shard_stats,
+    refuse_old_layout,
     shard_name,
     shard_url,
     stats_url,
@@ -56,9 +59,9 @@ def __getattr__(name: str):
 __all__ = [*_LOADER_NAMES,
     "IMAGE_SUFFIXES", "iter_shard_images", "list_real_tiles", "read_real_tile", "real_tile_size",
     "CATEGORIES", "CATEGORY_IDS", "CLASSES", "CLASS_COLORS", "DEFAULT_RETRY", "IMAGE_FORMATS",
-    "MANIFEST_FIELDS", "MANIFEST_SCHEMA", "NORMAL_LABEL", "SHARDS_DIR", "Retry", "ShardWriter",
-    "StorageError", "category_id", "committed_shards", "contact_sheet", "decode_image", "decode_sample",
-    "encode_image", "ensure_writable", "exists", "filesystem", "get_bytes", "is_complete", "is_transient",
+    "LOSSLESS_FORMATS", "MANIFEST_FIELDS", "MANIFEST_SCHEMA", "NORMAL_LABEL", "SHARDS_DIR", "STATS_DIR",
+    "Retry", "ShardWriter", "StorageError", "category_id", "committed_shard_urls", "committed_shards", "contact_sheet", "decode_image", "decode_sample",
+    "encode_image", "ensure_writable", "image_extension", "marker_url", "refuse_old_layout", "exists", "filesystem", "get_bytes", "is_complete", "is_transient",
     "iter_shard_stats", "iter_tar_samples", "join", "list_names", "manifest_rows", "normalize_annotation",
     "open_shard", "open_shards", "put_bytes", "read_job_json", "read_manifest", "read_samples",
     "read_shard_stats", "redact", "retrying", "sample_key", "shard_name", "shard_url", "shard_urls",

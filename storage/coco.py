@@ -6,6 +6,7 @@ from typing import Any, Iterable, Mapping
 
 from .annotations import sample_key
 from .classes import CATEGORY_IDS, CLASSES, category_id
+from .images import image_extension
 from .jsonio import json_bytes
 from .manifest import shard_rows
 from .objects import put_bytes
@@ -35,7 +36,7 @@ def to_coco(items: Iterable[Mapping[str, Any]], *, image_ext: str = "png") -> di
         tile_index = int(ann["tile_index"])
         images.append({
             "id": tile_index,
-            "file_name": f"{sample_key(tile_index)}.{item.get('image_format', image_ext)}",
+            "file_name": f"{sample_key(tile_index)}.{image_extension(item.get('image_format', image_ext))}",
             "width": int(ann["width"]),
             "height": int(ann["height"]),
         })

@@ -73,6 +73,7 @@ from .jsonio import parse_json
 from .objects import get_bytes
 from .reader import decode_sample, open_shard, shard_urls
 from .realtiles import read_real_tile
+from .shards import marker_url
 from .tars import iter_tar_samples
 from .urls import join
 
@@ -140,8 +141,11 @@ def count_samples(shards: Sequence[str], *, storage_options: Mapping[str, Any] |
     """Samples in ``shards`` from their stats JSON (commit markers), no tar read; None if one lacks it."""
     total = 0
     for shard in shards:
+        marker = marker_url(shard)
+        if marker is None:
+            return None
         try:
-            stats = parse_json(get_bytes(shard.removesuffix(".tar") + ".json", storage_options=storage_options), shard)
+            stats = parse_json(get_bytes(marker, storage_options=storage_options), marker)
             total += int(stats["tiles"])
         except (StorageError, ValueError, KeyError, TypeError):
             return None  # a bare .tar written by other tools: the count is unknown, not an error
