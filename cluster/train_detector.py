@@ -187,8 +187,11 @@ def count_boxes(shards: list[str], labels: str) -> int | None:
     """Boxes of a label set in `shards`, from their stats files alone; None if a stats file is missing."""
     total = 0
     for shard in shards:
-        try:  # the stats JSON beside each committed shard (storage.shards' commit marker)
-            stats = json.loads(storage.get_bytes(shard.removesuffix(".tar") + ".json"))
+        marker = storage.marker_url(shard)  # each committed shard's stats JSON (its commit marker)
+        if marker is None:
+            return None
+        try:
+            stats = json.loads(storage.get_bytes(marker))
         except (storage.StorageError, ValueError):
             return None
         total += sum(stats.get("cells", {}).values()) + (stats.get("normal_cells", 0) if labels == "nilm" else 0)

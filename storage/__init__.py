@@ -8,10 +8,19 @@ The detector loader (``storage.loader``) needs torch, so its names load on first
 import importlib
 
 from .annotations import MANIFEST_FIELDS, normalize_annotation, sample_key
-from .classes import CATEGORY_IDS, CLASSES, NORMAL_LABEL, category_id
-from .coco import CATEGORIES, to_coco, write_coco
+from .classes import (
+    CATEGORY_IDS,
+    CLASSES,
+    LABEL_SETS,
+    NORMAL_CATEGORY_ID,
+    NORMAL_LABEL,
+    category_id,
+    label_categories,
+    labelled_boxes,
+)
+from .coco import ANNOTATIONS_NAME, CATEGORIES, coco_categories, export_coco, to_coco, write_coco
 from .errors import StorageError
-from .images import IMAGE_FORMATS, decode_image, encode_image
+from .images import IMAGE_FORMATS, LOSSLESS_FORMATS, decode_image, encode_image, image_extension
 from .job import (
     check_not_foreign,
     ensure_writable,
@@ -26,14 +35,17 @@ from .manifest import MANIFEST_SCHEMA, manifest_rows, read_manifest, write_manif
 from .objects import exists, get_bytes, list_names, put_bytes
 from .preview import CLASS_COLORS, contact_sheet, write_preview
 from .realtiles import IMAGE_SUFFIXES, iter_shard_images, list_real_tiles, read_real_tile, real_tile_size
-from .reader import decode_sample, open_shard, open_shards, read_samples, shard_urls
+from .reader import committed_shard_urls, decode_sample, open_shard, open_shards, read_samples, shard_urls
 from .retry import DEFAULT_RETRY, Retry, is_transient, retrying
 from .shards import (
     SHARDS_DIR,
+    STATS_DIR,
     ShardWriter,
     committed_shards,
     iter_shard_stats,
+    marker_url,
     read_shard_stats,
+    refuse_old_layout,
     shard_name,
     shard_url,
     stats_url,
@@ -41,26 +53,30 @@ from .shards import (
 from .tars import iter_tar_samples, tar_bytes
 from .urls import filesystem, join
 
-# Exported lazily (PEP 562): `import cytosynth.storage` must not pay for importing torch.
+# Exported lazily (PEP 562): `import cytosynth.storage` must not pay for importing torch
+# (the detector loader, webdataset pipelines); Ray is imported only inside `ray_dataset`.
 _LOADER_NAMES = (
-    "LABEL_SETS", "ShardDetectionDataset", "coco_detection_samples", "collate_detection", "count_samples",
+    "ShardDetectionDataset", "coco_detection_samples", "collate_detection", "count_samples",
     "detection_categories", "detection_loader", "detection_target", "resolve_shards",
     "shard_detection_samples", "split_shards", "to_detection_input",
 )
+_PIPELINE_NAMES = ("RAY_COLUMNS", "ray_dataset", "webdataset_pipeline")
+_LAZY = {**dict.fromkeys(_LOADER_NAMES, ".loader"), **dict.fromkeys(_PIPELINE_NAMES, ".pipelines")}
 
 
 def __getattr__(name: str):
-    if name in _LOADER_NAMES:
-        return getattr(importlib.import_module(".loader", __name__), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [*_LOADER_NAMES,
+__all__ = [*_LOADER_NAMES, *_PIPELINE_NAMES, "ANNOTATIONS_NAME", "LABEL_SETS", "NORMAL_CATEGORY_ID", "coco_categories",
+    "export_coco", "label_categories", "labelled_boxes",
     "IMAGE_SUFFIXES", "iter_shard_images", "list_real_tiles", "read_real_tile", "real_tile_size",
     "CATEGORIES", "CATEGORY_IDS", "CLASSES", "CLASS_COLORS", "DEFAULT_RETRY", "IMAGE_FORMATS",
-    "MANIFEST_FIELDS", "MANIFEST_SCHEMA", "NORMAL_LABEL", "SHARDS_DIR", "Retry", "ShardWriter",
-    "StorageError", "category_id", "check_not_foreign", "committed_shards", "contact_sheet", "decode_image", "decode_sample",
-    "encode_image", "ensure_writable", "exists", "filesystem", "get_bytes", "is_complete", "is_secret_name", "is_transient",
+    "LOSSLESS_FORMATS", "MANIFEST_FIELDS", "MANIFEST_SCHEMA", "NORMAL_LABEL", "SHARDS_DIR", "STATS_DIR",
+    "Retry", "ShardWriter", "StorageError", "category_id", "check_not_foreign", "committed_shard_urls", "committed_shards", "contact_sheet", "decode_image", "decode_sample",
+    "encode_image", "ensure_writable", "image_extension", "marker_url", "refuse_old_layout", "exists", "filesystem", "get_bytes", "is_complete", "is_secret_name", "is_transient",
     "iter_shard_stats", "iter_tar_samples", "join", "list_names", "manifest_rows", "normalize_annotation",
     "open_shard", "open_shards", "put_bytes", "read_job_json", "read_manifest", "read_samples",
     "read_shard_stats", "redact", "retrying", "sample_key", "shard_name", "shard_url", "shard_urls",

@@ -32,6 +32,7 @@ from .objects import exists, get_bytes
 from .reader import decode_sample, open_shard, shard_urls
 from .realtiles import read_real_tile
 from .retry import retrying
+from .shards import marker_url
 from .tars import iter_tar_samples
 from .urls import filesystem, join
 
@@ -67,7 +68,7 @@ def shard_index(source: str | Sequence[str], *, storage_options: Options = None)
 def _shard_annotations(shard: str, storage_options: Options) -> list[dict[str, Any]]:
     """The sample annotations of one shard: from its stats JSON (the commit marker, which lists
     every sample's boxes), or, for shards written without one, from the tar's json members."""
-    stats = shard[: -len(".tar")] + ".json" if shard.endswith(".tar") else None
+    stats = marker_url(shard)
     try:
         if stats and exists(stats, storage_options=storage_options):
             return parse_json(get_bytes(stats, storage_options=storage_options), stats)["samples"]

@@ -7,7 +7,10 @@ from typing import Any, Mapping
 from .classes import category_id
 from .jsonio import to_plain
 
-MANIFEST_FIELDS = ("key", "tile_index", "shard", "seed", "boxes", "labels", "source", "width", "height")
+MANIFEST_FIELDS = (
+    "key", "tile_index", "shard", "seed", "boxes", "labels", "category_ids", "source", "width", "height",
+    "image_format", "image_bytes",
+)
 
 
 def sample_key(tile_index: int) -> str:
@@ -49,8 +52,9 @@ def normalize_annotation(annotation: Mapping[str, Any], tile_index: int, width: 
     return ann
 
 
-def manifest_row(annotation: Mapping[str, Any], shard: int) -> dict[str, Any]:
-    """One manifest row (``MANIFEST_FIELDS``) for a normalized annotation stored in ``shard``."""
+def manifest_row(annotation: Mapping[str, Any], shard: int, image_format: str, image_bytes: int) -> dict[str, Any]:
+    """One manifest row (``MANIFEST_FIELDS``) for a normalized annotation stored in ``shard`` with
+    an image of ``image_bytes`` bytes in ``image_format``."""
     return {
         "key": sample_key(annotation["tile_index"]),
         "tile_index": annotation["tile_index"],
@@ -58,7 +62,10 @@ def manifest_row(annotation: Mapping[str, Any], shard: int) -> dict[str, Any]:
         "seed": annotation.get("seed"),
         "boxes": annotation["boxes"],
         "labels": annotation["labels"],
+        "category_ids": annotation["category_ids"],
         "source": annotation.get("source"),
         "width": annotation["width"],
         "height": annotation["height"],
+        "image_format": image_format,
+        "image_bytes": image_bytes,
     }

@@ -1,23 +1,38 @@
-"""COCO detection JSON for the abnormal cells (categories fixed: ASC-US 1, ASC-H 2, LSIL 3, HSIL 4)."""
+"""COCO detection JSON of a dataset: from the shard stats (``write_coco``), or exported with the
+images beside it (``export_coco``, what ``cytosynth export-coco`` runs) so ``file_name`` resolves."""
 
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
 from .annotations import sample_key
-from .classes import CATEGORY_IDS, CLASSES, category_id
-from .jsonio import json_bytes
+from .classes import CATEGORY_IDS, CLASSES, NORMAL_LABEL, label_categories, labelled_boxes
+from .errors import StorageError, describe
+from .images import image_extension
+from .jsonio import json_bytes, parse_json
 from .manifest import shard_rows
 from .objects import put_bytes
+from .reader import IMAGE_EXTENSIONS, committed_shard_urls, open_shard
 from .shards import iter_shard_stats
+from .tars import iter_tar_samples
 from .urls import join
 
-__all__ = ["CATEGORIES", "CATEGORY_IDS", "to_coco", "write_coco"]
+__all__ = ["ANNOTATIONS_NAME", "CATEGORIES", "CATEGORY_IDS", "coco_categories", "export_coco", "to_coco", "write_coco"]
 
 CATEGORIES: list[dict[str, Any]] = [
     {"id": CATEGORY_IDS[name], "name": name, "supercategory": "abnormal"} for name in CLASSES
 ]
 COCO_NAME = "coco.json"
+ANNOTATIONS_NAME = "annotations.json"
+_INFO = {"description": "cytosynth synthetic cervical cytology tiles", "version": "1.0", "contributor": "cytosynth"}
+
+
+def coco_categories(labels: str = "abnormal") -> list[dict[str, Any]]:
+    """COCO ``categories`` of a label set (``storage.classes.LABEL_SETS``)."""
+    return [
+        {"id": i, "name": name, "supercategory": "normal" if name == NORMAL_LABEL else "abnormal"}
+        for i, name in label_categories(labels).items()
+    ]
 
 
 def _annotation(item: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -25,43 +40,40 @@ def _annotation(item: Mapping[str, Any]) -> Mapping[str, Any]:
     return item["json"] if "json" in item and isinstance(item["json"], Mapping) else item
 
 
-def to_coco(items: Iterable[Mapping[str, Any]], *, image_ext: str = "png") -> dict[str, Any]:
+def to_coco(items: Iterable[Mapping[str, Any]], *, image_ext: str = "png", labels: str = "abnormal") -> dict[str, Any]:
     """COCO dict: one image per sample (id = tile index, file_name = ``<key>.<ext>``, ext from the
-    item's ``image_format`` if it has one) and one annotation per abnormal box (bbox xywh, area,
-    iscrowd 0)."""
+    item's ``image_format`` if it has one) and one annotation per box of the label set (bbox xywh,
+    area, iscrowd 0); ``labels="all"`` adds the NILM boxes (``normal_boxes``) as category 5."""
+    categories = coco_categories(labels)
     images, annotations = [], []
     for item in items:
         ann = _annotation(item)
         tile_index = int(ann["tile_index"])
         images.append({
             "id": tile_index,
-            "file_name": f"{sample_key(tile_index)}.{item.get('image_format', image_ext)}",
+            "file_name": f"{sample_key(tile_index)}.{image_extension(item.get('image_format', image_ext))}",
             "width": int(ann["width"]),
             "height": int(ann["height"]),
         })
-        for (x0, y0, x1, y1), label in zip(ann["boxes"], ann["labels"], strict=True):
+        for (x0, y0, x1, y1), category in zip(*labelled_boxes(ann, labels), strict=True):
             w, h = x1 - x0, y1 - y0
             annotations.append({
                 "id": len(annotations) + 1,  # COCO tools treat id 0 as falsy
                 "image_id": tile_index,
-                "category_id": category_id(label),
+                "category_id": category,
                 "bbox": [x0, y0, w, h],
                 "area": w * h,
                 "iscrowd": 0,
             })
-    return {
-        "info": {"description": "cytosynth synthetic cervical cytology tiles"},
-        "images": images,
-        "annotations": annotations,
-        "categories": CATEGORIES,
-    }
+    return {"info": _INFO, "licenses": [], "images": images, "annotations": annotations, "categories": categories}
 
 
 def write_coco(
     out_url: str, path: str | None = None, *, storage_options: Mapping[str, Any] | None = None
 ) -> str:
     """Write the COCO JSON of every committed sample (from shard stats, no tar opened) to ``path``
-    (default ``<out_url>/coco.json``); return its URL."""
+    (default ``<out_url>/coco.json``); return its URL. Its ``file_name``s are the shard member
+    names; ``export_coco`` writes the image files too."""
     path = path or join(out_url, COCO_NAME)
     rows = (
         {**row, "image_format": stats["image_format"]}
@@ -70,3 +82,39 @@ def write_coco(
     )
     put_bytes(path, json_bytes(to_coco(rows)), storage_options=storage_options)
     return path
+
+
+def export_coco(
+    out_url: str, images_url: str, labels: str = "abnormal", *, storage_options: Mapping[str, Any] | None = None
+) -> str:
+    """Extract every committed sample of the output ``out_url`` (local or any fsspec URL) into the
+    folder ``images_url`` (``<key>.<ext>``, the shard's bytes as they are) and write
+    ``images_url/annotations.json`` last, its ``file_name``s relative to that folder; return its URL.
+
+    ``storage_options`` are for reading ``out_url``. Bad input is a one-line StorageError naming the URL.
+    """
+    label_categories(labels)  # an unknown label set fails before anything is written
+    items = []
+    for shard in committed_shard_urls(out_url, storage_options=storage_options):
+        for key, ext, image, annotation in _shard_members(shard, storage_options):
+            put_bytes(join(images_url, f"{key}.{ext}"), image)
+            items.append({**annotation, "image_format": ext})
+    url = join(images_url, ANNOTATIONS_NAME)
+    put_bytes(url, json_bytes(to_coco(items, labels=labels), indent=1))
+    return url
+
+
+def _shard_members(shard: str, storage_options: Mapping[str, Any] | None):
+    """(key, image extension, image bytes, annotation) per sample of one shard, streamed."""
+    try:
+        with open_shard(shard, storage_options=storage_options) as stream:
+            for raw in iter_tar_samples(stream):
+                key = str(raw["__key__"])
+                ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+                if ext is None or "json" not in raw:
+                    raise ValueError(f"sample {key} lacks an image or its json")
+                yield key, ext, raw[ext], parse_json(raw["json"], f"{key}.json")
+    except StorageError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"cannot read shard {shard}: {describe(exc)}") from None

@@ -1,4 +1,8 @@
-"""Tile image bytes: HxWx3 uint8 arrays to PNG/JPEG/WebP and back (Pillow)."""
+"""Tile image bytes: HxWx3 uint8 arrays to PNG/JPEG/WebP and back (Pillow).
+
+``png`` and ``webp-lossless`` keep every pixel; ``jpg`` and ``webp`` (quality 95) are lossy.
+A format's file extension (the shard member's) is ``image_extension(fmt)``: ``webp-lossless`` is ``.webp``.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,18 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_FORMATS = ("png", "jpg", "webp")
+IMAGE_FORMATS = ("png", "jpg", "webp", "webp-lossless")
+LOSSLESS_FORMATS = ("png", "webp-lossless")
 # What decoding untrusted bytes may raise: not an image, truncated, a decompression bomb (more
 # pixels than Pillow's MAX_IMAGE_PIXELS), a pixel format with no faithful 8-bit RGB form.
 UNREADABLE_IMAGE = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 _16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-_PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+_PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "webp-lossless": "WEBP"}
+
+
+def image_extension(fmt: str) -> str:
+    """The file extension of format ``fmt`` (``"webp-lossless"`` -> ``"webp"``)."""
+    return fmt.removesuffix("-lossless")
 
 
 def check_image(array: np.ndarray) -> None:
@@ -33,6 +43,8 @@ def encode_image(array: np.ndarray, fmt: str = "png", *, quality: int = 95) -> b
     if fmt == "png":
         # No optimize pass and no metadata chunks: output depends on the pixels alone.
         image.save(buf, format="PNG", compress_level=6, optimize=False)
+    elif fmt == "webp-lossless":
+        image.save(buf, format="WEBP", lossless=True, quality=80, method=4, exact=True)
     else:
         image.save(buf, format=_PIL_FORMAT[fmt], quality=quality)
     return buf.getvalue()

@@ -30,6 +30,7 @@ tile index). Label sets (``LABEL_SETS``):
   stage 2: the ``normal_boxes`` and the edited cells too. An edited cell sits where a detected
   NILM cell was and is still a cell with an exact box; leaving it out would label a cell as
   background, teaching the detector to miss exactly the atypical cells real tiles also hold.
+- ``"all"``: the abnormal ids 1-4 plus the ``normal_boxes`` as NILM 5 (``num_classes=6``).
 
 Splitting. One epoch of one source is split over ``slots = world_size x num_workers`` readers
 (slot = rank x num_workers + worker id). Shards are permuted per epoch with the same seed on every
@@ -67,12 +68,13 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .classes import CATEGORY_IDS, NORMAL_LABEL, category_id
+from .classes import CATEGORY_IDS, LABEL_SETS, NORMAL_LABEL, check_label_set, label_categories, labelled_boxes
 from .errors import StorageError, describe, storage_error
 from .jsonio import parse_json
 from .objects import get_bytes
 from .reader import decode_sample, open_shard, shard_urls
 from .realtiles import read_real_tile
+from .shards import marker_url
 from .tars import iter_tar_samples
 from .urls import join
 
@@ -82,32 +84,23 @@ __all__ = [
     "split_shards", "to_detection_input",
 ]
 
-LABEL_SETS = ("abnormal", "nilm")
 Sources = str | Sequence[str]
 Transform = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 _REAL, _SYNTHETIC = 0, 1  # stream tags in the seeds
 
 
 def detection_categories(labels: str = "abnormal") -> dict[int, str]:
-    """Category id -> name of a label set: the four abnormal classes, or ``{1: "NILM"}``."""
-    _check_label_set(labels)
-    return {i: name for name, i in CATEGORY_IDS.items()} if labels == "abnormal" else {1: NORMAL_LABEL}
+    """Category id -> name of a label set: the four abnormal classes, ``{1: "NILM"}``, or both (NILM 5)."""
+    return label_categories(labels)
 
 
 def _check_label_set(labels: str) -> None:
-    if labels not in LABEL_SETS:
-        raise ValueError(f"unknown label set {labels!r}; expected one of {', '.join(LABEL_SETS)}")
+    check_label_set(labels)
 
 
 def detection_target(annotation: Mapping[str, Any], labels: str = "abnormal") -> dict[str, torch.Tensor]:
     """torchvision detection target of a sample JSON (module docstring: label sets)."""
-    _check_label_set(labels)
-    boxes = list(annotation.get("boxes", []))
-    if labels == "abnormal":
-        ids = [category_id(label) for label in annotation.get("labels", [])]
-    else:
-        boxes = list(annotation.get("normal_boxes", [])) + boxes
-        ids = [1] * len(boxes)
+    boxes, ids = labelled_boxes(annotation, labels)
     return {
         "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
         "labels": torch.tensor(ids, dtype=torch.int64),
@@ -140,8 +133,11 @@ def count_samples(shards: Sequence[str], *, storage_options: Mapping[str, Any] |
     """Samples in ``shards`` from their stats JSON (commit markers), no tar read; None if one lacks it."""
     total = 0
     for shard in shards:
+        marker = marker_url(shard)
+        if marker is None:
+            return None
         try:
-            stats = parse_json(get_bytes(shard.removesuffix(".tar") + ".json", storage_options=storage_options), shard)
+            stats = parse_json(get_bytes(marker, storage_options=storage_options), marker)
             total += int(stats["tiles"])
         except (StorageError, ValueError, KeyError, TypeError):
             return None  # a bare .tar written by other tools: the count is unknown, not an error

@@ -24,9 +24,12 @@ MANIFEST_SCHEMA = pa.schema(
         ("seed", pa.int64()),
         ("boxes", pa.list_(pa.list_(pa.int32()))),  # xyxy pixels
         ("labels", pa.list_(pa.string())),
+        ("category_ids", pa.list_(pa.int32())),  # ASC-US 1, ASC-H 2, LSIL 3, HSIL 4, per box
         ("source", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
+        ("image_format", pa.string()),  # png, jpg, webp (lossy) or webp-lossless
+        ("image_bytes", pa.int64()),  # size of the encoded image in its shard
     ]
 )
 assert tuple(MANIFEST_SCHEMA.names) == MANIFEST_FIELDS

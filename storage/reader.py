@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 import re
 import tarfile
 from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
@@ -10,11 +11,13 @@ from braceexpand import braceexpand
 
 from .errors import StorageError, describe, redact_url
 from .images import UNREADABLE_IMAGE, decode_image
-from .jsonio import parse_json
+from .job import JOB_NAME, SUCCESS_NAME
+from .jsonio import parse_json, to_plain
+from .objects import exists, get_bytes, list_names
 from .retry import DEFAULT_RETRY, Retry, retrying
-from .shards import committed_shards, shard_url
+from .shards import SHARDS_DIR, STATS_DIR, committed_shards, marker_url, shard_name, shard_url
 from .tars import iter_tar_samples
-from .urls import filesystem
+from .urls import filesystem, join
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 _PATTERN = re.compile(r"[*?\[{]")
@@ -32,13 +35,55 @@ def shard_urls(url: str, *, storage_options: Mapping[str, Any] | None = None) ->
     if _PATTERN.search(url):
         fs.invalidate_cache()
         found = sorted(fs.glob(path))
-        if path.endswith(".tar"):  # a glob over shards keeps the committed ones (their .json exists)
-            markers = set(fs.glob(path[: -len(".tar")] + ".json"))
-            found = [p for p in found if p[: -len(".tar")] + ".json" in markers]
+        if path.endswith(".tar"):  # a glob over an output's shards keeps the committed ones
+            found = [p for p in found if _is_committed(fs, p)]
         return [fs.unstrip_protocol(p) for p in found]
     if url.endswith(".tar"):
         return [url]
     return [shard_url(url, i) for i in sorted(committed_shards(url, storage_options=storage_options))]
+
+
+def _is_committed(fs: Any, path: str) -> bool:
+    """False only for a tar of a cytosynth output (its stats/ folder exists) without its marker."""
+    marker = marker_url(path)
+    if marker is None or not fs.isdir(posixpath.dirname(marker)):
+        return True  # a tar written by other tools: nothing marks it, take it as named
+    return fs.exists(marker)
+
+
+def committed_shard_urls(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The exact list of committed shard URLs of the output ``out_url`` (local or any fsspec URL),
+    in shard order: hand it to webdataset, Ray Data or Hugging Face ``datasets`` as it is.
+
+    One-line StorageError naming the URL when ``out_url`` is not an output, holds no committed
+    shard, or a committed shard (marker written, or counted in ``_SUCCESS``) has no tar.
+    """
+    name = redact_url(out_url)
+    committed = sorted(committed_shards(out_url, storage_options=storage_options))
+    if not committed:
+        if not exists(join(out_url, JOB_NAME), storage_options=storage_options):
+            raise StorageError(f"{name} is not a cytosynth output (no {JOB_NAME} and no {STATS_DIR}/ folder)")
+        raise StorageError(f"{name} has no committed shard yet (no {STATS_DIR}/*.json)")
+    tars = set(list_names(join(out_url, SHARDS_DIR), storage_options=storage_options))
+    missing = [i for i in committed if f"{shard_name(i)}.tar" not in tars]
+    expected = _success_shards(out_url, storage_options)
+    if expected is not None:
+        missing += sorted(set(range(expected)) - set(committed))
+    if missing:
+        raise StorageError(
+            f"{name}: shard {shard_url(name, missing[0])} is committed but missing"
+            + (f" ({len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    return [shard_url(out_url, i) for i in committed]
+
+
+def _success_shards(out_url: str, storage_options: Mapping[str, Any] | None) -> int | None:
+    """Shard count ``_SUCCESS`` records, or None before the job is complete."""
+    url = join(out_url, SUCCESS_NAME)
+    if not exists(url, storage_options=storage_options):
+        return None
+    summary = to_plain(parse_json(get_bytes(url, storage_options=storage_options), redact_url(url)))
+    return int(summary["shards"]) if isinstance(summary, dict) and "shards" in summary else None
 
 
 def open_shard(

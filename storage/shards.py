@@ -1,8 +1,10 @@
 """Shard writing and the commit protocol (DESIGN.md section 4).
 
 A shard is buffered in memory and committed in two steps: ``shards/NNNNNN.tar`` is written whole,
-then ``shards/NNNNNN.json`` (per-shard stats and manifest rows). The .json is the commit marker:
-a shard without it does not exist for readers, manifests or resume.
+then ``stats/NNNNNN.json`` (per-shard stats and manifest rows). The .json is the commit marker:
+a shard without it does not exist for readers, manifests or resume. Markers live in their own
+folder so that ``shards/`` holds tars only and any WebDataset reader can take the folder as it is.
+``stats_url`` is the one place that says where a marker lives.
 """
 
 from __future__ import annotations
@@ -16,24 +18,26 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from .errors import StorageError, redact_url
 from .annotations import manifest_row, normalize_annotation, sample_key
 from .classes import CLASSES
-from .images import IMAGE_FORMATS, check_image, encode_image
+from .errors import StorageError, redact_url
+from .images import IMAGE_FORMATS, check_image, encode_image, image_extension
 from .jsonio import json_bytes, parse_json
 from .objects import get_bytes, list_names, put_bytes
 from .retry import DEFAULT_RETRY, Retry
 from .tars import tar_bytes
 from .urls import join
 
-SHARDS_DIR = "shards"
+SHARDS_DIR = "shards"  # the tars, and nothing else
+STATS_DIR = "stats"  # the commit markers
 # What every reader of a shard marker relies on (totals, manifest, resume and verify checks).
 STATS_FIELDS = ("shard", "tiles", "cells", "normal_cells", "samples", "tar_bytes", "tar_sha256")
 _MARKER = re.compile(r"^(\d{6,})\.json$")
+_TAR = re.compile(r"^(\d{6,})\.tar$")
 
 __all__ = [
-    "SHARDS_DIR", "ShardWriter", "committed_shards", "iter_shard_stats", "read_shard_stats",
-    "sample_key", "shard_name", "shard_url", "stats_url",
+    "SHARDS_DIR", "STATS_DIR", "ShardWriter", "committed_shards", "iter_shard_stats", "marker_url",
+    "read_shard_stats", "sample_key", "shard_name", "shard_url", "stats_url",
 ]
 
 
@@ -50,14 +54,26 @@ def shard_url(out_url: str, index: int) -> str:
 
 
 def stats_url(out_url: str, index: int) -> str:
-    """URL of shard ``index``'s stats JSON, the commit marker."""
-    return join(out_url, SHARDS_DIR, f"{shard_name(index)}.json")
+    """URL of shard ``index``'s stats JSON, the commit marker (the one place that decides where)."""
+    return join(out_url, STATS_DIR, f"{shard_name(index)}.json")
+
+
+def marker_url(tar_url: str) -> str | None:
+    """The commit marker of the shard at ``tar_url`` (``OUT/shards/NNNNNN.tar``), or None for a
+    tar outside that layout (written by other tools: it has no marker)."""
+    folder, _, name = str(tar_url).rstrip("/").rpartition("/")
+    out_url, _, shards = folder.rpartition("/")
+    match = _TAR.match(name)
+    if not (match and shards == SHARDS_DIR and out_url):
+        return None
+    return stats_url(out_url, int(match.group(1)))
 
 
 class ShardWriter:
     """Buffers the samples of one shard in memory; ``commit()`` publishes them, or nothing appears.
 
-    Samples are stored sorted by tile index with members ``<key>.json`` then ``<key>.<image_format>``,
+    Samples are stored sorted by tile index with members ``<key>.json`` then ``<key>.<ext>`` (the
+    format's extension: png, jpg or webp),
     so a shard's bytes do not depend on the order (or the worker) in which tiles were added.
     """
 
@@ -101,7 +117,7 @@ class ShardWriter:
                 _, ann_json, image_bytes = self._samples[tile_index]
                 key = sample_key(tile_index)
                 yield f"{key}.json", ann_json
-                yield f"{key}.{self.image_format}", image_bytes
+                yield f"{key}.{image_extension(self.image_format)}", image_bytes
 
         return tar_bytes(members())
 
@@ -116,7 +132,10 @@ class ShardWriter:
             "image_format": self.image_format,
             "tar_bytes": len(tar),
             "tar_sha256": hashlib.sha256(tar).hexdigest(),
-            "samples": [manifest_row(a, self.shard_index) for a in annotations],
+            "samples": [
+                manifest_row(a, self.shard_index, self.image_format, len(self._samples[a["tile_index"]][2]))
+                for a in annotations
+            ],
         }
         # Callers add timings, worker ids...; the contract fields above always win.
         return {"seconds": round(time.monotonic() - self._started, 3), **(extra or {}), **computed}
@@ -140,9 +159,27 @@ class ShardWriter:
 
 
 def committed_shards(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> set[int]:
-    """Indices of the committed shards under ``out_url`` (those whose .json marker exists)."""
+    """Indices of the committed shards under ``out_url`` (those whose .json marker exists).
+
+    An output written with the old layout (markers beside the tars in ``shards/``) is refused with
+    a StorageError rather than taken as empty: a resume would otherwise redo every shard.
+    """
+    names = list_names(join(out_url, STATS_DIR), storage_options=storage_options)
+    committed = {int(m.group(1)) for m in map(_MARKER.match, names) if m}
+    if not committed:
+        refuse_old_layout(out_url, storage_options=storage_options)
+    return committed
+
+
+def refuse_old_layout(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
+    """StorageError if ``out_url`` holds commit markers in ``shards/`` (the layout before markers
+    moved to ``stats/``)."""
     names = list_names(join(out_url, SHARDS_DIR), storage_options=storage_options)
-    return {int(m.group(1)) for m in map(_MARKER.match, names) if m}
+    if any(map(_MARKER.match, names)):
+        raise StorageError(
+            f"{redact_url(out_url)} was written with an older cytosynth layout (commit markers in {SHARDS_DIR}/, "
+            f"now {STATS_DIR}/); regenerate it, or move {SHARDS_DIR}/*.json to {STATS_DIR}/"
+        )
 
 
 def read_shard_stats(out_url: str, index: int, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -116,7 +116,7 @@ def test_a_truncated_shard_as_real_tiles_is_one_line(tmp_path, capsys):
     assert_nothing_written(tmp_path / "out")
 
 
-@pytest.mark.parametrize("junk", [("notes.txt", b"mine"), ("shards/000000.json", b"junk")], ids=["own-file", "junk-marker"])
+@pytest.mark.parametrize("junk", [("notes.txt", b"mine"), ("stats/000000.json", b"junk")], ids=["own-file", "junk-marker"])
 def test_a_foreign_non_empty_out_is_refused_before_anything_is_written(tmp_path, capsys, junk):
     out = tmp_path / "out"
     (out / junk[0]).parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,7 @@ def test_shard_stats_without_tiles_are_one_line(tmp_path, capsys):
     out = tmp_path / "out"
     assert generate(out, "--tiles-per-shard", "1") == 0
     (out / "_SUCCESS").unlink()
-    stats = out / "shards" / "000000.json"
+    stats = Path(storage.stats_url(str(out), 0))
     record = json.loads(stats.read_text())
     del record["tiles"]
     stats.write_text(json.dumps(record))

@@ -59,7 +59,8 @@ def test_commit_writes_tar_then_stats_marker(storage_root, make_tile):
     for i in (70, 71):
         writer.add(i, *make_tile(i, boxes=[[1, 1, 5, 5], [2, 2, 9, 9]], labels=["ASC-H", "ASC-H"]))
     stats = writer.commit({"seconds": 1.5, "worker": "w3"})
-    assert list_names(storage_root + "/shards") == ["000007.json", "000007.tar"]
+    assert list_names(storage_root + "/shards") == ["000007.tar"]  # tars only: readers take the folder as it is
+    assert list_names(storage_root + "/stats") == ["000007.json"]
     assert committed_shards(storage_root) == {7}
     assert read_shard_stats(storage_root, 7) == stats
     assert stats["shard"] == 7 and stats["tiles"] == 2 and stats["worker"] == "w3" and stats["seconds"] == 1.5
