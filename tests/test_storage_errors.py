@@ -162,10 +162,10 @@ def test_ensure_writable_accepts_good_outputs(tmp_path, s3_bucket):
 
 
 def _assert_one_line_storage_error(url, *, storage_options=None):
-    start = time.monotonic()
+    # How fast it fails is a benchmark matter (bench/, never a test): the probe's own timeout and
+    # single attempt are what make it fast, and a slow machine must not fail this test.
     with pytest.raises(StorageError) as failure:
         ensure_writable(url, storage_options=storage_options, timeout=2)
-    assert time.monotonic() - start < 5, "must fail fast"
     message = str(failure.value)
     assert message.startswith(f"output {url} is not writable: ") and "\n" not in message
     return message

@@ -100,10 +100,16 @@ def test_the_editor_follows_class_and_box(bundle):
     boxes = np.array([[90, 90, 170, 160], [90, 90, 170, 160], [20, 30, 100, 90]])
     out = editor(crops, boxes, ["ASC-US", "HSIL", "ASC-US"], [1, 1, 1])
     assert out.shape == crops.shape and out.dtype == np.uint8
-    assert not np.array_equal(out[0], out[1])  # the class reaches the UNet (prompt and grounding)
-    assert not np.array_equal(out[0], out[2])  # so does the box
+    assert not np.array_equal(out[0], out[2])  # the box reaches the UNet
     again = editor(crops[:1], boxes[:1], ["ASC-US"], [1])
-    assert np.abs(again[0].astype(int) - out[0]).max() <= 2
+    assert np.abs(again[0].astype(int) - out[0]).max() <= 2  # batching changes only rounding
+    # The class reaches the UNet (prompt and grounding): the same crop, box and seed, alone in its
+    # batch, with another class differs far beyond rounding (measured: max 10-11 grey levels, mean
+    # 0.6-0.7 on the tiny random model; the same call repeated differs by 0).
+    assert np.array_equal(editor(crops[:1], boxes[:1], ["ASC-US"], [1]), again)
+    for other in ("HSIL", "LSIL"):
+        changed = np.abs(editor(crops[:1], boxes[:1], [other], [1]).astype(int) - again)
+        assert changed.max() >= 5 and changed.mean() > 0.2, (other, changed.max(), changed.mean())
 
 
 @pytest.mark.parametrize("box, origin", [((0, 0, 50, 40), (0, 0)), ((990, 1000, 1024, 1024), (768, 768)),
