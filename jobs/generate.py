@@ -151,7 +151,7 @@ def format_summary(summary: dict) -> str:
         f"  abnormal   {sum(summary['cells'].values())} cells: "
         + ", ".join(f"{name} {count}" for name, count in summary["cells"].items()),
         f"  normal     {summary['normal_cells']} NILM cells annotated",
-        "  files      job.json, shards/*.tar, manifest.parquet, preview.png, _SUCCESS",
+        "  files      job.json, shards/*.tar, stats/*.json, manifest.parquet, preview.png, _SUCCESS",
     ]
     return "\n".join(lines)
 
