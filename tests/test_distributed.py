@@ -177,7 +177,7 @@ def committed_files(out: Path) -> dict[str, tuple[int, int]]:
     """(inode, mtime in ns) of every committed shard's tar and stats JSON."""
     files = {}
     for shard in storage.committed_shards(str(out)):
-        for path in (out / "shards").glob(f"{shard:06d}.*"):
+        for path in (out / "shards" / f"{shard:06d}.tar", Path(storage.stats_url(str(out), shard))):
             files[path.name] = (path.stat().st_ino, path.stat().st_mtime_ns)
     return files
 

@@ -178,8 +178,8 @@ def test_preview_command_draws_the_contact_sheet_of_any_output(baseline, tmp_pat
 
 def test_output_holds_job_json_shards_manifest_preview_and_success(baseline):
     assert (baseline / "job.json").is_file()
-    shards = sorted(p.name for p in (baseline / "shards").iterdir())
-    assert shards == [f"{s:06d}.{ext}" for s in range(3) for ext in ("json", "tar")]
+    assert sorted(p.name for p in (baseline / "shards").iterdir()) == [f"{s:06d}.tar" for s in range(3)]  # tars only
+    assert sorted(p.name for p in (baseline / "stats").iterdir()) == [f"{s:06d}.json" for s in range(3)]  # the markers
     assert (baseline / "manifest.parquet").is_file()
     with Image.open(baseline / "preview.png") as preview:
         assert preview.format == "PNG" and preview.width > 0
@@ -270,9 +270,9 @@ def test_bf16_models_edit_the_same_cells_and_leave_the_rest_of_the_tile_bit_iden
     at rounding level, and invariant 2 (locality) holds."""
     out = tmp_path / "bf16"
     assert generate(out, "--precision", "bf16") == 0
-    stats = [json.loads(p.read_text()) for p in sorted((out / "shards").glob("*.json"))]
+    stats = [json.loads(p.read_text()) for p in sorted((out / "stats").glob("*.json"))]
     assert {s["precision"] for s in stats} == {"bfloat16"}
-    assert {json.loads(p.read_text())["precision"] for p in (baseline / "shards").glob("*.json")} == {"float32"}
+    assert {json.loads(p.read_text())["precision"] for p in (baseline / "stats").glob("*.json")} == {"float32"}
     for index, tile in read_tiles(out).items():
         fp32 = baseline_tiles[index]
         assert (tile["json"]["boxes"], tile["json"]["labels"]) == (fp32["json"]["boxes"], fp32["json"]["labels"])
@@ -326,16 +326,16 @@ def test_tile_annotations_do_not_depend_on_batch_size_or_tiles_per_shard(
 
 def test_resume_rebuilds_only_the_missing_shard_and_equals_an_uninterrupted_run(copy_of_baseline, baseline):
     out = copy_of_baseline
-    kept = {name: (out / "shards" / name).stat() for name in ("000000.tar", "000000.json", "000002.tar", "000002.json")}
-    for name in ("000001.tar", "000001.json", "_SUCCESS"):
-        (out / "shards" / name if name != "_SUCCESS" else out / name).unlink()
+    kept = {name: (out / name).stat() for name in ("shards/000000.tar", "stats/000000.json", "shards/000002.tar", "stats/000002.json")}
+    for name in ("shards/000001.tar", "stats/000001.json", "_SUCCESS"):
+        (out / name).unlink()
 
     assert generate(out) == 0
 
     for name, before in kept.items():
-        after = (out / "shards" / name).stat()
+        after = (out / name).stat()
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), f"{name} was rewritten"
-    assert (out / "shards" / "000001.json").is_file()
+    assert (out / "stats" / "000001.json").is_file()
     assert shard_bytes(out) == shard_bytes(baseline)
     assert (out / "_SUCCESS").is_file()
     assert read_manifest(str(out)).to_pylist() == read_manifest(str(baseline)).to_pylist()
@@ -369,7 +369,7 @@ def test_job_writes_a_complete_dataset_to_s3(s3_bucket, s3_server, baseline):
     names = sorted(p.removeprefix(root + "/") for p in fs.find(root))
     assert names == [
         "_SUCCESS", "job.json", "manifest.parquet", "preview.png",
-        "shards/000000.json", "shards/000000.tar", "shards/000001.json", "shards/000001.tar",
+        "shards/000000.tar", "shards/000001.tar", "stats/000000.json", "stats/000001.json",
     ]
     seen: dict[int, dict] = {}
     for shard in (0, 1):
