@@ -55,7 +55,8 @@ def s3_shards(s3_server: str, local_shards: str) -> str:
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}, key="testing", secret="testing")
     bucket = f"normal-{uuid.uuid4().hex[:12]}"
     fs.mkdir(bucket)
-    fs.put(local_shards + "/shards", f"{bucket}/tiles/shards", recursive=True)
+    for folder in ("shards", "stats"):  # the tars and their commit markers
+        fs.put(f"{local_shards}/{folder}", f"{bucket}/tiles/{folder}", recursive=True)
     return f"s3://{bucket}/tiles"
 
 
