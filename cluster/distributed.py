@@ -278,8 +278,8 @@ def run_distributed(
         _probe(ray_address)  # before anything is written
     start = time.perf_counter()
     validate_options(config)
+    storage.ensure_writable(config.out)  # first: an unreachable store is one 'not writable' line
     storage.check_not_foreign(config.out)
-    storage.ensure_writable(config.out)
     layout = validate_config(config)
     make_worker = make_worker or functools.partial(
         load_shard_worker, config, batch_size=runtime.batch_size, precision=runtime.precision

@@ -182,8 +182,8 @@ def run_local(config: GenerateConfig, runtime: Runtime = Runtime()) -> dict[str,
     start = time.perf_counter()
     validate_runtime(runtime)
     validate_options(config)  # the cheap checks first: nothing below may write before they pass
+    storage.ensure_writable(config.out)  # first: an unreachable store is one 'not writable' line
     storage.check_not_foreign(config.out)
-    storage.ensure_writable(config.out)
     layout = validate_config(config)  # checks inputs before the (possibly slow) model load
     worker = load_shard_worker(config, runtime.device, runtime.batch_size, precision=runtime.precision)
     pending = prepare_job(config, layout, worker.fingerprints)
