@@ -120,11 +120,11 @@ def test_generate_loads_the_trained_acs_and_its_edits_change(trained, tmp_path):
     for name, acs in (("trained", os.path.join(out, "acs_unet")), ("untrained", str(tmp_path / "untrained" / "acs_unet"))):
         code = cli.main([
             "generate", "--model-dir", bundle, "--acs-unet", acs, "--preset", "tiny", "--normal-source", "phantom",
-            "--num-tiles", "1", "--tile-size", "384", "--cells", "1-1", "--steps", "2", "--out", str(tmp_path / name),
+            "--num-tiles", "1", "--tile-size", "384", "--cells", "1-1", "--steps", "2", "--out", str(tmp_path / "generated" / name),
             "--device", "cpu", "--quiet",
         ])
         assert code == 0
-        tiles[name] = generated_tile(str(tmp_path / name))
+        tiles[name] = generated_tile(str(tmp_path / "generated" / name))
     (image, annotation), (untrained_image, untrained_annotation) = tiles["trained"], tiles["untrained"]
     assert annotation["boxes"] == untrained_annotation["boxes"] and annotation["models"]["acs_unet"] != untrained_annotation["models"]["acs_unet"]
     x0, y0, x1, y1 = annotation["boxes"][0]
