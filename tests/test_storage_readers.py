@@ -5,7 +5,6 @@ manifest's per-sample format columns, all on small shards written by ShardWriter
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -19,6 +18,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from gloo_ranks import epoch_ids, gloo_rank
+from reading_helpers import CELLS, PER_SHARD, SIZE, TILES, tile, write_output
 
 from cytosynth import storage
 from cytosynth.jobs import cli
@@ -26,7 +26,6 @@ from cytosynth.storage import (
     CATEGORY_IDS,
     IMAGE_FORMATS,
     ShardDetectionDataset,
-    ShardWriter,
     StorageError,
     committed_shard_urls,
     filesystem,
@@ -37,42 +36,9 @@ from cytosynth.storage import (
     stats_url,
     webdataset_pipeline,
     write_job_json,
-    write_manifest,
     write_success,
 )
 from cytosynth.storage.images import image_extension
-
-SIZE, SHARDS, PER_SHARD = 64, 2, 2
-TILES = range(SHARDS * PER_SHARD)
-# Tile i: cells of these classes (tile 2 has none) and one NILM box each.
-CELLS = {0: ["HSIL"], 1: ["ASC-US", "LSIL"], 2: [], 3: ["ASC-H"]}
-
-
-def tile(i: int) -> tuple[np.ndarray, dict]:
-    """A smooth 64x64 tile (lossy codecs stay close to it) and its annotation."""
-    y, x = np.mgrid[0:SIZE, 0:SIZE]
-    image = np.stack([x * 3 + 5 * i, y * 3 + 9 * i, np.full_like(x, 40 * i)], axis=2).astype(np.uint8)
-    labels = CELLS[i]
-    return image, {
-        "seed": 100 + i,
-        "boxes": [[2 + 12 * k, 3, 10 + 12 * k, 14 + i] for k in range(len(labels))],
-        "labels": labels,
-        "normal_boxes": [[40, 40, 52, 50 + i]],
-        "source": "synthetic",
-    }
-
-
-def write_output(out: str, image_format: str = "png", *, shards: int = SHARDS) -> str:
-    """A complete output: job.json, committed shards, manifest.parquet, _SUCCESS."""
-    write_job_json(out, {"test": "readers", "image_format": image_format})
-    for shard in range(shards):
-        writer = ShardWriter(out, shard, image_format)
-        for i in range(shard * PER_SHARD, (shard + 1) * PER_SHARD):
-            writer.add(i, *tile(i))
-        writer.commit()
-    write_manifest(out)
-    write_success(out, {"shards": shards, "tiles": shards * PER_SHARD}, expected_shards=shards)
-    return out
 
 
 @pytest.fixture(scope="module")
