@@ -119,6 +119,18 @@ def test_a_shard_counted_in_success_but_missing_is_one_line_naming_it(tmp_path):
     assert one_line_error(err) == f"{out}: shard {shard_url(out, 2)} is committed but missing"
 
 
+@pytest.mark.parametrize("success, message", [
+    (b"garbage{", "_SUCCESS is not valid JSON"),
+    (b'{"shards": "two"}', "_SUCCESS: 'shards' is not a shard count: 'two'"),
+])
+def test_an_unreadable_success_summary_is_one_line_naming_it(tmp_path, success, message):
+    out = write_output(str(tmp_path / "out"))
+    (Path(out) / "_SUCCESS").write_bytes(success)
+    with pytest.raises(StorageError) as err:
+        committed_shard_urls(out)
+    assert one_line_error(err).startswith(f"{out}/{message}")
+
+
 def test_a_committed_shard_whose_tar_is_gone_is_one_line_naming_it(storage_root):
     out = write_output(storage_root)
     fs, path = filesystem(shard_url(out, 0))
