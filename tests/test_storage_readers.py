@@ -437,3 +437,17 @@ def test_ray_dataset_has_decoded_images_and_box_columns(ray_session, tmp_path, i
         assert list(row["labels"]) == annotation["labels"]
         assert list(row["category_ids"]) == [CATEGORY_IDS[x] for x in annotation["labels"]]
         assert (row["width"], row["height"]) == (SIZE, SIZE)
+
+
+@pytest.mark.slow
+def test_ray_dataset_reads_s3_with_the_endpoint_in_storage_options(ray_session, s3_bucket, s3_server, monkeypatch):
+    out = write_output(s3_bucket + "/run1")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the Ray workers never had it: only storage_options say where
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    options = {"client_kwargs": {"endpoint_url": s3_server}, "key": "testing", "secret": "testing"}
+    rows = storage.ray_dataset(out, storage_options=options).take_all()
+    assert sorted(row["tile_index"] for row in rows) == list(TILES)
+    for row in rows:
+        np.testing.assert_array_equal(row["image"], tile(row["tile_index"])[0])
