@@ -44,17 +44,21 @@ def test_the_section_has_a_recipe_for_every_client():
 @pytest.fixture(scope="module")
 def outputs(s3_server, tmp_path_factory):
     """{"local": a folder, "s3": the same output copied to a moto bucket}; for the module, the AWS
-    environment points at the moto server and a local Ray runs (its workers inherit that)."""
-    import ray
-
+    environment points at the moto server."""
     local = write_output(str(tmp_path_factory.mktemp("reading") / "out"), shards=SHARDS, per_shard=TILES // SHARDS)
     with moto_bucket(s3_server, "readme-reading") as bucket:
         s3fs.S3FileSystem().put(local + "/", bucket.removeprefix("s3://") + "/run1", recursive=True)
-        ray.init(**RAY_SETTINGS)
-        try:
-            yield {"local": local, "s3": bucket + "/run1"}
-        finally:
-            ray.shutdown()
+        yield {"local": local, "s3": bucket + "/run1"}
+
+
+@pytest.fixture(scope="module")
+def ray_session(outputs):
+    """One local Ray for the module, started inside the moto environment (its workers inherit it)."""
+    import ray
+
+    ray.init(**RAY_SETTINGS)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture
@@ -75,7 +79,7 @@ def cpu_seconds() -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", "s3"])
-def test_every_reading_recipe_runs_as_written(outputs, backend, tmp_path, monkeypatch, hf_cache):
+def test_every_reading_recipe_runs_as_written(outputs, ray_session, backend, tmp_path, monkeypatch, hf_cache):
     out = outputs[backend]
     work = tmp_path / "work"
     work.mkdir()
@@ -99,8 +103,9 @@ def test_every_reading_recipe_runs_as_written(outputs, backend, tmp_path, monkey
     assert namespace["ds"].num_rows == TILES
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", "s3"])
-def test_ray_data_reads_the_shards_folder_itself(outputs, backend):
+def test_ray_data_reads_the_shards_folder_itself(outputs, ray_session, backend):
     import ray
 
     rows = ray.data.read_webdataset(outputs[backend] + "/shards").take_all()
