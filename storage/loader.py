@@ -7,7 +7,7 @@ API (``from cytosynth.storage import ...``; importing it pulls in torch, the res
         "s3://data/synthetic",               # synthetic shards (optional)
         synthetic_fraction=0.3,              # share of synthetic samples in the epoch, in [0, 1]
         labels="abnormal",                   # or "nilm"
-        batch_size=2, num_workers=4,         # rank/world_size default from torch.distributed
+        batch_size=2, num_workers=4,         # rank/world_size default from $RANK/$WORLD_SIZE or torch.distributed
     )
     for epoch in range(epochs):
         loader.dataset.set_epoch(epoch)      # new shard order and shuffle, same on every rank
@@ -261,7 +261,7 @@ class ShardDetectionDataset(IterableDataset):
 
     ``real`` / ``synthetic``: URLs ``shard_urls`` takes (a job output, a ``.tar``, a brace pattern
     or a glob) or lists of them; shard lists are resolved once, here. ``rank`` / ``world_size``
-    default to torch.distributed's when it is initialised, else 0 / 1. ``transform(image, target)``
+    default to $RANK / $WORLD_SIZE, else torch.distributed's when it is initialised, else 0 / 1. ``transform(image, target)``
     runs last (augmentation). Bad arguments raise ValueError; missing shards StorageError.
     """
 
@@ -366,10 +366,11 @@ def _mix(real: Iterator[dict], synthetic: Iterator[dict], ratio: float) -> Itera
 
 
 def _distributed_place(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    dist = torch.distributed
-    initialised = dist.is_available() and dist.is_initialized()
-    rank = rank if rank is not None else (dist.get_rank() if initialised else 0)
-    world_size = world_size if world_size is not None else (dist.get_world_size() if initialised else 1)
+    # webdataset's own rule ($RANK / $WORLD_SIZE, as torchrun and Ray Train set them, else the
+    # initialised process group, else 0 / 1), so this dataset and webdataset_pipeline agree.
+    env_rank, env_world_size, _, _ = wds.utils.pytorch_worker_info()
+    rank = env_rank if rank is None else rank
+    world_size = env_world_size if world_size is None else world_size
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
     return rank, world_size

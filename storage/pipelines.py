@@ -10,6 +10,7 @@ inside ``ray_dataset`` only, as storage never imports Ray otherwise.
 from __future__ import annotations
 
 import functools
+import random
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
@@ -53,7 +54,9 @@ def webdataset_pipeline(
 
     Shard shuffle is ``detshuffle`` with ``seed``: every rank draws the same shard order (a new one
     each pass), which ``split_by_node`` needs to hand each rank different shards; samples are then
-    shuffled in a buffer of ``shuffle_buffer``. ``decode`` is a webdataset decoder spec (``"rgb8"``:
+    shuffled in a buffer of ``shuffle_buffer``, seeded too: the same ``seed`` gives the same order.
+    A pass counts per pipeline object: under a DataLoader with workers, ``persistent_workers=True``
+    keeps the count (otherwise every epoch starts from a fresh copy and repeats the first order). ``decode`` is a webdataset decoder spec (``"rgb8"``:
     HxWx3 uint8 arrays; ``"torchrgb"``: CHW float tensors; None: raw bytes); ``json`` is always a dict.
     Like any webdataset split, a reader gets no shard when there are fewer shards than
     ranks x workers: use ``ShardDetectionDataset`` for exactly-once epochs over any shard count.
@@ -70,12 +73,26 @@ def webdataset_pipeline(
         group_by_keys,
     ]
     if shuffle:
-        stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer))
+        stages.append(_SampleShuffle(shuffle_buffer, seed))
     if decode:
         stages.append(wds.decode(decode))
     else:
         stages.append(wds.map(_json_decoded))
     return wds.DataPipeline(*stages)
+
+
+class _SampleShuffle:
+    """webdataset's buffer shuffle, seeded by (seed, pass, rank, worker): ``wds.shuffle`` alone
+    seeds itself from the pid and the clock, so the same ``seed`` would not give the same order."""
+
+    def __init__(self, bufsize: int, seed: int) -> None:
+        self.bufsize, self.seed, self.passes = bufsize, seed, -1
+
+    def __call__(self, src: Any) -> Any:
+        self.passes += 1  # a new order each pass, as detshuffle's epoch
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = random.Random(f"{self.seed}/{self.passes}/{rank}/{worker}")  # str seeds are stable across runs
+        return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(src)
 
 
 def _json_decoded(sample: dict[str, Any]) -> dict[str, Any]:

@@ -82,8 +82,14 @@ def _success_shards(out_url: str, storage_options: Mapping[str, Any] | None) -> 
     url = join(out_url, SUCCESS_NAME)
     if not exists(url, storage_options=storage_options):
         return None
-    summary = to_plain(parse_json(get_bytes(url, storage_options=storage_options), redact_url(url)))
-    return int(summary["shards"]) if isinstance(summary, dict) and "shards" in summary else None
+    try:
+        summary = to_plain(parse_json(get_bytes(url, storage_options=storage_options), redact_url(url)))
+    except ValueError as err:  # names the file already
+        raise StorageError(str(err)) from None
+    shards = summary.get("shards") if isinstance(summary, dict) else None
+    if shards is not None and (not isinstance(shards, int) or isinstance(shards, bool) or shards < 0):
+        raise StorageError(f"{redact_url(url)}: 'shards' is not a shard count: {shards!r:.40}")
+    return shards
 
 
 def open_shard(
