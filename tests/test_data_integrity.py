@@ -3,7 +3,7 @@ is committed only whole and only as its job's; damaged shards are found (size al
 --verify or `cytosynth verify`) and made again; inputs that can fail mid-job are checked up front,
 and what can only fail mid-job fails its shard with one line and keeps the earlier ones.
 
-Cheap jobs: 4 phantom tiles of 256 px in 2 shards, no abnormal cell (no stage-2 call), 1 step, CPU.
+Cheap jobs (the end-to-end ones are marked slow): 4 phantom tiles of 256 px in 2 shards, no abnormal cell (no stage-2 call), 1 step, CPU.
 """
 
 from __future__ import annotations
@@ -96,11 +96,13 @@ def test_of_drivers_racing_to_claim_one_out_with_different_configs_exactly_one_w
     assert all("different job config" in o for s, o in outcomes.items() if s != winners[0])
 
 
+@pytest.mark.slow
 def test_every_shard_marker_records_its_jobs_config_hash(pristine):
     identity = storage.job_config_sha256(str(pristine))
     assert identity and [marker(pristine, i)["config_sha256"] for i in (0, 1)] == [identity, identity]
 
 
+@pytest.mark.slow
 def test_a_shard_of_another_config_in_the_output_is_one_line_on_resume_and_on_read(job, tmp_path, capsys):
     other = tmp_path / "other"
     assert generate(other, "--seed", 1) == 0  # what a second driver with another seed commits
@@ -116,6 +118,7 @@ def test_a_shard_of_another_config_in_the_output_is_one_line_on_resume_and_on_re
     assert not (job / "_SUCCESS").exists()
 
 
+@pytest.mark.slow
 def test_verify_repair_remakes_a_shard_of_another_config_as_the_jobs_own(job, pristine, tmp_path, capsys):
     other = tmp_path / "other"
     assert generate(other, "--seed", 1) == 0
@@ -176,6 +179,7 @@ def _flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [_truncate, Path.unlink], ids=["truncated", "deleted"])
 def test_a_rerun_remakes_a_shard_whose_tar_is_truncated_or_gone(job, pristine, capsys, damage):
     damage(job / "shards" / "000001.tar")
@@ -185,6 +189,7 @@ def test_a_rerun_remakes_a_shard_whose_tar_is_truncated_or_gone(job, pristine, c
     assert storage.read_manifest(str(job)).equals(storage.read_manifest(str(pristine)))
 
 
+@pytest.mark.slow
 def test_generate_verify_finds_a_flipped_byte_and_remakes_the_shard(job, pristine, capsys):
     _flip_a_byte(job / "shards" / "000000.tar")
     assert generate(job, "--verify") == 0
@@ -192,6 +197,7 @@ def test_generate_verify_finds_a_flipped_byte_and_remakes_the_shard(job, pristin
     assert tars(job) == tars(pristine)
 
 
+@pytest.mark.slow
 def test_verify_reports_every_bad_shard_and_repair_makes_the_output_whole(job, pristine, capsys):
     _flip_a_byte(job / "shards" / "000000.tar")
     _truncate(job / "shards" / "000001.tar")
@@ -206,6 +212,7 @@ def test_verify_reports_every_bad_shard_and_repair_makes_the_output_whole(job, p
     assert verify(job) == 0
 
 
+@pytest.mark.slow
 def test_verify_repair_rebuilds_a_deleted_manifest(job, pristine, capsys):
     (job / "manifest.parquet").unlink()
     assert generate(job) == 0 and not (job / "manifest.parquet").exists()  # a complete job is not redone
@@ -233,6 +240,7 @@ def test_every_s3_put_carries_the_sha256_of_its_bytes(s3_bucket, make_tile):
     assert base64.b64decode(head["ChecksumSHA256"]).hex() == stats["tar_sha256"]
 
 
+@pytest.mark.slow
 def test_verify_repair_on_s3(s3_bucket, capsys):
     import s3fs
 
@@ -252,6 +260,7 @@ def test_verify_repair_on_s3(s3_bucket, capsys):
 # --------------------------------------------------------------------------- 9. errors after commits
 
 
+@pytest.mark.slow
 def test_a_plan_cell_detection_does_not_find_fails_its_shard_and_keeps_the_earlier_ones(tmp_path, capsys):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"tiles": {"2": [{"detected": 40, "label": "LSIL"}]}}))
@@ -272,6 +281,7 @@ def _png(seed: int) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_a_real_tile_with_a_valid_header_and_truncated_data_is_refused_before_anything_is_written(tmp_path, capsys):
     real = tmp_path / "real"
     real.mkdir()
