@@ -67,8 +67,8 @@ class ShardWorker:
         written after the tar); the returned stats add `upload` and `finished_at`.
         """
         c = self.config
-        identity = storage.config_sha256(job_config(c, layout, self.fingerprints))
-        writer = storage.ShardWriter(c.out, shard, c.image_format, config_sha256=identity)
+        job_sha256 = storage.config_sha256(job_config(c, layout, self.fingerprints))
+        writer = storage.ShardWriter(c.out, shard, c.image_format, config_sha256=job_sha256)
         seconds = dict.fromkeys(STAGES, 0.0)
         started_at = time.time()
         encodes: list[Future[float]] = []

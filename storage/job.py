@@ -128,8 +128,9 @@ def write_job_json(
     config = to_plain(redact(config))
     record = {**to_plain(redact(extra or {})), "config": config, "versions": software_versions()}
     url = join(out_url, JOB_NAME)
-    if create_bytes(url, json_bytes(record, indent=2), storage_options=storage_options):
-        return record
+    created = create_bytes(url, json_bytes(record, indent=2), storage_options=storage_options)
+    # Read back even after a create: a store that ignores If-None-Match (some S3-compatible
+    # ones) lets a racing driver overwrite the claim; this catches it at least where it is seen.
     existing = read_job_json(out_url, storage_options=storage_options)
     if existing is None:  # deleted between our claim and the read: it cannot be matched, so refuse
         raise StorageError(f"{redact_url(url)} appeared and vanished while this job claimed {redact_url(out_url)}; retry")
@@ -139,7 +140,7 @@ def write_job_json(
             f"{redact_url(url)} was written by a different job config; use a new --out "
             f"(differs in: {', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''})"
         )
-    return existing
+    return record if created else existing
 
 
 def write_success(
