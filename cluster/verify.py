@@ -45,7 +45,7 @@ def recorded_job(out: str) -> tuple[dict[str, Any], JobLayout]:
     if record is None:
         raise storage.StorageError(f"{redact_url(out)} is not a cytosynth output (no job.json)")
     config = record["config"]
-    if "job" in config or not isinstance(config.get("num_tiles"), int):
+    if "job" in config or not all(isinstance(config.get(k), int) and config[k] > 0 for k in ("num_tiles", "tiles_per_shard")):
         raise InvalidInputError(f"{redact_url(out)} is not a `cytosynth generate` output")
     return config, JobLayout(config["num_tiles"], config["tiles_per_shard"])
 
