@@ -2,8 +2,8 @@
 
 Local files are written to a hidden temp name in the same folder, then renamed (atomic on POSIX);
 object stores (S3, memory) get one put, and an S3 object appears only when its upload completes.
-Every S3 put carries the SHA-256 of its bytes, so S3 refuses (BadDigest) an upload corrupted on
-the way. ``create_bytes`` is the exclusive form (a claim): it writes only where nothing exists.
+Every S3 put (one PUT, up to 5 GiB) carries the SHA-256 of its bytes, so S3 refuses (BadDigest)
+an upload corrupted on the way. ``create_bytes`` is the exclusive form (a claim): it writes only where nothing exists.
 Every call is retried on transient errors and fails with StorageError.
 """
 
@@ -22,9 +22,9 @@ from .retry import DEFAULT_RETRY, Retry, retrying
 from .urls import S3_PROTOCOLS, filesystem, is_local
 
 TEMP_PREFIX = ".tmp-"
-# One PUT up to S3's single-object limit: s3fs switches to multipart above 2 x chunksize, and a
-# multipart upload cannot carry the whole object's SHA-256. Shards are in memory anyway.
-_SINGLE_PUT_CHUNK = 5 * 2**30 // 2
+# One PUT up to S3's single-object limit (5 GiB): s3fs switches to multipart above 2 x chunksize,
+# and a multipart upload cannot carry the whole object's SHA-256. Shards are in memory anyway.
+_SINGLE_PUT_LIMIT = 5 * 2**30
 
 
 def write_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, exclusive: bool = False) -> None:
@@ -37,7 +37,7 @@ def write_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, exclus
         _local_put(path, data, exclusive)
         return
     mode = "create" if exclusive else "overwrite"
-    if _is_s3(fs):
+    if _is_s3(fs) and len(data) < _SINGLE_PUT_LIMIT:
         fs.pipe_file(path, data, mode=mode, **_s3_checksum(data))
     else:
         fs.pipe_file(path, data, mode=mode)
@@ -51,7 +51,7 @@ def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
 def _s3_checksum(data: bytes) -> dict[str, object]:
     """put_object arguments that make S3 check the bytes it received against their SHA-256."""
     digest = base64.b64encode(hashlib.sha256(data).digest()).decode()
-    return {"ChecksumAlgorithm": "SHA256", "ChecksumSHA256": digest, "chunksize": _SINGLE_PUT_CHUNK}
+    return {"ChecksumAlgorithm": "SHA256", "ChecksumSHA256": digest, "chunksize": _SINGLE_PUT_LIMIT // 2}
 
 
 def _local_put(path: str, data: bytes, exclusive: bool = False) -> None:

@@ -236,7 +236,8 @@ def test_every_s3_put_carries_the_sha256_of_its_bytes(s3_bucket, make_tile):
     stats = writer.commit()
     bucket, _, key = storage.shard_url(out, 0).removeprefix("s3://").partition("/")
     head = boto3.client("s3").head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
-    # S3 checked the bytes it received against this checksum (BadDigest otherwise) and keeps it.
+    # The PUT declared the SHA-256 of its bytes: AWS S3 refuses a mismatch (BadDigest) and keeps
+    # it; moto 5.2 keeps it without checking, so this test checks what was sent.
     assert base64.b64decode(head["ChecksumSHA256"]).hex() == stats["tar_sha256"]
 
 
