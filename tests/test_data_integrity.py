@@ -9,7 +9,6 @@ Cheap jobs (the end-to-end ones are marked slow): 4 phantom tiles of 256 px in 2
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import shutil
