@@ -212,6 +212,24 @@ def test_verify_reports_every_bad_shard_and_repair_makes_the_output_whole(job, p
 
 
 @pytest.mark.slow
+def test_verify_repair_of_a_job_made_with_a_plan_needs_that_plan(tmp_path, capsys):
+    plan, other = tmp_path / "plan.json", tmp_path / "other.json"
+    plan.write_text(json.dumps({"tiles": {}, "default": "none"}))
+    other.write_text(json.dumps({"tiles": {"0": []}, "default": "none"}))
+    out = tmp_path / "out"
+    assert generate(out, "--plan", plan) == 0
+    made = tars(out)
+    _truncate(out / "shards" / "000001.tar")
+    capsys.readouterr()
+    assert verify(out, "--repair") == 2
+    one_error_line(capsys, "made with a plan", "--plan")
+    assert verify(out, "--repair", "--plan", other) == 2
+    one_error_line(capsys, "not the plan")
+    assert verify(out, "--repair", "--plan", plan) == 0
+    assert tars(out) == made
+
+
+@pytest.mark.slow
 def test_verify_repair_rebuilds_a_deleted_manifest(job, pristine, capsys):
     (job / "manifest.parquet").unlink()
     assert generate(job) == 0 and not (job / "manifest.parquet").exists()  # a complete job is not redone
