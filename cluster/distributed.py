@@ -304,7 +304,7 @@ def run_distributed(
         if runtime.progress:
             _log(f"starting {max(size[0], 1)} of up to {size[1]} replicas; waiting for the first to load the models")
         fingerprints = scheduler.start()
-        pending = prepare_job(config, layout, fingerprints)
+        pending = prepare_job(config, layout, fingerprints, hash_tars=runtime.verify)
 
         def tally(stats: dict[str, Any]) -> None:
             run.add(stats)

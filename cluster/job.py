@@ -67,6 +67,12 @@ class JobLayout:
         return range(start, min(start + self.tiles_per_shard, self.num_tiles))
 
 
+def job_config(config: GenerateConfig, layout: JobLayout, fingerprints: dict[str, str]) -> dict[str, Any]:
+    """The config job.json records (the dataset's identity); its `storage.config_sha256` is what
+    every shard marker of the job carries. One place, for the driver and every replica."""
+    return {**config.record(), "num_tiles": layout.num_tiles, "models": fingerprints}
+
+
 @dataclass(frozen=True)
 class PendingShards:
     """The shards a run still has to make, produced lazily: a million-tile job holds the set of

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -22,7 +23,7 @@ from cytosynth import storage
 from cytosynth.synth import InvalidInputError
 from cytosynth.synth.selection import MAX_CELLS_PER_TILE, plan_from_json
 
-from .job import NORMAL_SOURCES, GenerateConfig, JobLayout, PendingShards
+from .job import NORMAL_SOURCES, GenerateConfig, JobLayout, PendingShards, job_config
 from .synthesis import RealTileSource, load_shard_worker
 from .worker import STAGES
 
@@ -32,12 +33,14 @@ class Runtime:
     """How to run: device (None: cuda where available), tiles per model call, progress bar, and
     the models' precision (`synthesis.model_dtype`). Like the device, precision changes pixels at
     the rounding level (so, on generated tiles, what the detector may find), not the job's
-    identity: shard stats record both."""
+    identity: shard stats record both. `verify`: on resume, hash every committed tar against its
+    marker (sizes are always compared)."""
 
     device: str | None = None
     batch_size: int = 4
     progress: bool = True
     precision: str = "auto"
+    verify: bool = False
 
 
 @dataclass
@@ -121,10 +124,21 @@ def validate_config(config: GenerateConfig) -> JobLayout:
     return JobLayout(num_tiles, config.tiles_per_shard)
 
 
-def prepare_job(config: GenerateConfig, layout: JobLayout, fingerprints: dict[str, str]) -> PendingShards:
-    """Write (or match) job.json, and list the shards still to do."""
-    record = {**config.record(), "num_tiles": layout.num_tiles, "models": fingerprints}
+def prepare_job(
+    config: GenerateConfig, layout: JobLayout, fingerprints: dict[str, str], *, hash_tars: bool = False
+) -> PendingShards:
+    """Claim --out (write or match job.json), take damaged committed shards back out so they are
+    made again, and list the shards still to do.
+
+    Damaged: the tar is missing or not the size its marker records, or (`hash_tars`) not its
+    SHA-256. A committed shard made under another job config is a one-line StorageError.
+    """
+    record = job_config(config, layout, fingerprints)
     storage.write_job_json(config.out, record)
+    damaged = storage.damaged_shards(config.out, hash_tars=hash_tars, config_sha256=storage.config_sha256(record))
+    for index, problem in damaged.items():
+        tqdm.write(f"cytosynth: shard {storage.shard_name(index)} is damaged ({problem}); making it again", file=sys.stderr)
+    storage.uncommit(config.out, damaged)
     committed = storage.committed_shards(config.out)
     return PendingShards(layout, frozenset(s for s in committed if s < layout.num_shards))
 
@@ -143,7 +157,8 @@ def finalize_job(
     if storage.is_complete(config.out):
         return {**json.loads(storage.get_bytes(storage.join(config.out, "_SUCCESS"))), "out": config.out, **this_run}
     totals = DatasetTotals()
-    storage.write_manifest(config.out, stats=totals.counting(storage.iter_shard_stats(config.out)))
+    stats = storage.iter_shard_stats(config.out, config_sha256=storage.job_config_sha256(config.out))
+    storage.write_manifest(config.out, stats=totals.counting(stats))
     summary = {"out": config.out, **totals.as_dict(), **this_run}
     storage.write_preview(config.out)
     storage.write_success(config.out, summary, expected_shards=layout.num_shards)
@@ -186,7 +201,7 @@ def run_local(config: GenerateConfig, runtime: Runtime = Runtime()) -> dict[str,
     storage.check_not_foreign(config.out)
     layout = validate_config(config)  # checks inputs before the (possibly slow) model load
     worker = load_shard_worker(config, runtime.device, runtime.batch_size, precision=runtime.precision)
-    pending = prepare_job(config, layout, worker.fingerprints)
+    pending = prepare_job(config, layout, worker.fingerprints, hash_tars=runtime.verify)
     run = RunTally()
     with tqdm(
         total=layout.num_tiles, initial=pending.done_tiles, unit="tile", disable=not runtime.progress, desc="generate"

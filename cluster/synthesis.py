@@ -45,7 +45,10 @@ class RealTileSource:
         return self._count
 
     def check_sizes(self, tile_size: int) -> None:
-        """Fail before any work if a real tile is unreadable or not tile_size x tile_size."""
+        """Fail before any work if a real tile is unreadable or not tile_size x tile_size.
+
+        Every tile is decoded whole (its bytes are read here anyway): a valid header over
+        truncated or corrupt data must fail now, not after earlier shards are committed."""
         for where, (w, h) in self._sizes():
             if (w, h) != (tile_size, tile_size):
                 raise InvalidInputError(f"real tile {where} is {w}x{h}, expected {tile_size}x{tile_size}")
@@ -56,7 +59,8 @@ class RealTileSource:
                 yield f"{i} of {self.url}", (image.shape[1], image.shape[0])
         else:
             for url in self.urls:
-                yield url, storage.real_tile_size(url)
+                image = storage.read_real_tile(url)
+                yield url, (image.shape[1], image.shape[0])
 
     def _shard_images(self) -> Iterator[np.ndarray]:
         return storage.iter_shard_images(self.urls)

@@ -25,7 +25,7 @@ import numpy as np
 
 from cytosynth import storage
 
-from .job import GenerateConfig, JobLayout
+from .job import GenerateConfig, JobLayout, job_config
 
 # Per-shard stage seconds: the synthesis stages (synth.pipeline.SYNTHESIS_STAGES) plus PNG/JPEG
 # encoding and the upload of the shard. Encode seconds are summed over the encoder threads.
@@ -67,7 +67,8 @@ class ShardWorker:
         written after the tar); the returned stats add `upload` and `finished_at`.
         """
         c = self.config
-        writer = storage.ShardWriter(c.out, shard, c.image_format)
+        job_sha256 = storage.config_sha256(job_config(c, layout, self.fingerprints))
+        writer = storage.ShardWriter(c.out, shard, c.image_format, config_sha256=job_sha256)
         seconds = dict.fromkeys(STAGES, 0.0)
         started_at = time.time()
         encodes: list[Future[float]] = []
@@ -86,7 +87,8 @@ class ShardWorker:
             raise
         extra = {**self.identity, "attempt": attempt, "started_at": round(started_at, 3)}
         upload_start = time.perf_counter()
-        stats = writer.commit({**extra, "stage_seconds": _rounded({k: v for k, v in seconds.items() if k != "upload"})})
+        stage_seconds = _rounded({k: v for k, v in seconds.items() if k != "upload"})
+        stats = writer.commit({**extra, "stage_seconds": stage_seconds}, tiles=layout.tiles(shard))
         seconds["upload"] = time.perf_counter() - upload_start
         return {**stats, "stage_seconds": _rounded(seconds), "finished_at": round(time.time(), 3)}
 

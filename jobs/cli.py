@@ -26,7 +26,7 @@ from cytosynth.synth import InvalidInputError
 from .common import quiet_libraries
 
 # Modules under cytosynth.jobs with a `register(commands)` function; each sets `run` on its parsers.
-JOB_MODULES = ("generate", "detection", "fid", "finetune_normal", "finetune_abnormal", "train_detector", "export")
+JOB_MODULES = ("generate", "verify", "detection", "fid", "finetune_normal", "finetune_abnormal", "train_detector", "export")
 USER_ERRORS = (InvalidInputError, storage.StorageError)
 EXIT_USER_ERROR, EXIT_UNEXPECTED, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 1, 130, 143
 _MAX_LINE_CHARS = 500

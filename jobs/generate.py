@@ -75,6 +75,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--precision", choices=PRECISIONS, default="auto", help="diffusion models' precision "
                      "(default auto: bf16 on CUDA, fp32 on CPU, where runs are byte-reproducible)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--verify", action="store_true", help="on resume, hash every committed shard's tar against its "
+                     "marker (sizes are always compared); a damaged shard is made again")
     gen.add_argument("--workers", type=_workers, default=(0, 0), help="Ray replicas: W, or MIN-MAX for a pool "
                      "that grows while shards wait and shrinks when they run out (default 0: in this process)")
     gen.add_argument("--ray-address", help="an existing Ray cluster (host:port, ray://host:port or auto)")
@@ -122,7 +124,7 @@ def generate(args: argparse.Namespace) -> int:
         steps=args.steps,
         guidance=args.guidance,
     )
-    runtime = Runtime(args.device, args.batch_size, progress=not args.quiet, precision=args.precision)
+    runtime = Runtime(args.device, args.batch_size, progress=not args.quiet, precision=args.precision, verify=args.verify)
     if args.workers != (0, 0) or args.ray_address:
         from cytosynth.cluster.distributed import run_distributed  # Ray only when asked for
 

@@ -21,18 +21,21 @@ from .classes import (
 from .coco import ANNOTATIONS_NAME, CATEGORIES, coco_categories, export_coco, to_coco, write_coco
 from .errors import StorageError
 from .images import IMAGE_FORMATS, LOSSLESS_FORMATS, decode_image, encode_image, image_extension
+from .integrity import damaged_shards, manifest_problem, shard_problem, tar_sha256, tar_sizes, uncommit
 from .job import (
     check_not_foreign,
+    config_sha256,
     ensure_writable,
     is_complete,
     is_secret_name,
+    job_config_sha256,
     read_job_json,
     redact,
     write_job_json,
     write_success,
 )
-from .manifest import MANIFEST_SCHEMA, manifest_rows, read_manifest, write_manifest
-from .objects import exists, get_bytes, list_names, put_bytes
+from .manifest import MANIFEST_NAME, MANIFEST_SCHEMA, manifest_rows, read_manifest, write_manifest
+from .objects import create_bytes, delete, exists, get_bytes, list_names, put_bytes
 from .preview import CLASS_COLORS, contact_sheet, write_preview
 from .realtiles import IMAGE_SUFFIXES, iter_shard_images, list_real_tiles, read_real_tile, real_tile_size
 from .reader import committed_shard_urls, decode_sample, open_shard, open_shards, read_samples, shard_urls
@@ -41,6 +44,7 @@ from .shards import (
     SHARDS_DIR,
     STATS_DIR,
     ShardWriter,
+    check_marker_config,
     committed_shards,
     iter_shard_stats,
     marker_url,
@@ -70,11 +74,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [*_LOADER_NAMES, *_PIPELINE_NAMES, "ANNOTATIONS_NAME", "LABEL_SETS", "NORMAL_CATEGORY_ID", "coco_categories",
+__all__ = [*_LOADER_NAMES, *_PIPELINE_NAMES, "check_marker_config", "config_sha256", "create_bytes", "damaged_shards",
+    "delete", "job_config_sha256", "manifest_problem", "shard_problem", "tar_sha256", "tar_sizes", "uncommit", "ANNOTATIONS_NAME", "LABEL_SETS", "NORMAL_CATEGORY_ID", "coco_categories",
     "export_coco", "label_categories", "labelled_boxes",
     "IMAGE_SUFFIXES", "iter_shard_images", "list_real_tiles", "read_real_tile", "real_tile_size",
     "CATEGORIES", "CATEGORY_IDS", "CLASSES", "CLASS_COLORS", "DEFAULT_RETRY", "IMAGE_FORMATS",
-    "LOSSLESS_FORMATS", "MANIFEST_FIELDS", "MANIFEST_SCHEMA", "NORMAL_LABEL", "SHARDS_DIR", "STATS_DIR",
+    "LOSSLESS_FORMATS", "MANIFEST_FIELDS", "MANIFEST_NAME", "MANIFEST_SCHEMA", "NORMAL_LABEL", "SHARDS_DIR", "STATS_DIR",
     "Retry", "ShardWriter", "StorageError", "category_id", "check_not_foreign", "committed_shard_urls", "committed_shards", "contact_sheet", "decode_image", "decode_sample",
     "encode_image", "ensure_writable", "image_extension", "marker_url", "refuse_old_layout", "exists", "filesystem", "get_bytes", "is_complete", "is_secret_name", "is_transient",
     "iter_shard_stats", "iter_tar_samples", "join", "list_names", "manifest_rows", "normalize_annotation",

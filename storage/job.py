@@ -3,6 +3,7 @@ writability probe. Credentials never reach these files: secret-looking keys are 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import platform
 import posixpath
@@ -12,7 +13,7 @@ from typing import Any, Mapping
 
 from .errors import StorageError, describe, redact_url
 from .jsonio import json_bytes, parse_json, to_plain
-from .objects import exists, get_bytes, put_bytes, write_whole
+from .objects import create_bytes, exists, get_bytes, put_bytes, write_whole
 from .retry import retrying
 from .shards import committed_shards
 from .urls import S3_PROTOCOLS, filesystem, join, protocol
@@ -56,6 +57,18 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
     return [] if old == new else [prefix.rstrip(".") or "config"]
+
+
+def config_sha256(config: Mapping[str, Any]) -> str:
+    """The job's identity: SHA-256 of its config as job.json records it (redacted, plain JSON).
+    Every shard marker carries it, so a shard made under another config is never taken as ours."""
+    return hashlib.sha256(json_bytes(to_plain(redact(config)))).hexdigest()
+
+
+def job_config_sha256(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """``config_sha256`` of the job recorded under ``out_url``; None if it has no job.json."""
+    record = read_job_json(out_url, storage_options=storage_options)
+    return None if record is None else config_sha256(record["config"])
 
 
 def read_job_json(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
@@ -105,25 +118,29 @@ def write_job_json(
     extra: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``job.json`` (config, software versions, ``extra`` such as model fingerprints) first.
+    """Claim ``out_url`` for this job: write ``job.json`` (config, software versions, ``extra``
+    such as model fingerprints) first.
 
-    If ``out_url`` already holds a job.json with the same config, it is kept (a resume); with a
+    The claim is atomic (``create_bytes``: of two drivers racing, exactly one writes). If
+    ``out_url`` already holds a job.json with the same config, it is kept (a resume); with a
     different config, StorageError: two jobs must never mix shards in one output.
     """
     config = to_plain(redact(config))
-    url = join(out_url, JOB_NAME)
-    existing = read_job_json(out_url, storage_options=storage_options)
-    if existing is not None:
-        changed = _differences(existing.get("config"), config)
-        if changed:
-            raise StorageError(
-                f"{redact_url(url)} was written by a different job config; use a new --out "
-                f"(differs in: {', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''})"
-            )
-        return existing
     record = {**to_plain(redact(extra or {})), "config": config, "versions": software_versions()}
-    put_bytes(url, json_bytes(record, indent=2), storage_options=storage_options)
-    return record
+    url = join(out_url, JOB_NAME)
+    created = create_bytes(url, json_bytes(record, indent=2), storage_options=storage_options)
+    # Read back even after a create: a store that ignores If-None-Match (some S3-compatible
+    # ones) lets a racing driver overwrite the claim; this catches it at least where it is seen.
+    existing = read_job_json(out_url, storage_options=storage_options)
+    if existing is None:  # deleted between our claim and the read: it cannot be matched, so refuse
+        raise StorageError(f"{redact_url(url)} appeared and vanished while this job claimed {redact_url(out_url)}; retry")
+    changed = _differences(existing.get("config"), config)
+    if changed:
+        raise StorageError(
+            f"{redact_url(url)} was written by a different job config; use a new --out "
+            f"(differs in: {', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''})"
+        )
+    return record if created else existing
 
 
 def write_success(

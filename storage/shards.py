@@ -2,7 +2,9 @@
 
 A shard is buffered in memory and committed in two steps: ``shards/NNNNNN.tar`` is written whole,
 then ``stats/NNNNNN.json`` (per-shard stats and manifest rows). The .json is the commit marker:
-a shard without it does not exist for readers, manifests or resume. Markers live in their own
+a shard without it does not exist for readers, manifests or resume. The marker records the tar's
+size and SHA-256 (``tar_bytes``, ``tar_sha256``) and the job's ``config_sha256``, so a damaged
+tar or a shard of another job is found (``storage.integrity``). Markers live in their own
 folder so that ``shards/`` holds tars only and any WebDataset reader can take the folder as it is.
 ``stats_url`` is the one place that says where a marker lives.
 """
@@ -14,7 +16,7 @@ import operator
 import re
 import time
 from collections import Counter
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -36,7 +38,7 @@ _MARKER = re.compile(r"^(\d{6,})\.json$")
 _TAR = re.compile(r"^(\d{6,})\.tar$")
 
 __all__ = [
-    "SHARDS_DIR", "STATS_DIR", "ShardWriter", "committed_shards", "iter_shard_stats", "marker_url",
+    "SHARDS_DIR", "STATS_DIR", "ShardWriter", "check_marker_config", "committed_shards", "iter_shard_stats", "marker_url",
     "read_shard_stats", "sample_key", "shard_name", "shard_url", "stats_url",
 ]
 
@@ -85,11 +87,13 @@ class ShardWriter:
         *,
         storage_options: Mapping[str, Any] | None = None,
         retry: Retry = DEFAULT_RETRY,
+        config_sha256: str | None = None,
     ) -> None:
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"unknown image format {image_format!r}; expected one of {', '.join(IMAGE_FORMATS)}")
         self.out_url, self.shard_index, self.image_format = out_url, shard_index, image_format
         self._storage_options, self._retry = storage_options, retry
+        self.config_sha256 = config_sha256  # the job's identity, recorded in the marker
         self._samples: dict[int, tuple[dict[str, Any], bytes, bytes]] = {}  # tile -> (ann, json, image)
         self._started = time.monotonic()
         self._committed = False
@@ -132,6 +136,7 @@ class ShardWriter:
             "image_format": self.image_format,
             "tar_bytes": len(tar),
             "tar_sha256": hashlib.sha256(tar).hexdigest(),
+            **({"config_sha256": self.config_sha256} if self.config_sha256 else {}),
             "samples": [
                 manifest_row(a, self.shard_index, self.image_format, len(self._samples[a["tile_index"]][2]))
                 for a in annotations
@@ -140,14 +145,18 @@ class ShardWriter:
         # Callers add timings, worker ids...; the contract fields above always win.
         return {"seconds": round(time.monotonic() - self._started, 3), **(extra or {}), **computed}
 
-    def commit(self, stats: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def commit(self, stats: Mapping[str, Any] | None = None, *, tiles: Iterable[int] | None = None) -> dict[str, Any]:
         """Write the tar whole, then the stats JSON (the commit marker); return the stats.
 
-        Transient storage errors are retried; a permanent one raises StorageError and leaves the
-        shard uncommitted (an orphan tar without its .json is invisible and is overwritten on resume).
+        ``tiles``: the shard's planned tile indices; the shard is committed only if it holds
+        exactly those (RuntimeError otherwise: a lost or stray tile is a bug, never a dataset).
+        An empty shard is never committed. Transient storage errors are retried; a permanent one
+        raises StorageError and leaves the shard uncommitted (an orphan tar without its .json is
+        invisible and is overwritten on resume).
         """
         if self._committed:
             raise RuntimeError(f"shard {self.shard_index} is already committed")
+        self._check_tiles(tiles)
         tar = self._tar()
         shard_stats = self._stats(tar, stats)
         options = {"storage_options": self._storage_options, "retry": self._retry}
@@ -156,6 +165,28 @@ class ShardWriter:
         self._committed = True
         self._samples.clear()  # free the buffered images
         return shard_stats
+
+
+    def _check_tiles(self, planned: Iterable[int] | None) -> None:
+        held = set(self._samples)
+        expected = held if planned is None else set(planned)
+        if not held or held != expected:
+            missing, stray = sorted(expected - held), sorted(held - expected)
+            raise RuntimeError(
+                f"shard {self.shard_index} not committed: it holds {len(held)} of its {len(expected)} planned tiles"
+                + (f" (missing {missing[:5]})" if missing else "") + (f" (not planned {stray[:5]})" if stray else "")
+            )
+
+
+def check_marker_config(stats: Mapping[str, Any], config_sha256: str | None, url: str) -> None:
+    """StorageError (one line naming the marker) if the shard was made under another job config.
+    A marker without ``config_sha256`` (written by ShardWriter users other than a job) passes."""
+    recorded = stats.get("config_sha256")
+    if config_sha256 and recorded and recorded != config_sha256:
+        raise StorageError(
+            f"{redact_url(url)} was committed by a different job config than this output's job.json "
+            f"(config {recorded[:12]}, job {config_sha256[:12]}); run `cytosynth verify --repair` or use a new --out"
+        )
 
 
 def committed_shards(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> set[int]:
@@ -182,8 +213,15 @@ def refuse_old_layout(out_url: str, *, storage_options: Mapping[str, Any] | None
         )
 
 
-def read_shard_stats(out_url: str, index: int, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The stats JSON of committed shard ``index``."""
+def read_shard_stats(
+    out_url: str,
+    index: int,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    config_sha256: str | None = None,
+) -> dict[str, Any]:
+    """The stats JSON of committed shard ``index``; with ``config_sha256``, checked to belong to
+    that job (``check_marker_config``)."""
     url = stats_url(out_url, index)
     try:
         stats = parse_json(get_bytes(url, storage_options=storage_options), redact_url(url))
@@ -195,10 +233,13 @@ def read_shard_stats(out_url: str, index: int, *, storage_options: Mapping[str, 
             f"{redact_url(url)} is not a cytosynth shard marker (no {', '.join(missing)}); "
             "run `cytosynth verify --repair` or use a new --out"
         )
+    check_marker_config(stats, config_sha256, url)
     return stats
 
 
-def iter_shard_stats(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-    """Stats of every committed shard, in shard order."""
+def iter_shard_stats(
+    out_url: str, *, storage_options: Mapping[str, Any] | None = None, config_sha256: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """Stats of every committed shard, in shard order (each checked against ``config_sha256``)."""
     for index in sorted(committed_shards(out_url, storage_options=storage_options)):
-        yield read_shard_stats(out_url, index, storage_options=storage_options)
+        yield read_shard_stats(out_url, index, storage_options=storage_options, config_sha256=config_sha256)
