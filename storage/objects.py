@@ -24,12 +24,9 @@ import fsspec
 
 from .errors import StorageError, storage_error
 from .retry import DEFAULT_RETRY, Retry, retrying
-from .urls import S3_PROTOCOLS, filesystem, is_local, protocol
+from .urls import READ_CONCURRENCY, S3_PROTOCOLS, filesystem, is_local, protocol
 
 TEMP_PREFIX = ".tmp-"
-# Reads in flight at once when many small objects are read (shard markers at finalize): enough to
-# hide tens of ms of S3 latency per GET, few enough for one client's connection pool and memory.
-READ_CONCURRENCY = 32
 # Part size of a streamed S3 upload: what one stream holds in memory (S3's minimum part is 5 MiB;
 # 10,000 parts of 16 MiB allow a 160 GB object).
 STREAM_PART_BYTES = 16 * 2**20
