@@ -20,6 +20,7 @@ from cytosynth.storage import manifest as manifest_module
 from cytosynth.storage import objects
 from cytosynth.storage.manifest import MANIFEST_NAME, MANIFEST_SCHEMA, manifest_table
 from cytosynth.storage.objects import map_ordered, open_whole
+from cytosynth.storage.urls import READ_CONCURRENCY
 
 TILES_PER_SHARD = 3
 
@@ -154,3 +155,12 @@ def test_map_ordered_bounds_the_calls_ahead_of_the_consumer_and_raises_the_first
         for result in map_ordered(read, range(10), concurrency=3):
             yielded.append(result)
     assert yielded == [0, 1, 2, 3, 4]  # item 7 failed too, but 5 comes first
+
+
+def test_an_s3_client_pools_a_connection_for_every_read_in_flight(s3_bucket):
+    fs, _ = filesystem(s3_bucket + "/out")
+    fs.connect()
+    assert fs.s3.meta.config.max_pool_connections == READ_CONCURRENCY  # botocore's default, 10, would queue reads
+    chosen, _ = filesystem(s3_bucket + "/out", config_kwargs={"max_pool_connections": 4})
+    chosen.connect()
+    assert chosen.s3.meta.config.max_pool_connections == 4  # a caller's own choice wins
