@@ -173,11 +173,11 @@ def _s3_stream(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
     f = fs.open(path, "wb", block_size=STREAM_PART_BYTES)
     try:
         yield f
+        f.close()  # uploads the last part and completes the upload (one put if it never filled a part)
     except BaseException:
-        f.discard()  # aborts the multipart upload: no object appears
+        f.discard()  # aborts the multipart upload: no object appears, no parts are left to pay for
         f.closed = True  # so that neither close() nor garbage collection uploads the rest
         raise
-    f.close()  # uploads the last part and completes the upload (one put if it never filled a part)
 
 
 @contextmanager
