@@ -24,7 +24,6 @@ import logging
 import os
 import platform
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
