@@ -106,7 +106,6 @@ def list_names(
     return retrying(ls, url, action="list", policy=retry)
 
 
-
 def map_ordered(fn: Callable[[T], R], items: Iterable[T], concurrency: int = READ_CONCURRENCY) -> Iterator[R]:
     """``fn`` over ``items`` on ``concurrency`` threads, results yielded in the order of ``items``.
 
