@@ -22,6 +22,7 @@
 # Run: pip install from wheels/ only (--no-index), then bench/throughput.py --preset sd15 and
 # bench/finetune.py on cuda; throughput appends its own section to bench/RESULTS.md (--append),
 # the finetune table is appended under a heading naming the device, date and command.
+# /wheels/ is git-ignored: carry it with the checkout (whatever carries files there may cap the total).
 set -euo pipefail
 
 INSTALL_LIMIT_S=80
