@@ -74,7 +74,8 @@ def measure(job: str, data: str, args: argparse.Namespace, zero_stage: int) -> d
     }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options (bench/gpu.sh's tests parse its planned command with this)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", default=",".join(JOBS), help="comma-separated jobs to measure")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -84,9 +85,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the median")
     parser.add_argument("--zero-stages", default="2,0")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.warmup >= args.steps:
         parser.error("--warmup must be below --steps")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} CPU x{os.cpu_count()}"
     print(f"# finetune | {device} | torch {torch.__version__} | {time.strftime('%Y-%m-%d')} | workers {args.workers}, "

@@ -193,7 +193,8 @@ def report(args: argparse.Namespace, peak: float, flops: dict, replica: dict, ba
     ])
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options (bench/gpu.sh's tests parse its planned command with this)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="sd15")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -207,7 +208,11 @@ def main() -> None:
     parser.add_argument("--baseline-repeats", type=int, default=3)
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--append", action="store_true", help="append the section to bench/RESULTS.md")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     quiet_libraries()
     args.argv = [a for a in sys.argv[1:] if a != "--append"]
     dtype = model_dtype(args.precision, args.device)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .annotations import MANIFEST_FIELDS
-from .objects import get_bytes, put_bytes
+from .objects import get_bytes, open_whole
 from .shards import iter_shard_stats
 from .urls import join
 
@@ -67,17 +67,17 @@ def write_manifest(
 ) -> str:
     """Write ``manifest.parquet`` under ``out_url`` from the committed shards; return its URL.
 
-    Rows stream through one row group at a time, so a million-tile manifest needs memory for
-    ``ROW_GROUP_ROWS`` rows plus the compressed file. ``stats`` lets a caller that also reads the
-    shard stats (e.g. to add up totals) pass them in, so they are read once.
+    Rows stream through one row group at a time into the object as it is uploaded
+    (``open_whole``: multipart on S3), so a million-tile manifest needs memory for
+    ``ROW_GROUP_ROWS`` rows and one upload part, never the whole file; it appears whole or, on any
+    error, not at all. ``stats`` lets a caller that also reads the shard stats (e.g. to add up
+    totals) pass them in, so they are read once.
     """
     rows = manifest_rows(out_url, storage_options=storage_options, stats=stats)
-    buf = io.BytesIO()
-    with pq.ParquetWriter(buf, MANIFEST_SCHEMA) as writer:
+    url = join(out_url, MANIFEST_NAME)
+    with open_whole(url, storage_options=storage_options) as f, pq.ParquetWriter(f, MANIFEST_SCHEMA) as writer:
         while chunk := list(islice(rows, ROW_GROUP_ROWS)):
             writer.write_table(manifest_table(chunk))
-    url = join(out_url, MANIFEST_NAME)
-    put_bytes(url, buf.getvalue(), storage_options=storage_options)
     return url
 
 

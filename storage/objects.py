@@ -3,28 +3,43 @@
 Local files are written to a hidden temp name in the same folder, then renamed (atomic on POSIX);
 object stores (S3, memory) get one put, and an S3 object appears only when its upload completes.
 Every S3 put (one PUT, up to 5 GiB) carries the SHA-256 of its bytes, so S3 refuses (BadDigest)
-an upload corrupted on the way. ``create_bytes`` is the exclusive form (a claim): it writes only where nothing exists.
-Every call is retried on transient errors and fails with StorageError.
+an upload corrupted on the way. ``create_bytes`` is the exclusive form (a claim): it writes only
+where nothing exists.
+Every call is retried on transient errors and fails with StorageError. ``open_whole`` streams a
+large object (S3: multipart; its parts are retried by s3fs) and ``map_ordered`` reads many small
+ones concurrently.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import os
 import posixpath
 import uuid
-from typing import Any, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from itertools import islice
+from typing import IO, Any, Mapping, TypeVar
 
 import fsspec
 
+from .errors import StorageError, storage_error
 from .retry import DEFAULT_RETRY, Retry, retrying
-from .urls import S3_PROTOCOLS, filesystem, is_local
+from .urls import READ_CONCURRENCY, S3_PROTOCOLS, filesystem, is_local
 
 TEMP_PREFIX = ".tmp-"
 # One PUT up to S3's single-object limit (5 GiB): s3fs switches to multipart above 2 x chunksize,
 # and a multipart upload cannot carry the whole object's SHA-256. Shards are in memory anyway.
 _SINGLE_PUT_LIMIT = 5 * 2**30
+# Part size of a streamed S3 upload: what one stream holds in memory (S3's minimum part is 5 MiB;
+# 10,000 parts of 16 MiB allow a 160 GB object).
+STREAM_PART_BYTES = 16 * 2**20
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def write_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, exclusive: bool = False) -> None:
@@ -55,21 +70,8 @@ def _s3_checksum(data: bytes) -> dict[str, object]:
 
 
 def _local_put(path: str, data: bytes, exclusive: bool = False) -> None:
-    folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    temp = os.path.join(folder, f"{TEMP_PREFIX}{name}.{uuid.uuid4().hex}")
-    try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not publish a file whose bytes are still in flight
-        if exclusive:
-            os.link(temp, path)  # atomic, and fails if path exists (rename would replace it)
-        else:
-            os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+    with _local_stream(path, exclusive) as f:
+        f.write(data)
 
 
 def put_bytes(
@@ -155,7 +157,6 @@ def list_names(
     return retrying(ls, url, action="list", policy=retry)
 
 
-
 def delete(
     url: str,
     *,
@@ -172,3 +173,86 @@ def delete(
             pass
 
     retrying(rm, url, action="delete", policy=retry)
+
+
+def map_ordered(fn: Callable[[T], R], items: Iterable[T], concurrency: int = READ_CONCURRENCY) -> Iterator[R]:
+    """``fn`` over ``items`` on ``concurrency`` threads, results yielded in the order of ``items``.
+
+    At most ``2 * concurrency`` calls are ahead of the consumer (memory is bounded whatever the
+    number of items; the second half keeps threads busy behind a slow head). The first error, in
+    item order, is raised; calls not yet started are cancelled when the consumer stops.
+    """
+    items = iter(items)
+    with ThreadPoolExecutor(concurrency, thread_name_prefix="cytosynth-read") as pool:
+        window = deque(pool.submit(fn, item) for item in islice(items, 2 * concurrency))
+        try:
+            while window:
+                result = window.popleft().result()
+                window.extend(pool.submit(fn, item) for item in islice(items, 1))
+                yield result
+        finally:
+            for future in window:
+                future.cancel()
+
+
+@contextmanager
+def open_whole(url: str, *, storage_options: Mapping[str, Any] | None = None) -> Iterator[IO[bytes]]:
+    """A binary file to stream an object into: it appears at ``url`` whole when the block ends,
+    and not at all if the block raises (StorageError for a storage failure).
+
+    Memory stays flat for any size on local disk (temp file, then rename) and S3 (a multipart
+    upload of ``STREAM_PART_BYTES`` parts, completed at the end, aborted on error). Other stores
+    are buffered and written with one put, as ``put_bytes`` does.
+    """
+    fs, path = filesystem(url, **(storage_options or {}))
+    if is_local(fs):
+        opened = _local_stream(path)
+    elif _is_s3(fs):
+        opened = _s3_stream(fs, path)
+    else:
+        opened = _buffered_stream(fs, path, url)
+    try:
+        with opened as f:
+            yield f
+    except StorageError:
+        raise
+    except OSError as exc:  # fsspec and s3fs raise OSErrors; the caller's own errors pass through
+        raise storage_error("write", url, exc) from exc
+
+
+@contextmanager
+def _local_stream(path: str, exclusive: bool = False) -> Iterator[IO[bytes]]:
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    temp = os.path.join(folder, f"{TEMP_PREFIX}{name}.{uuid.uuid4().hex}")
+    try:
+        with open(temp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not publish a file whose bytes are still in flight
+        if exclusive:
+            os.link(temp, path)  # atomic, and fails if path exists (rename would replace it)
+        else:
+            os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+@contextmanager
+def _s3_stream(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
+    f = fs.open(path, "wb", block_size=STREAM_PART_BYTES)
+    try:
+        yield f
+        f.close()  # uploads the last part and completes the upload (one put if it never filled a part)
+    except BaseException:
+        f.discard()  # aborts the multipart upload: no object appears, no parts are left to pay for
+        f.closed = True  # so that neither close() nor garbage collection uploads the rest
+        raise
+
+
+@contextmanager
+def _buffered_stream(fs: fsspec.AbstractFileSystem, path: str, url: str) -> Iterator[IO[bytes]]:
+    buf = io.BytesIO()
+    yield buf
+    retrying(lambda: write_whole(fs, path, buf.getvalue()), url, action="write")

@@ -25,7 +25,7 @@ from .classes import CLASSES
 from .errors import StorageError, redact_url
 from .images import IMAGE_FORMATS, check_image, encode_image, image_extension
 from .jsonio import json_bytes, parse_json
-from .objects import get_bytes, list_names, put_bytes
+from .objects import get_bytes, list_names, map_ordered, put_bytes
 from .retry import DEFAULT_RETRY, Retry
 from .tars import tar_bytes
 from .urls import join
@@ -240,6 +240,10 @@ def read_shard_stats(
 def iter_shard_stats(
     out_url: str, *, storage_options: Mapping[str, Any] | None = None, config_sha256: str | None = None
 ) -> Iterator[dict[str, Any]]:
-    """Stats of every committed shard, in shard order (each checked against ``config_sha256``)."""
-    for index in sorted(committed_shards(out_url, storage_options=storage_options)):
-        yield read_shard_stats(out_url, index, storage_options=storage_options, config_sha256=config_sha256)
+    """Stats of every committed shard, in shard order (each checked against ``config_sha256``), read
+    concurrently (``map_ordered``): at 100k shards on S3, one GET after another would take tens of minutes."""
+    indices = sorted(committed_shards(out_url, storage_options=storage_options))
+    yield from map_ordered(
+        lambda index: read_shard_stats(out_url, index, storage_options=storage_options, config_sha256=config_sha256),
+        indices,
+    )

@@ -14,6 +14,10 @@ from fsspec.implementations.local import LocalFileSystem
 
 S3_PROTOCOLS = ("s3", "s3a")
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+# Requests in flight at once when many small objects are read (shard markers at finalize, through
+# objects.map_ordered): enough to hide tens of ms of S3 latency per GET. An S3 client's connection
+# pool is sized to match; botocore's default of 10 would queue the rest.
+READ_CONCURRENCY = 32
 
 
 def protocol(url: str) -> str:
@@ -36,10 +40,17 @@ def _with_s3_endpoint(options: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
+def _with_s3_pool(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Size the client's connection pool for ``READ_CONCURRENCY`` unless the caller chose a size."""
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("max_pool_connections", READ_CONCURRENCY)
+    return {**options, "config_kwargs": config}
+
+
 def filesystem(url: str, **options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
     """``(fs, path)`` for ``url``; ``options`` are fsspec storage options (e.g. s3fs ``key``/``secret``)."""
     if protocol(url) in S3_PROTOCOLS:
-        options = _with_s3_endpoint(options)
+        options = _with_s3_pool(_with_s3_endpoint(options))
     return url_to_fs(str(url), **options)
 
 
