@@ -23,13 +23,14 @@ from cleanfid import fid as clean_fid
 from PIL import Image
 from conftest import FAKE_CREDENTIALS
 from ray_processes import actor_processes
+from test_metrics import direct_kid
 
 from cytosynth import storage
 from cytosynth.cluster.features import ExtractorFile, FeatureSettings, SetOptions, featurize_sets
 from cytosynth.jobs.cli import main
 from cytosynth.storage.imagesets import list_image_units
 from cytosynth.synth.extractors import clean_preprocess, load_feature_extractor
-from cytosynth.synth.metrics import FeatureStats, kernel_distance, sample_keys, split_of, statistics_from_npz
+from cytosynth.synth.metrics import FeatureStats, sample_keys, split_of, statistics_from_npz
 
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
@@ -297,8 +298,9 @@ def test_kid_sample_bounds_the_features_kept(sets, extractors, tmp_path):
     names, real_features, _ = direct_features(sets["real"]["files"], extractors["features"])
     _, fake_features, _ = direct_features(sets["fake"]["files"], extractors["features"])
     keep = np.argsort(sample_keys(names, seed=0))[:10]  # same file names on both sides: same ranks
-    expected = kernel_distance(real_features[keep], fake_features[keep], num_subsets=5, seed=0)
-    assert report["kid"] == pytest.approx(expected, rel=1e-5)
+    # Subsets of 10 of the 10 kept: every subset is the whole sample, so KID is its exact MMD.
+    assert report["kid"] == pytest.approx(direct_kid(real_features[keep], fake_features[keep]), rel=1e-5)
+    assert abs(report["kid"] - direct_kid(real_features, fake_features)) > 1e-6  # the bound took effect
 
 
 def test_clean_fid_inception_file_gives_clean_fid_features_and_bias_free_logits(extractors):
