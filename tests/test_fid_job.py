@@ -9,6 +9,7 @@ One local Ray session serves the whole module.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -239,31 +240,57 @@ def test_folders_in_process_equal_clean_fid_and_the_export_program_equals_its_to
     assert exported_report["feature_extractor"]["kind"] == "export"
 
 
+def reader_of(path: Path) -> int | None:
+    """The FeatureReplica process that has `path` open, if any."""
+    for pid, _ in actor_processes("FeatureReplica"):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in os.listdir(f"/proc/{pid}/fd")):
+                return pid
+        except OSError:  # the process ended, or an fd closed while listing
+            continue
+    return None
+
+
 def test_a_replica_killed_mid_run_costs_nothing_but_time(ray_session, extractors, tmp_path):
     out = str(tmp_path / "single-tile-shards")
-    for shard in range(12):  # many small slices, so a replica is caught working
+    for shard in range(12):
         writer = storage.ShardWriter(out, shard)
         writer.add(shard, blob(np.random.default_rng(shard), 0), {"boxes": [], "labels": []})
         writer.commit()
     units = {"fake": list_image_units(out)}
     extractor = ExtractorFile("torchscript", extractors["features"], Path(extractors["features"]).read_bytes())
+    # The test holds one shard: in its place a FIFO, whose reader waits until the test lets go. A
+    # replica opening it is caught busy for certain, however fast or slow the machine.
+    held, real = Path(out) / "shards" / "000005.tar", Path(out) / "shards" / "000005.tar.held"
+    os.replace(held, real)
+    os.mkfifo(held)
     killed: list[int] = []
 
-    def kill_a_busy_replica() -> None:
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
-            busy = [pid for pid, title in actor_processes("FeatureReplica") if title.startswith("ray::FeatureReplica.add")]
-            if busy:
-                os.kill(busy[0], signal.SIGKILL)
-                killed.append(busy[0])
-            time.sleep(0.01)
+    def kill_the_replica_reading_the_held_shard() -> None:
+        deadline = time.monotonic() + 600
+        while True:  # a write end opens (without blocking) only once a reader has the FIFO open
+            try:
+                writer = os.open(held, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as err:
+                if err.errno != errno.ENXIO or time.monotonic() > deadline:
+                    return
+                time.sleep(0.01)
+        try:
+            reader = reader_of(held)
+            os.replace(real, held)  # the shard's retry reads the real file
+            if reader is not None:
+                os.kill(reader, signal.SIGKILL)
+                killed.append(reader)
+        finally:
+            os.close(writer)  # a reader still blocked on the FIFO (none, once killed) would see its end
 
-    killer = threading.Thread(target=kill_a_busy_replica, daemon=True)
+    killer = threading.Thread(target=kill_the_replica_reading_the_held_shard, daemon=True)
     killer.start()
     options = {"fake": SetOptions(kid_sample=5)}
     survived = featurize_sets(units, extractor, options, FeatureSettings(batch_size=2), workers=2, progress=False)["fake"]
     killer.join(timeout=5)
-    assert killed, "no replica was caught featurising"
+    assert killed, "no replica was found reading the held shard"
     reference = featurize_sets(units, extractor, options, FeatureSettings(batch_size=2), progress=False)["fake"]
     assert survived.images.count == reference.images.count == 12  # every image exactly once
     np.testing.assert_allclose(survived.images.outer_sum, reference.images.outer_sum, rtol=1e-6)

@@ -193,6 +193,7 @@ def test_tiny_preset_is_reproducible_from_its_seed():
         assert torch.equal(p, q), name
 
 
+@pytest.mark.slow  # two bundle loads: 10-15 s on a loaded 2-core machine
 def test_bundle_loads_from_an_fsspec_url(tmp_path):
     import fsspec
 
@@ -204,6 +205,23 @@ def test_bundle_loads_from_an_fsspec_url(tmp_path):
     assert loaded.fingerprints == local.fingerprints
     with pytest.raises(InvalidInputError, match="not found"):
         load_bundle("memory://models/nothing-here", preset="tiny")
+
+
+@pytest.mark.slow  # two bundle loads: 10-15 s on a loaded 2-core machine
+def test_bundle_loads_from_s3(tmp_path, s3_bucket, s3_server):
+    import s3fs
+
+    save_bundle(random_bundle("tiny"), tmp_path / "bundle")
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}).put(
+        str(tmp_path / "bundle"), s3_bucket.removeprefix("s3://") + "/models/tiny", recursive=True)
+    loaded = load_bundle(s3_bucket + "/models/tiny", preset="tiny")
+    local = load_bundle(str(tmp_path / "bundle"), preset="tiny")
+    assert loaded.fingerprints == local.fingerprints and set(loaded.fingerprints) >= {"unet", "acs_unet", "vae"}
+    for part in ("unet", "acs_unet", "vae", "text_encoder"):
+        ours, theirs = getattr(loaded, part).state_dict(), getattr(local, part).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
+    with pytest.raises(InvalidInputError, match="not found"):
+        load_bundle(s3_bucket + "/models/nothing-here", preset="tiny")
 
 
 # --------------------------------------------------------------------------- the ACS input layout
