@@ -193,6 +193,20 @@ def test_tiny_preset_is_reproducible_from_its_seed():
         assert torch.equal(p, q), name
 
 
+def test_random_weights_give_the_full_size_sd15_architecture_without_a_model_dir():
+    from cytosynth.cluster.job import GenerateConfig
+    from cytosynth.cluster.synthesis import load_models
+
+    with torch.device("meta"):  # the architecture, without allocating its 2 x 860M UNet weights
+        bundle = load_models(GenerateConfig(out="unused", preset="sd15", random_weights=True))
+    assert sum(p.numel() for p in bundle.unet.parameters()) == 859_520_964  # SD1.5's UNet
+    assert bundle.unet.config.block_out_channels == (320, 640, 1280, 1280) and bundle.unet.config.cross_attention_dim == 768
+    assert bundle.acs_unet.config.in_channels == 9 and bundle.acs_unet.config.attention_type == "gated"
+    assert set(bundle.fingerprints.values()) == {"random:sd15:seed=0"}  # recorded as random in job.json
+    with pytest.raises(InvalidInputError, match="--random-weights"):
+        load_models(GenerateConfig(out="unused", preset="sd15"))
+
+
 @pytest.mark.slow  # two bundle loads: 10-15 s on a loaded 2-core machine
 def test_bundle_loads_from_an_fsspec_url(tmp_path):
     import fsspec
