@@ -9,7 +9,6 @@ One local Ray session serves the whole module.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -240,15 +239,13 @@ def test_folders_in_process_equal_clean_fid_and_the_export_program_equals_its_to
     assert exported_report["feature_extractor"]["kind"] == "export"
 
 
-def reader_of(path: Path) -> int | None:
-    """The FeatureReplica process that has `path` open, if any."""
-    for pid, _ in actor_processes("FeatureReplica"):
-        try:
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in os.listdir(f"/proc/{pid}/fd")):
-                return pid
-        except OSError:  # the process ended, or an fd closed while listing
-            continue
-    return None
+def opening_a_fifo(pid: int) -> bool:
+    """Whether a thread of `pid` is blocked opening a FIFO (Linux: waiting for the other end)."""
+    try:
+        return any(Path(f"/proc/{pid}/task/{tid}/wchan").read_text() == "wait_for_partner"
+                   for tid in os.listdir(f"/proc/{pid}/task"))
+    except OSError:  # the process or thread ended while looking
+        return False
 
 
 def test_a_replica_killed_mid_run_costs_nothing_but_time(ray_session, extractors, tmp_path):
@@ -259,7 +256,7 @@ def test_a_replica_killed_mid_run_costs_nothing_but_time(ray_session, extractors
         writer.commit()
     units = {"fake": list_image_units(out)}
     extractor = ExtractorFile("torchscript", extractors["features"], Path(extractors["features"]).read_bytes())
-    # The test holds one shard: in its place a FIFO, whose reader waits until the test lets go. A
+    # The test holds one shard: in its place a FIFO, whose open waits until the test lets go. The
     # replica opening it is caught busy for certain, however fast or slow the machine.
     held, real = Path(out) / "shards" / "000005.tar", Path(out) / "shards" / "000005.tar.held"
     os.replace(held, real)
@@ -268,22 +265,14 @@ def test_a_replica_killed_mid_run_costs_nothing_but_time(ray_session, extractors
 
     def kill_the_replica_reading_the_held_shard() -> None:
         deadline = time.monotonic() + 600
-        while True:  # a write end opens (without blocking) only once a reader has the FIFO open
-            try:
-                writer = os.open(held, os.O_WRONLY | os.O_NONBLOCK)
-                break
-            except OSError as err:
-                if err.errno != errno.ENXIO or time.monotonic() > deadline:
-                    return
-                time.sleep(0.01)
-        try:
-            reader = reader_of(held)
-            os.replace(real, held)  # the shard's retry reads the real file
+        while time.monotonic() < deadline:
+            reader = next((pid for pid, _ in actor_processes("FeatureReplica") if opening_a_fifo(pid)), None)
             if reader is not None:
+                os.replace(real, held)  # first: the shard's retry opens the real file, not the FIFO
                 os.kill(reader, signal.SIGKILL)
                 killed.append(reader)
-        finally:
-            os.close(writer)  # a reader still blocked on the FIFO (none, once killed) would see its end
+                return
+            time.sleep(0.01)
 
     killer = threading.Thread(target=kill_the_replica_reading_the_held_shard, daemon=True)
     killer.start()
