@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def test_storage_imports_neither_ray_nor_synth_nor_torch():
     code = (
@@ -17,6 +19,7 @@ def test_storage_imports_neither_ray_nor_synth_nor_torch():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.slow  # measured 7-36 s on a loaded 2-core machine
 def test_synth_imports_neither_ray_nor_storage():
     code = (
         "import importlib, pkgutil, sys, cytosynth.synth as synth\n"

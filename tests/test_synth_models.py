@@ -82,6 +82,7 @@ def test_gligen_gates_start_closed():
     assert gates and all(g.alpha_attn.item() == 0 and g.alpha_dense.item() == 0 for g in gates)
 
 
+@pytest.mark.slow  # measured 7-36 s on a loaded 2-core machine
 def test_sd15_latents_are_128_for_a_tile_and_32_for_a_crop(sd15_on_meta):
     unet, acs, vae = sd15_on_meta
     with torch.device("meta"):
@@ -127,6 +128,7 @@ def test_merging_the_lora_keeps_outputs_and_removes_adapter_layers():
     torch.testing.assert_close(_unet_out(unet), before, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # measured 7-36 s on a loaded 2-core machine
 def test_lora_file_loads_with_diffusers_load_lora_weights(tmp_path):
     unet = _trained_lora_unet()
     expected = _unet_out(unet)
@@ -142,6 +144,7 @@ def test_lora_file_loads_with_diffusers_load_lora_weights(tmp_path):
     torch.testing.assert_close(_unet_out(pipe.unet), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # measured 7-36 s on a loaded 2-core machine
 def test_bundle_saved_to_disk_loads_back_and_generates_the_same_tiles(tmp_path):
     lora_unet = _trained_lora_unet()
     bundle = random_bundle("tiny")

@@ -65,6 +65,7 @@ def test_the_detector_file_holds_the_model_it_was_given(tmp_path):
     assert all(torch.equal(saved[k], given[k]) for k in given)
 
 
+@pytest.mark.slow  # measured 7-36 s on a loaded 2-core machine
 def test_the_lora_file_merges_into_the_base_as_the_trained_lora_does(tmp_path):
     task = NormalLoraTask("unused", tile_size=TILE)
     model, trainable = task.build(torch.device("cpu"))
