@@ -303,7 +303,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     start_step = latest_checkpoint(config.out)
-    seed = int(np.random.SeedSequence([config.seed, start_step]).generate_state(1)[0])
+    seed = run_seed(config.seed, start_step)
     torch.manual_seed(seed + rank)  # noise and timesteps differ per worker
 
     module, trainable = task.build(get_device() if config.use_gpu else torch.device("cpu"))
@@ -362,6 +362,11 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
                    "final_loss": metrics.rows[-1]["loss"], "workers": world_size, **selected}
         storage.put_bytes(storage.join(config.out, SUCCESS_NAME), json.dumps(summary, indent=2).encode())
     dist.barrier()
+
+
+def run_seed(seed: int, start_step: int) -> int:
+    """The seed of one run of a job (data order, noise; rank 0's model init when start_step is 0)."""
+    return int(np.random.SeedSequence([seed, start_step]).generate_state(1)[0])
 
 
 class _LossModule(torch.nn.Module):

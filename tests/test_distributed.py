@@ -64,7 +64,7 @@ def _init_ray() -> None:
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # minutes on a loaded 2-core machine: the tests using it are marked slow
 def reference(ray_session, tmp_path_factory) -> dict[str, bytes]:
     """The dataset made by one replica: shard name -> tar bytes."""
     out = str(tmp_path_factory.mktemp("ref") / "out")
@@ -85,6 +85,7 @@ def check_exactly_once(out: str) -> None:
     assert storage.is_complete(out)
 
 
+@pytest.mark.slow
 def test_pool_of_fake_gpu_replicas_computing_on_cpu_writes_the_reference_dataset_to_s3(reference, s3_bucket):
     out = s3_bucket + "/job"
     summary = run_distributed(config(out), RUNTIME, workers=(1, 3), gpus_per_replica=0.5)
@@ -99,6 +100,53 @@ def test_pool_of_fake_gpu_replicas_computing_on_cpu_writes_the_reference_dataset
     assert set(stats[0]["stage_seconds"]) == {"stage1", "detection", "stage2", "paste_back", "encode"}
     assert summary["this_run"]["shards"] == NUM_TILES and summary["this_run"]["stage_seconds"]["upload"] > 0
     # Invariant 1: replica count (and backend) does not change the data; on CPU not one byte.
+    assert shard_bytes(out) == reference
+
+
+class WatchedWorker:
+    """A real ShardWorker that logs, per replica process, each model load and how many shards it
+    is running at once (the replica's threads call `run` concurrently)."""
+
+    def __init__(self, worker, log: str) -> None:
+        self.worker, self.log = worker, log
+        self.fingerprints, self.identity = worker.fingerprints, worker.identity
+        self.running, self.lock = 0, threading.Lock()
+        self._write("load")
+
+    def _write(self, event: str) -> None:
+        with open(self.log, "a") as fh:
+            fh.write(f"{os.getpid()} {event}\n")
+
+    def run(self, shard, layout, attempt):
+        with self.lock:
+            self.running += 1
+            self._write(f"running {self.running}")
+        try:
+            return self.worker.run(shard, layout, attempt)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def watched_worker(config: GenerateConfig, log: str, **kwargs) -> WatchedWorker:
+    from cytosynth.cluster.synthesis import load_shard_worker
+
+    return WatchedWorker(load_shard_worker(config, batch_size=RUNTIME.batch_size, **kwargs), log)
+
+
+@pytest.mark.slow
+def test_a_replica_loads_its_models_once_and_runs_at_most_two_shards_at_a_time(reference, tmp_path):
+    import functools
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the watched worker travels by value
+    out, log = str(tmp_path / "out"), str(tmp_path / "replica.log")
+    job = config(out)
+    run_distributed(job, RUNTIME, workers=1, make_worker=functools.partial(watched_worker, job, log))
+    events = [line.split(" ", 1) for line in Path(log).read_text().splitlines()]
+    assert [event for _, event in events].count("load") == 1 and len({pid for pid, _ in events}) == 1
+    running = [int(event.split()[1]) for _, event in events if event.startswith("running")]
+    assert len(running) == NUM_TILES  # one run per shard
+    assert max(running) == 2  # the next shard synthesizes while the last one encodes and uploads
     assert shard_bytes(out) == reference
 
 
@@ -117,6 +165,7 @@ def test_pool_grows_while_shards_wait_and_releases_replicas_with_no_shard_left(w
     assert pool_changes(waiting, replicas, starting, idle, max_size=4) == expected
 
 
+@pytest.mark.slow
 def test_replica_killed_mid_job(reference, tmp_path):
     out = str(tmp_path / "out")
     killed: list[int] = []
@@ -208,6 +257,7 @@ def assert_gone(procs: list[psutil.Process], what: str, timeout: float = 30) -> 
     assert not leaked, f"{what} outlived the driver: {leaked}"
 
 
+@pytest.mark.slow
 def test_driver_killed_then_interrupted_resumes_to_the_reference_dataset(reference, tmp_path):
     out, log = tmp_path / "out", tmp_path / "stderr.txt"
 

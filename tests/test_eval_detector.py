@@ -249,6 +249,20 @@ def test_study_trains_both_arms_with_train_detector_and_reports_them(study):
         assert chart.format == "PNG" and chart.width > 400 and chart.height > 200
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_rerunning_the_study_skips_the_arms_already_finished(study):
+    assert study["code"] == 0, study["stderr"]
+    arms = [Path(study["out"]) / arm for arm in ("real", "real+synthetic")]
+    trained = {path: (path.read_bytes(), path.stat().st_mtime_ns)
+               for arm in arms for path in (arm / "detector.safetensors", arm / "metrics.jsonl", arm / "_SUCCESS")}
+    report = json.loads((Path(study["out"]) / "augmentation_study.json").read_text())
+    code, stdout, stderr = run_cli(*study["argv"])  # no Ray running: nothing may train
+    assert code == 0, stderr
+    assert {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in trained} == trained
+    assert json.loads((Path(study["out"]) / "augmentation_study.json").read_text())["rows"] == report["rows"]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"--synthetic-fraction": "0"}, "strictly between 0 and 1"),
     ({"--synthetic-fraction": "1"}, "strictly between 0 and 1"),

@@ -23,13 +23,14 @@ from cleanfid import fid as clean_fid
 from PIL import Image
 from conftest import FAKE_CREDENTIALS
 from ray_processes import actor_processes
+from test_metrics import direct_kid
 
 from cytosynth import storage
 from cytosynth.cluster.features import ExtractorFile, FeatureSettings, SetOptions, featurize_sets
 from cytosynth.jobs.cli import main
 from cytosynth.storage.imagesets import list_image_units
 from cytosynth.synth.extractors import clean_preprocess, load_feature_extractor
-from cytosynth.synth.metrics import FeatureStats, kernel_distance, sample_keys, split_of, statistics_from_npz
+from cytosynth.synth.metrics import FeatureStats, sample_keys, split_of, statistics_from_npz
 
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
@@ -238,31 +239,47 @@ def test_folders_in_process_equal_clean_fid_and_the_export_program_equals_its_to
     assert exported_report["feature_extractor"]["kind"] == "export"
 
 
+def opening_a_fifo(pid: int) -> bool:
+    """Whether a thread of `pid` is blocked opening a FIFO (Linux: waiting for the other end)."""
+    try:
+        return any(Path(f"/proc/{pid}/task/{tid}/wchan").read_text() == "wait_for_partner"
+                   for tid in os.listdir(f"/proc/{pid}/task"))
+    except OSError:  # the process or thread ended while looking
+        return False
+
+
 def test_a_replica_killed_mid_run_costs_nothing_but_time(ray_session, extractors, tmp_path):
     out = str(tmp_path / "single-tile-shards")
-    for shard in range(12):  # many small slices, so a replica is caught working
+    for shard in range(12):
         writer = storage.ShardWriter(out, shard)
         writer.add(shard, blob(np.random.default_rng(shard), 0), {"boxes": [], "labels": []})
         writer.commit()
     units = {"fake": list_image_units(out)}
     extractor = ExtractorFile("torchscript", extractors["features"], Path(extractors["features"]).read_bytes())
+    # The test holds one shard: in its place a FIFO, whose open waits until the test lets go. The
+    # replica opening it is caught busy for certain, however fast or slow the machine.
+    held, real = Path(out) / "shards" / "000005.tar", Path(out) / "shards" / "000005.tar.held"
+    os.replace(held, real)
+    os.mkfifo(held)
     killed: list[int] = []
 
-    def kill_a_busy_replica() -> None:
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
-            busy = [pid for pid, title in actor_processes("FeatureReplica") if title.startswith("ray::FeatureReplica.add")]
-            if busy:
-                os.kill(busy[0], signal.SIGKILL)
-                killed.append(busy[0])
+    def kill_the_replica_reading_the_held_shard() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            reader = next((pid for pid, _ in actor_processes("FeatureReplica") if opening_a_fifo(pid)), None)
+            if reader is not None:
+                os.replace(real, held)  # first: the shard's retry opens the real file, not the FIFO
+                os.kill(reader, signal.SIGKILL)
+                killed.append(reader)
+                return
             time.sleep(0.01)
 
-    killer = threading.Thread(target=kill_a_busy_replica, daemon=True)
+    killer = threading.Thread(target=kill_the_replica_reading_the_held_shard, daemon=True)
     killer.start()
     options = {"fake": SetOptions(kid_sample=5)}
     survived = featurize_sets(units, extractor, options, FeatureSettings(batch_size=2), workers=2, progress=False)["fake"]
     killer.join(timeout=5)
-    assert killed, "no replica was caught featurising"
+    assert killed, "no replica was found reading the held shard"
     reference = featurize_sets(units, extractor, options, FeatureSettings(batch_size=2), progress=False)["fake"]
     assert survived.images.count == reference.images.count == 12  # every image exactly once
     np.testing.assert_allclose(survived.images.outer_sum, reference.images.outer_sum, rtol=1e-6)
@@ -297,8 +314,9 @@ def test_kid_sample_bounds_the_features_kept(sets, extractors, tmp_path):
     names, real_features, _ = direct_features(sets["real"]["files"], extractors["features"])
     _, fake_features, _ = direct_features(sets["fake"]["files"], extractors["features"])
     keep = np.argsort(sample_keys(names, seed=0))[:10]  # same file names on both sides: same ranks
-    expected = kernel_distance(real_features[keep], fake_features[keep], num_subsets=5, seed=0)
-    assert report["kid"] == pytest.approx(expected, rel=1e-5)
+    # Subsets of 10 of the 10 kept: every subset is the whole sample, so KID is its exact MMD.
+    assert report["kid"] == pytest.approx(direct_kid(real_features[keep], fake_features[keep]), rel=1e-5)
+    assert abs(report["kid"] - direct_kid(real_features, fake_features)) > 1e-6  # the bound took effect
 
 
 def test_clean_fid_inception_file_gives_clean_fid_features_and_bias_free_logits(extractors):

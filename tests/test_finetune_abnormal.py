@@ -37,7 +37,7 @@ def s3_data(s3_server, tmp_path_factory):
         yield write_phantom_shards(f"{bucket}/cells", tiles=4, per_shard=2, size=320, abnormal=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # minutes on a loaded 2-core machine: the tests using it are marked slow
 def trained(s3_data, tmp_path_factory):
     """One run for the module: 24 steps, 2 workers x batch 2, lr 2e-3 (a short overfit), data on S3.
     Returns (out, exit code, stdout)."""
@@ -63,6 +63,7 @@ def initial_acs_state() -> dict[str, torch.Tensor]:
     return model.unet.state_dict()
 
 
+@pytest.mark.slow
 def test_the_run_writes_a_diffusers_acs_unet_folder_with_its_records(trained):
     out, code, stdout = trained
     assert code == 0
@@ -81,6 +82,7 @@ def test_the_run_writes_a_diffusers_acs_unet_folder_with_its_records(trained):
     assert grid.size == (5 * 256 + 6 * 4, 4 * 256 + 5 * 4)  # 4 crops x (crop + the four classes)
 
 
+@pytest.mark.slow
 def test_loss_is_finite_and_falls_over_a_short_overfit_run(trained):
     out, *_ = trained
     losses = [row["loss"] for row in read_metrics(out)]
@@ -88,6 +90,7 @@ def test_loss_is_finite_and_falls_over_a_short_overfit_run(trained):
     assert np.mean(losses[-6:]) < np.mean(losses[:6])
 
 
+@pytest.mark.slow
 def test_only_gated_attention_position_net_and_input_conv_weight_changed(trained):
     out, *_ = trained
     before = initial_acs_state()
@@ -111,6 +114,7 @@ def generated_tile(out: str) -> tuple[np.ndarray, dict]:
     return sample["image"], sample["json"]
 
 
+@pytest.mark.slow
 def test_generate_loads_the_trained_acs_and_its_edits_change(trained, tmp_path):
     out, *_ = trained
     bundle = str(save_bundle(random_bundle("tiny"), tmp_path / "bundle"))

@@ -82,7 +82,7 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # minutes on a loaded 2-core machine: the tests using it are marked slow
 def trained(tmp_path_factory, s3_shards, s3_env, bundle_dir) -> dict:
     """Train from s3:// shards; SIGKILL the whole run once a checkpoint is complete; run the same
     command again to the end. Returns what the killed run left and the output folder."""
@@ -105,6 +105,7 @@ def trained(tmp_path_factory, s3_shards, s3_env, bundle_dir) -> dict:
     return {"out": out, "killed": killed, "stdout": second.stdout}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint(trained):
     assert "_SUCCESS" not in trained["killed"]["files"] and LORA_FILE not in trained["killed"]["files"]
     rows = read_metrics(trained["out"])
@@ -117,12 +118,14 @@ def test_killed_run_resumes_from_its_checkpoint(trained):
     assert "finetune-normal finished 10 steps on 2 workers" in trained["stdout"]
 
 
+@pytest.mark.slow
 def test_sample_grids_show_progress(trained):
     samples = os.path.join(trained["out"], "samples")
     assert sorted(os.listdir(samples)) == ["step_000004.png", "step_000008.png", "step_000010.png"]
     assert Image.open(os.path.join(samples, "step_000010.png")).size == (2 * TILE + 12, TILE + 8)
 
 
+@pytest.mark.slow
 def test_only_the_cross_attention_projections_change(trained, bundle_dir):
     base = UNet2DConditionModel.from_pretrained(bundle_dir, subfolder="unet")
     tuned = UNet2DConditionModel.from_pretrained(bundle_dir, subfolder="unet")
@@ -132,6 +135,7 @@ def test_only_the_cross_attention_projections_change(trained, bundle_dir):
     assert {t for t in ATTN2_LORA_TARGETS if any(name.endswith(t) for name in changed)} == set(ATTN2_LORA_TARGETS)
 
 
+@pytest.mark.slow
 def test_loss_falls_on_the_training_tiles(trained, bundle_dir, local_shards):
     """The LDM loss on the 4 training tiles, same noise and timesteps, before and after."""
     sd = load_sd_components(bundle_dir)
@@ -152,6 +156,7 @@ def test_loss_falls_on_the_training_tiles(trained, bundle_dir, local_shards):
     assert mean_loss(sd.unet) < before
 
 
+@pytest.mark.slow
 def test_diffusers_load_lora_weights_reads_the_file(trained):
     tiny = random_bundle("tiny")
     pipe = StableDiffusionPipeline(tiny.vae, tiny.text_encoder, tiny.tokenizer, tiny.unet, tiny.scheduler,
@@ -167,6 +172,7 @@ def test_diffusers_load_lora_weights_reads_the_file(trained):
     assert not np.array_equal(draw(), plain)
 
 
+@pytest.mark.slow
 def test_generate_uses_the_lora(trained, bundle_dir, tmp_path):
     def tile(*extra: str) -> np.ndarray:
         out = str(tmp_path / f"gen{len(extra)}")

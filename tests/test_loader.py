@@ -194,3 +194,29 @@ def test_missing_and_unreadable_shards_are_one_line_storage_errors(tmp_path, sou
     with pytest.raises(StorageError) as err:
         list(ShardDetectionDataset(broken))
     assert "000000.tar" in str(err.value) and "\n" not in str(err.value)
+
+
+def _ids_on_a_gloo_rank(rank: int, world_size: int, store: str, real: str, out: str) -> None:
+    """One torch.distributed process: the loader takes its rank and world size from the group."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        loader = detection_loader(real, batch_size=2, num_workers=0)
+        loader.dataset.set_epoch(0)
+        ids = [int(t["image_id"]) for _, targets in loader for t in targets]
+        with open(f"{out}.{rank}", "w") as fh:
+            fh.write(" ".join(map(str, ids)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes importing torch: 10-50 s
+def test_rank_and_world_size_default_to_the_torch_distributed_group(sources, tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "ids")
+    mp.spawn(_ids_on_a_gloo_rank, args=(2, str(tmp_path / "store"), sources[0], out), nprocs=2)
+    from_group = [[int(i) for i in open(f"{out}.{rank}").read().split()] for rank in range(2)]
+    assert from_group == epoch_ids(sources[0], ranks=2, workers=0)  # as if rank / world_size were given
+    assert all(from_group) and sorted(i for ids in from_group for i in ids) == sorted(REAL_IDS)

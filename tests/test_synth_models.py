@@ -82,6 +82,7 @@ def test_gligen_gates_start_closed():
     assert gates and all(g.alpha_attn.item() == 0 and g.alpha_dense.item() == 0 for g in gates)
 
 
+@pytest.mark.slow  # measured 7-36 s on a loaded 2-core machine
 def test_sd15_latents_are_128_for_a_tile_and_32_for_a_crop(sd15_on_meta):
     unet, acs, vae = sd15_on_meta
     with torch.device("meta"):
@@ -127,6 +128,7 @@ def test_merging_the_lora_keeps_outputs_and_removes_adapter_layers():
     torch.testing.assert_close(_unet_out(unet), before, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # measured 7-36 s on a loaded 2-core machine
 def test_lora_file_loads_with_diffusers_load_lora_weights(tmp_path):
     unet = _trained_lora_unet()
     expected = _unet_out(unet)
@@ -142,6 +144,7 @@ def test_lora_file_loads_with_diffusers_load_lora_weights(tmp_path):
     torch.testing.assert_close(_unet_out(pipe.unet), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # measured 7-36 s on a loaded 2-core machine
 def test_bundle_saved_to_disk_loads_back_and_generates_the_same_tiles(tmp_path):
     lora_unet = _trained_lora_unet()
     bundle = random_bundle("tiny")
@@ -193,6 +196,21 @@ def test_tiny_preset_is_reproducible_from_its_seed():
         assert torch.equal(p, q), name
 
 
+def test_random_weights_give_the_full_size_sd15_architecture_without_a_model_dir():
+    from cytosynth.cluster.job import GenerateConfig
+    from cytosynth.cluster.synthesis import load_models
+
+    with torch.device("meta"):  # the architecture, without allocating its 2 x 860M UNet weights
+        bundle = load_models(GenerateConfig(out="unused", preset="sd15", random_weights=True))
+    assert sum(p.numel() for p in bundle.unet.parameters()) == 859_520_964  # SD1.5's UNet
+    assert bundle.unet.config.block_out_channels == (320, 640, 1280, 1280) and bundle.unet.config.cross_attention_dim == 768
+    assert bundle.acs_unet.config.in_channels == 9 and bundle.acs_unet.config.attention_type == "gated"
+    assert set(bundle.fingerprints.values()) == {"random:sd15:seed=0"}  # recorded as random in job.json
+    with pytest.raises(InvalidInputError, match="--random-weights"):
+        load_models(GenerateConfig(out="unused", preset="sd15"))
+
+
+@pytest.mark.slow  # two bundle loads: 10-15 s on a loaded 2-core machine
 def test_bundle_loads_from_an_fsspec_url(tmp_path):
     import fsspec
 
@@ -204,6 +222,23 @@ def test_bundle_loads_from_an_fsspec_url(tmp_path):
     assert loaded.fingerprints == local.fingerprints
     with pytest.raises(InvalidInputError, match="not found"):
         load_bundle("memory://models/nothing-here", preset="tiny")
+
+
+@pytest.mark.slow  # two bundle loads: 10-15 s on a loaded 2-core machine
+def test_bundle_loads_from_s3(tmp_path, s3_bucket, s3_server):
+    import s3fs
+
+    save_bundle(random_bundle("tiny"), tmp_path / "bundle")
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}).put(
+        str(tmp_path / "bundle"), s3_bucket.removeprefix("s3://") + "/models/tiny", recursive=True)
+    loaded = load_bundle(s3_bucket + "/models/tiny", preset="tiny")
+    local = load_bundle(str(tmp_path / "bundle"), preset="tiny")
+    assert loaded.fingerprints == local.fingerprints and set(loaded.fingerprints) >= {"unet", "acs_unet", "vae"}
+    for part in ("unet", "acs_unet", "vae", "text_encoder"):
+        ours, theirs = getattr(loaded, part).state_dict(), getattr(local, part).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
+    with pytest.raises(InvalidInputError, match="not found"):
+        load_bundle(s3_bucket + "/models/nothing-here", preset="tiny")
 
 
 # --------------------------------------------------------------------------- the ACS input layout

@@ -18,6 +18,7 @@ from training_helpers import moto_bucket, read_metrics, start_ray, write_phantom
 from cytosynth import storage
 from cytosynth.jobs import cli
 from cytosynth.cluster.train_detector import DetectorTask
+from cytosynth.cluster.training import run_seed
 from cytosynth.synth.detector import FasterRCNNCellDetector, build_fasterrcnn, load_detector
 from cytosynth.synth.models import DETECTOR_FILE, fingerprint
 
@@ -35,7 +36,7 @@ def s3_data(s3_server):
         yield write_phantom_shards(f"{bucket}/nilm", tiles=4, per_shard=2, size=TILE)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # minutes on a loaded 2-core machine: the tests using it are marked slow
 def trained(s3_data, tmp_path_factory):
     """One run for the module: a short overfit (12 steps, 2 workers x batch 2, Adam 1e-4). Returns
     (out, exit code, stdout)."""
@@ -53,6 +54,7 @@ def trained(s3_data, tmp_path_factory):
     return out, code, stdout.getvalue()
 
 
+@pytest.mark.slow
 def test_the_run_writes_a_detector_file_with_its_records(trained):
     out, code, stdout = trained
     assert code == 0, stdout
@@ -63,12 +65,14 @@ def test_the_run_writes_a_detector_file_with_its_records(trained):
     assert f"train-detector finished {STEPS} steps on 2 workers" in stdout
 
 
+@pytest.mark.slow
 def test_loss_is_finite_and_falls_over_a_short_overfit_run(trained):
     losses = [row["loss"] for row in read_metrics(trained[0])]
     assert len(losses) == STEPS and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])  # measured: 2.73 -> 1.97
 
 
+@pytest.mark.slow
 def test_the_file_is_the_two_class_faster_rcnn_the_generator_loads(trained):
     state = load_file(os.path.join(trained[0], DETECTOR_FILE))
     reference = build_fasterrcnn(2).state_dict()
@@ -76,11 +80,48 @@ def test_the_file_is_the_two_class_faster_rcnn_the_generator_loads(trained):
     assert isinstance(load_detector(os.path.join(trained[0], DETECTOR_FILE)), FasterRCNNCellDetector)
 
 
+def seeded_init() -> torch.nn.Module:
+    """The detector the run started from: rank 0's build under the first run's seed."""
+    torch.manual_seed(run_seed(0, 0))
+    model, _ = DetectorTask("unused", labels="nilm", image_size=TILE).build(torch.device("cpu"))
+    return model
+
+
+@pytest.mark.slow
+def test_the_file_is_the_trained_model_a_few_adam_steps_from_the_seeded_init(trained):
+    saved = load_file(os.path.join(trained[0], DETECTOR_FILE))
+    init = {name: p.detach() for name, p in seeded_init().named_parameters()}
+    moved = {name: (saved[name] - p).abs().max().item() for name, p in init.items()}
+    # Adam moves a weight by about lr per step: 12 steps at 1e-4 stay within 12 * 3e-4 of the
+    # init; another random init is ~1e-2 away. Every parameter trains, so every one moved.
+    assert max(moved.values()) < STEPS * 3e-4, max(moved, key=moved.get)
+    unmoved = [name for name, d in moved.items() if d == 0]
+    assert not unmoved, unmoved[:5]
+
+
+@pytest.mark.slow
+def test_the_file_fits_its_training_tiles_better_than_the_init(trained, s3_data):
+    """The detection loss on the 4 training tiles, the same proposal sampling for both models."""
+    samples = list(storage.shard_detection_samples(s3_data, "nilm"))
+    task = DetectorTask(s3_data, labels="nilm", image_size=TILE)
+
+    def mean_loss(model: torch.nn.Module) -> float:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return task.loss(model.train(), ([i for i, _ in samples], [t for _, t in samples])).item()
+
+    before = mean_loss(seeded_init())
+    trained_model = seeded_init()
+    trained_model.load_state_dict(load_file(os.path.join(trained[0], DETECTOR_FILE)))
+    assert mean_loss(trained_model) < 0.9 * before
+
+
 def test_from_scratch_every_parameter_is_trained():
     model, trainable = DetectorTask("unused", labels="nilm", image_size=TILE).build(torch.device("cpu"))
     assert {id(p) for p in trainable} == {id(p) for p in model.parameters()}
 
 
+@pytest.mark.slow
 def test_generate_finds_its_normal_cells_with_the_trained_detector(trained, tmp_path):
     def normal_boxes(*extra: str) -> tuple[list, str]:
         """Every tile's cells (normal and edited boxes) and the output folder."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from training_helpers import LineFitTask, changed_parameters, initial_line_model, read_metrics, start_ray
+from training_helpers import LineFitTask, SampledLineFitTask, changed_parameters, initial_line_model, read_metrics, start_ray
 
 from cytosynth.cluster.training import (
     TrainConfig,
@@ -37,26 +37,34 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
+def sampled_path(tmp_path_factory: pytest.TempPathFactory):
+    """Where resumed_run's task records the model of its last sample grid."""
+    return tmp_path_factory.getbasetemp() / "harness-last-sampled.safetensors"
+
+
+@pytest.fixture(scope="module")  # minutes on a loaded 2-core machine: the tests using it are marked slow
 def resumed_run(ray_session, tmp_path_factory):
     """8 steps on 2 workers, checkpoint every 4; the first attempt hits corrupt data at step 6,
-    the second resumes. Returns (out, error of the first attempt, checkpoints seen after it)."""
+    the second resumes, recording the model of each sample grid (the last: after step 8).
+    Returns (out, error of the first attempt, checkpoints seen after it, summary)."""
     out = str(tmp_path_factory.mktemp("harness") / "out")
     config = TrainConfig(out=out, steps=8, batch_size=16, lr=0.05, workers=2, checkpoint_every=4,
                          sample_every=4, log_every=1, progress=False)
     with pytest.raises(InvalidInputError) as failure:
         train(config, LineFitTask(fail_after=5))
     after_failure = (checkpoint_steps(out, complete_only=False), os.path.exists(os.path.join(out, "_SUCCESS")))
-    summary = train(config, LineFitTask())
+    summary = train(config, SampledLineFitTask(sampled_to=str(sampled_path(tmp_path_factory))))
     return out, failure.value, after_failure, summary
 
 
+@pytest.mark.slow
 def test_worker_error_reaches_the_caller_as_itself(resumed_run):
     _, error, (checkpoints, success), _ = resumed_run
     assert "is corrupt" in str(error) and "\n" not in str(error)
     assert checkpoints == [4] and not success  # step 4 was checkpointed, the run never finished
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_last_complete_checkpoint(resumed_run):
     out, _, _, summary = resumed_run
     rows = read_metrics(out)
@@ -70,6 +78,7 @@ def test_resume_continues_from_the_last_complete_checkpoint(resumed_run):
     assert summary["artifact"] == os.path.join(out, "line.safetensors")
 
 
+@pytest.mark.slow
 def test_loss_falls_and_only_the_trainable_layer_changed(resumed_run):
     out, *_ = resumed_run
     before = initial_line_model()
@@ -83,6 +92,17 @@ def test_loss_falls_and_only_the_trainable_layer_changed(resumed_run):
     assert loss_after < 0.35 * loss_before  # measured 0.24; 0.53 when the resume restarts from scratch
 
 
+@pytest.mark.slow
+def test_the_artifact_is_the_model_after_the_last_step(resumed_run, tmp_path_factory):
+    out, *_ = resumed_run
+    after_last_step = load_file(sampled_path(tmp_path_factory))
+    artifact = load_file(os.path.join(out, "line.safetensors"))
+    assert artifact.keys() == after_last_step.keys()
+    assert all(torch.equal(artifact[k], after_last_step[k]) for k in artifact)
+    assert not torch.equal(artifact["2.weight"], initial_line_model().state_dict()["2.weight"])
+
+
+@pytest.mark.slow
 def test_checkpoints_samples_and_records(resumed_run):
     out, *_ = resumed_run
     marker = json.load(open(os.path.join(out, "checkpoints", "step_000004", "COMPLETE")))
@@ -97,6 +117,7 @@ def test_checkpoints_samples_and_records(resumed_run):
     assert json.load(open(os.path.join(out, "_SUCCESS")))["final_loss"] == read_metrics(out)[-1]["loss"]
 
 
+@pytest.mark.slow
 def test_job_json_is_written_first_and_success_last(resumed_run):
     out, *_ = resumed_run
     written = {os.path.relpath(os.path.join(folder, name), out): os.stat(os.path.join(folder, name)).st_mtime_ns
@@ -106,6 +127,7 @@ def test_job_json_is_written_first_and_success_last(resumed_run):
     assert written["job.json"] < min(others) and written["_SUCCESS"] > max(others)
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_repeated(resumed_run):
     out, *_, summary = resumed_run
     before = open(os.path.join(out, "metrics.jsonl")).read()
@@ -114,6 +136,7 @@ def test_a_finished_run_is_not_repeated(resumed_run):
 
 
 @pytest.mark.parametrize("change", [{"lr": 0.01}, {"batch_size": 8}, {"optimizer": "sgd"}])
+@pytest.mark.slow
 def test_a_finished_run_rerun_with_other_settings_is_refused(resumed_run, change):
     out, *_, summary = resumed_run
     before = open(os.path.join(out, "_SUCCESS")).read()

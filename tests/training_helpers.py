@@ -131,3 +131,17 @@ class LineFitTask:
 def initial_line_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+@dataclass(frozen=True)
+class SampledLineFitTask(LineFitTask):
+    """LineFitTask that also writes, to `sampled_to`, the state dict of the model each sample grid
+    is drawn from: the last one is the model after the final step (the harness samples then)."""
+
+    sampled_to: str = ""
+
+    def sample_images(self, model: torch.nn.Module, seed: int) -> np.ndarray:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, self.sampled_to)
+        return super().sample_images(model, seed)
