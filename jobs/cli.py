@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 from cytosynth import storage
+from cytosynth.cluster.job import JobStoppedError
 from cytosynth.storage.errors import redact_text, url_secrets
 from cytosynth.synth import InvalidInputError
 
@@ -29,6 +30,7 @@ from .common import quiet_libraries
 JOB_MODULES = ("generate", "detection", "fid", "finetune_normal", "finetune_abnormal", "train_detector", "export")
 USER_ERRORS = (InvalidInputError, storage.StorageError)
 EXIT_USER_ERROR, EXIT_UNEXPECTED, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 1, 130, 143
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by its surroundings (its Ray died, no replica in time); re-run resumes
 _MAX_LINE_CHARS = 500
 
 
@@ -117,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except USER_ERRORS as err:
             print(f"error: {one_line(err)}", file=sys.stderr)
             return EXIT_USER_ERROR
+        except JobStoppedError as err:
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            return EXIT_STOPPED
         except Terminated:
             print("error: terminated (SIGTERM); finished work is kept, re-run the same command to resume", file=sys.stderr)
             return EXIT_TERMINATED

@@ -4,7 +4,9 @@ One Ray session for the module (ray.init is slow); every job runs the same tiny 
 outputs can be compared byte for byte with the reference made by 1 replica: a pool of up to 3
 fake-GPU replicas on moto S3, 3 replicas with one killed by kill -9 mid-job, and the
 `cytosynth generate --workers 2` command (its own local Ray) killed with SIGKILL, then
-interrupted with SIGINT, then re-run to the end.
+interrupted with SIGINT, then terminated with SIGTERM, then re-run to the end. A local run under
+another thread count writes the same bytes too. A job stops with one line (exit 75, resumable)
+when its own Ray dies or when no replica can be placed within --replica-timeout.
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 from cytosynth import storage  # noqa: E402
 from cytosynth.cluster.distributed import pool_changes, run_distributed  # noqa: E402
-from cytosynth.cluster.runner import Runtime  # noqa: E402
+from cytosynth.cluster.runner import Runtime, run_local  # noqa: E402
 from cytosynth.cluster.job import GenerateConfig  # noqa: E402
-from cytosynth.jobs.cli import main  # noqa: E402
+from cytosynth.jobs.cli import EXIT_STOPPED, EXIT_TERMINATED, main  # noqa: E402
 from conftest import FAKE_CREDENTIALS  # noqa: E402
 from ray_processes import actor_processes  # noqa: E402
 
@@ -102,6 +105,19 @@ def test_pool_of_fake_gpu_replicas_computing_on_cpu_writes_the_reference_dataset
     assert shard_bytes(out) == reference
 
 
+@pytest.mark.slow
+def test_a_local_run_under_another_thread_count_writes_the_bytes_of_the_ray_replicas(reference, tmp_path):
+    # Replicas compute with Ray's one CPU each; this process has its own count of torch threads.
+    out = str(tmp_path / "out")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        run_local(config(out), RUNTIME)
+    finally:
+        torch.set_num_threads(threads)
+    assert shard_bytes(out) == reference
+
+
 @pytest.mark.parametrize(
     "waiting, replicas, starting, idle, expected",
     [
@@ -152,6 +168,29 @@ def test_unreachable_ray_address(tmp_path, capsys):
     assert code != 0
     assert len(err) == 1 and err[0].startswith("error:") and "127.0.0.1:1" in err[0]
     assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan"])
+def test_a_replica_timeout_that_is_not_a_positive_number_of_seconds_is_one_line_with_nothing_written(value, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["generate", "--out", str(out), *JOB_ARGS, "--workers", "2", "--replica-timeout", value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --replica-timeout must be a positive")
+    assert not out.exists()
+
+
+def test_replicas_that_cannot_be_placed_stop_the_job_after_the_replica_timeout_resumably(ray_session, tmp_path, capsys):
+    # The session has 2 GPUs; a replica asking for 3 is never placed (on a cluster: no node big
+    # enough and no autoscaler to add one). This process's Ray is the job's "cluster".
+    out = tmp_path / "out"
+    code = main(["generate", "--out", str(out), *JOB_ARGS, "--workers", "2", "--gpus-per-replica", "3",
+                 "--replica-timeout", "0.5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_STOPPED, err
+    assert len(err) == 1 and err[0].startswith("error: no replica was up for 0.5 s (--replica-timeout)"), err
+    assert "1 CPU and 3 GPUs each" in err[0] and "re-run the same command to resume" in err[0]
+    assert not storage.committed_shards(str(out))
+    storage.check_not_foreign(str(out))  # the re-run may use this --out
 
 
 # ------------------------------------------------------------------ the driver killed and resumed
