@@ -15,6 +15,8 @@ per-tile data, so the driver's memory does not grow with the job.
 Faults: a replica that dies (kill -9, lost node) costs only its in-flight shards, which go back
 to the queue; the commit is atomic and a redone shard has the same bytes. A shard that loses
 MAX_SHARD_ATTEMPTS replicas, or raises, fails the job with its shard, replica, node and cause.
+A job stops, resumable, when its own local Ray dies (nothing else would tell the driver) or when
+no replica is up for --replica-timeout (nothing can be placed: no such node, no autoscaler).
 
 Plain actors and object refs rather than a Ray Data actor pool: the shard is the unit of work, of
 commit and of retry, and the driver must know which shards each replica holds to redo exactly
@@ -133,6 +135,7 @@ class ShardScheduler:
 
     def _step(self) -> None:
         """Wait for one load or shard to finish and act on it."""
+        self.check_ray()  # replicas may keep working a while without it; the job stops at once
         if any(r.ready for r in self.replicas.values()):
             self._replica_up_at = time.monotonic()
         done, _ = ray.wait(list(self.pending), num_returns=1, timeout=min(POLL_SECONDS, self.replica_timeout))
@@ -154,10 +157,9 @@ class ShardScheduler:
                 self._committed(key, result)
 
     def _waiting(self) -> None:
-        """Nothing finished for a while: stop at once when the job's own Ray died, stop once no
+        """Nothing finished for POLL_SECONDS (the next step checks the job's own Ray): stop once no
         replica was up for `replica_timeout` (none could be placed or load), and say every
         QUIET_SECONDS that the job waits rather than look hung."""
-        self.check_ray()
         now = time.monotonic()
         starting = sum(not r.ready for r in self.replicas.values())
         if starting == len(self.replicas) and now - self._replica_up_at >= self.replica_timeout:
@@ -303,11 +305,12 @@ def run_distributed(
     `workers` is W or (MIN, MAX). Each replica reserves `gpus_per_replica` GPUs (or one CPU when
     0) and computes on `runtime.device` (None: the reserved GPU, else CPU). Resumes like
     `run_local`: job.json must match, committed shards are skipped. An already-connected Ray
-    session (ray.init done by the caller) is used as is. A Ray this call starts is watched: when
-    it dies the job stops at once. Anywhere, a pool with no replica up (none placed, or none
-    loaded) for `replica_timeout` seconds stops the job; both raise JobStoppedError, and a re-run
-    resumes. `make_worker` replaces the model-loading
+    session (ray.init done by the caller) is used as is. `make_worker` replaces the model-loading
     ShardWorker (benchmarks); `on_shard` sees each shard's stats as it commits.
+
+    Stops (JobStoppedError; a re-run resumes): at once when a local Ray this call started loses
+    its GCS or raylet, and anywhere when the pool has had no replica up (none placed, or none
+    loaded) for `replica_timeout` seconds.
     """
     size = _pool_size(workers)
     validate_runtime(runtime)

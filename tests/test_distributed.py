@@ -247,7 +247,7 @@ def assert_gone(procs: list[psutil.Process], what: str, timeout: float = 30) -> 
     assert not leaked, f"{what} outlived the driver: {leaked}"
 
 
-def test_driver_killed_then_interrupted_resumes_to_the_reference_dataset(reference, tmp_path):
+def test_driver_killed_interrupted_and_terminated_resumes_to_the_reference_dataset(reference, tmp_path):
     out, log = tmp_path / "out", tmp_path / "stderr.txt"
 
     # 1. kill -9 the driver once a shard is committed: its local Ray dies with it.
@@ -274,11 +274,58 @@ def test_driver_killed_then_interrupted_resumes_to_the_reference_dataset(referen
     after_interrupt = committed_files(out)
     assert {k: after_interrupt[k] for k in after_kill} == after_kill  # committed shards untouched
 
-    # 3. Re-run to the end: only the missing shards are made; the dataset is the reference.
+    # 3. Re-run; SIGTERM it (Kubernetes, a scheduler) after one more shard: as Ctrl-C, exit 143.
+    proc = start_generate(out, log)
+    wait_for_new_commit(out, proc, {int(name[:6]) for name in after_interrupt})
+    ray_processes = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == EXIT_TERMINATED, log.read_text()
+    assert log.read_text().splitlines()[-1].startswith("error: terminated (SIGTERM); finished work is kept")
+    assert_gone(ray_processes, "the terminated driver's Ray")
+    after_terminate = committed_files(out)
+    assert {k: after_terminate[k] for k in after_interrupt} == after_interrupt
+
+    # 4. Re-run to the end: only the missing shards are made; the dataset is the reference.
     proc = start_generate(out, log)
     assert proc.wait(timeout=300) == 0, log.read_text()
     final = committed_files(out)
-    assert {k: final[k] for k in after_interrupt} == after_interrupt
+    assert {k: final[k] for k in after_terminate} == after_terminate
     assert len(final) == 2 * NUM_TILES
     check_exactly_once(str(out))
     assert shard_bytes(str(out)) == reference
+
+
+def wait_for_replicas(proc: subprocess.Popen, timeout: float = 300) -> list[psutil.Process]:
+    """Once the driver's own Ray runs a ShardReplica actor: the driver's Ray processes."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        replicas = {pid for pid, _ in actor_processes("ShardReplica")}
+        if replicas & {child.pid for child in children}:
+            return children
+        time.sleep(0.05)
+    pytest.fail(f"no replica started (exit code {proc.poll()})")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # the bound: such a job used to wait for ever ("0 up, 2 starting")
+@pytest.mark.parametrize("process", ["raylet", "gcs_server"])
+def test_a_job_whose_own_ray_dies_stops_with_one_line_and_exit_75(process, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "stderr.txt"
+    proc = start_generate(out, log)
+    ray_processes: list[psutil.Process] = []
+    try:
+        ray_processes = wait_for_replicas(proc)  # the replicas are loading the models
+        [victim] = [p for p in ray_processes if p.name() == process]
+        victim.kill()  # the OOM killer, a crash
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill(ray_processes)  # what the driver's ray.shutdown left (agents waiting for the dead GCS)
+    lines = log.read_text().splitlines()
+    assert code == EXIT_STOPPED, lines
+    assert [line for line in lines if "error" in line.lower() or "Traceback" in line] == lines[-1:], lines
+    assert lines[-1].startswith("error: this job's own Ray died (") and process in lines[-1]
+    assert lines[-1].endswith("finished shards are kept, re-run the same command to resume")
+    assert not storage.is_complete(str(out))
