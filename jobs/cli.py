@@ -76,7 +76,11 @@ def redacted_output(secrets: set[str]) -> Iterator[None]:
         sys.stdout, sys.stderr = saved
 
 
+_sigterm_received: list[bool] = []  # set by the handler: Ray's blocking calls re-raise a plain KeyboardInterrupt
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
+    _sigterm_received.append(True)
     raise Terminated()
 
 
@@ -84,6 +88,7 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 def sigterm_as_interrupt() -> Iterator[None]:
     """While the command runs, SIGTERM raises `Terminated` in the main thread (cluster code keeps
     this handler across ray.init, which would install its own `sys.exit`)."""
+    _sigterm_received.clear()
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread (the CLI called from a worker thread): leave it
@@ -122,10 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except JobStoppedError as err:
             print(f"error: {one_line(err)}", file=sys.stderr)
             return EXIT_STOPPED
-        except Terminated:
-            print("error: terminated (SIGTERM); finished work is kept, re-run the same command to resume", file=sys.stderr)
-            return EXIT_TERMINATED
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
+            if isinstance(err, Terminated) or _sigterm_received:
+                print("error: terminated (SIGTERM); finished work is kept, re-run the same command to resume", file=sys.stderr)
+                return EXIT_TERMINATED
             print("error: interrupted; finished work is kept, re-run the same command to resume", file=sys.stderr)
             return EXIT_INTERRUPTED
         except Exception as err:  # noqa: BLE001 - the boundary: one line, the traceback in a file
