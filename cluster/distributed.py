@@ -15,6 +15,8 @@ per-tile data, so the driver's memory does not grow with the job.
 Faults: a replica that dies (kill -9, lost node) costs only its in-flight shards, which go back
 to the queue; the commit is atomic and a redone shard has the same bytes. A shard that loses
 MAX_SHARD_ATTEMPTS replicas, or raises, fails the job with its shard, replica, node and cause.
+A job stops, resumable, when its own local Ray dies (nothing else would tell the driver) or when
+no replica is up for --replica-timeout (nothing can be placed: no such node, no autoscaler).
 
 Plain actors and object refs rather than a Ray Data actor pool: the shard is the unit of work, of
 commit and of retry, and the driver must know which shards each replica holds to redo exactly
@@ -42,7 +44,7 @@ from tqdm.auto import tqdm
 from cytosynth import storage
 from cytosynth.synth import InvalidInputError
 
-from .job import GenerateConfig, JobLayout
+from .job import REPLICA_TIMEOUT, GenerateConfig, JobLayout, JobStoppedError
 from .replica import ShardReplica, WorkerFactory
 from .runner import Runtime, RunTally, finalize_job, prepare_job, validate_config, validate_options, validate_runtime
 from .synthesis import load_shard_worker
@@ -50,6 +52,10 @@ from .synthesis import load_shard_worker
 IN_FLIGHT_PER_REPLICA = 2
 MAX_SHARD_ATTEMPTS = 3  # a shard whose replica dies this many times fails the job
 QUIET_SECONDS = 120  # log a line when nothing finishes for this long
+POLL_SECONDS = 5.0  # while nothing finishes, how often the driver checks its own Ray and the replica deadline
+# The processes of a Ray this job started without which no replica can run (a dead log monitor
+# or agent does not stop the job).
+_ESSENTIAL_RAY_PROCESSES = ("gcs_server", "raylet")
 USER_ERRORS = (InvalidInputError, storage.StorageError)
 # Passed to local replicas through runtime_env so they reach the same storage as the driver
 # (endpoint, region, proxy). Never a secret: Ray logs runtime_env in plain text
@@ -79,10 +85,21 @@ class _Replica:
 class ShardScheduler:
     """Streams shards through an elastic pool of replicas; see the module docstring."""
 
-    def __init__(self, start_replica: Callable[[], Any], size: tuple[int, int], layout: JobLayout) -> None:
+    def __init__(
+        self,
+        start_replica: Callable[[], Any],
+        size: tuple[int, int],
+        layout: JobLayout,
+        replica_timeout: float = REPLICA_TIMEOUT,
+        check_ray: Callable[[], None] = lambda: None,
+        demand: str = "",
+    ) -> None:
+        """`check_ray` raises JobStoppedError when the Ray the replicas need is gone; `demand`
+        says what one replica asks Ray for (in the replica-timeout message)."""
         self.start_replica = start_replica
         self.min_size, self.max_size = size
         self.layout = layout
+        self.replica_timeout, self.check_ray, self.demand = replica_timeout, check_ray, demand
         self.replicas: dict[int, _Replica] = {}
         self.pending: dict[Any, tuple[int, int | None, int]] = {}  # ref -> (replica, shard or None: load, attempt)
         self.retry: deque[tuple[int, int]] = deque()  # (shard, attempt) whose replica died
@@ -93,6 +110,7 @@ class ShardScheduler:
         self.on_shard: Callable[[dict[str, Any]], None] = lambda stats: None
         self._next_key = 0
         self._lost_loading = 0
+        self._replica_up_at = self._quiet_since = time.monotonic()  # last seen: a ready replica; any event
 
     def start(self) -> dict[str, str]:
         """Request the first replicas; wait until one has loaded the models; its fingerprints."""
@@ -117,11 +135,14 @@ class ShardScheduler:
 
     def _step(self) -> None:
         """Wait for one load or shard to finish and act on it."""
-        done, _ = ray.wait(list(self.pending), num_returns=1, timeout=QUIET_SECONDS)
-        if not done:  # e.g. replicas waiting for the autoscaler: say so rather than look hung
-            starting = sum(not r.ready for r in self.replicas.values())
-            _log(f"no shard finished for {QUIET_SECONDS} s; {starting} replicas still waiting for resources or loading")
+        self.check_ray()  # replicas may keep working a while without it; the job stops at once
+        if any(r.ready for r in self.replicas.values()):
+            self._replica_up_at = time.monotonic()
+        done, _ = ray.wait(list(self.pending), num_returns=1, timeout=min(POLL_SECONDS, self.replica_timeout))
+        if not done:
+            self._waiting()
             return
+        self._quiet_since = time.monotonic()
         key, shard, attempt = self.pending.pop(done[0])
         try:
             result = ray.get(done[0])
@@ -134,6 +155,22 @@ class ShardScheduler:
                 self._loaded(key, result)
             else:
                 self._committed(key, result)
+
+    def _waiting(self) -> None:
+        """Nothing finished for POLL_SECONDS (the next step checks the job's own Ray): stop once no
+        replica was up for `replica_timeout` (none could be placed or load), and say every
+        QUIET_SECONDS that the job waits rather than look hung."""
+        now = time.monotonic()
+        starting = sum(not r.ready for r in self.replicas.values())
+        if starting == len(self.replicas) and now - self._replica_up_at >= self.replica_timeout:
+            raise JobStoppedError(
+                f"no replica was up for {self.replica_timeout:g} s (--replica-timeout): {starting} requested "
+                f"({self.demand or 'resources'} each) but none placed and loaded; finished shards are kept, "
+                "re-run the same command to resume"
+            )
+        if now - self._quiet_since >= QUIET_SECONDS:  # e.g. replicas waiting for the autoscaler
+            _log(f"no shard finished for {QUIET_SECONDS} s; {starting} replicas still waiting for resources or loading")
+            self._quiet_since = now
 
     def _loaded(self, key: int, info: dict[str, Any]) -> None:
         replica = self.replicas[key]
@@ -152,7 +189,9 @@ class ShardScheduler:
 
     def _lost(self, key: int, shards: list[tuple[int, int]], err: Exception) -> None:
         """A replica died: `shards` (the one that told) and its other in-flight shards go back
-        to the queue; the pool replaces it if shards wait."""
+        to the queue; the pool replaces it if shards wait. When the job's own Ray died with it,
+        that is the one thing to say."""
+        self.check_ray()
         replica = self.replicas.pop(key)
         for ref in [ref for ref, (k, _, _) in self.pending.items() if k == key]:
             _, shard, attempt = self.pending.pop(ref)
@@ -256,6 +295,7 @@ def run_distributed(
     workers: int | tuple[int, int] = 1,
     ray_address: str | None = None,
     gpus_per_replica: float = 0.0,
+    replica_timeout: float = REPLICA_TIMEOUT,
     *,
     make_worker: WorkerFactory | None = None,
     on_shard: Callable[[dict[str, Any]], None] | None = None,
@@ -267,11 +307,17 @@ def run_distributed(
     `run_local`: job.json must match, committed shards are skipped. An already-connected Ray
     session (ray.init done by the caller) is used as is. `make_worker` replaces the model-loading
     ShardWorker (benchmarks); `on_shard` sees each shard's stats as it commits.
+
+    Stops (JobStoppedError; a re-run resumes): at once when a local Ray this call started loses
+    its GCS or raylet, and anywhere when the pool has had no replica up (none placed, or none
+    loaded) for `replica_timeout` seconds.
     """
     size = _pool_size(workers)
     validate_runtime(runtime)
     if gpus_per_replica < 0:
         raise InvalidInputError("--gpus-per-replica must be >= 0")
+    if not replica_timeout > 0:  # NaN too; inf waits for ever (an autoscaler that will come)
+        raise InvalidInputError(f"--replica-timeout must be a positive number of seconds, got {replica_timeout}")
     if (runtime.device or "").startswith("cuda") and gpus_per_replica == 0:
         raise InvalidInputError("--device cuda under Ray needs --gpus-per-replica > 0 (Ray hides GPUs it did not reserve)")
     if ray_address:
@@ -300,7 +346,11 @@ def run_distributed(
         if env:
             options["runtime_env"] = {"env_vars": env}
         replica_class = ray.remote(**options)(ShardReplica)
-        scheduler = ShardScheduler(lambda: replica_class.remote(make_worker, runtime.device), size, layout)
+        scheduler = ShardScheduler(
+            lambda: replica_class.remote(make_worker, runtime.device), size, layout, replica_timeout,
+            check_ray=_check_own_ray if started_ray and ray_address is None else lambda: None,
+            demand=f"1 CPU and {gpus_per_replica:g} GPUs" if gpus_per_replica else "1 CPU",
+        )
         if runtime.progress:
             _log(f"starting {max(size[0], 1)} of up to {size[1]} replicas; waiting for the first to load the models")
         fingerprints = scheduler.start()
@@ -375,6 +425,18 @@ def _keeping_sigterm_handler() -> Iterator[None]:
     finally:
         if main_thread and previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _check_own_ray() -> None:
+    """Raise JobStoppedError when the local Ray this job started lost its GCS or raylet (killed,
+    OOM): no replica can run again, and nothing would tell the driver, which would wait for ever."""
+    node = ray._private.worker._global_node  # the processes ray.init started (no public API)
+    dead = sorted({kind for kind, _ in node.dead_processes() if kind in _ESSENTIAL_RAY_PROCESSES}) if node else []
+    if dead:
+        raise JobStoppedError(
+            f"this job's own Ray died ({' and '.join(dead)} exited); finished shards are kept, "
+            "re-run the same command to resume"
+        )
 
 
 def _check_local_gpus(gpus_per_replica: float) -> None:

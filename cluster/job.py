@@ -13,6 +13,13 @@ from typing import Any
 
 NORMAL_SOURCES = ("diffusion", "phantom", "real")
 PRECISIONS = ("auto", "fp32", "bf16")  # of the diffusion models; see cluster.synthesis.model_dtype
+REPLICA_TIMEOUT = 30 * 60.0  # default --replica-timeout: seconds a Ray pool may have no replica up
+
+
+class JobStoppedError(RuntimeError):
+    """The job stopped before its end for a reason outside its input (its own Ray died, no
+    replica could be placed in time). Committed shards are kept: re-running the same command
+    resumes. The message is one line; the CLI exits EXIT_STOPPED."""
 
 
 @dataclass(frozen=True)

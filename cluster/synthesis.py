@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator, MutableMapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,11 @@ from cytosynth.synth.selection import plan_from_json
 
 from .job import PRECISIONS, GenerateConfig
 from .worker import ShardWorker
+
+# On CPU torch splits the models' reductions by thread, so pixels would depend on the thread
+# count (a local run uses every core, a Ray replica its one CPU): they compute on this many
+# threads everywhere. Parallelism on CPU comes from replicas (--workers), as on GPUs.
+CPU_THREADS = 1
 
 
 class RealTileSource:
@@ -105,6 +111,20 @@ def model_dtype(precision: str, device: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+@contextmanager
+def reproducible_threads(device: str) -> Iterator[None]:
+    """Compute on CPU_THREADS threads while on CPU (see CPU_THREADS); the caller's count after."""
+    if not device.startswith("cpu"):
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(CPU_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def load_shard_worker(
     config: GenerateConfig,
     device: str | None = None,
@@ -122,7 +142,8 @@ def load_shard_worker(
     synthesizer = build_synthesizer(bundle, synthesis_settings(config), source, plan, device)
 
     def synthesize(indices: Sequence[int], stage_seconds: MutableMapping[str, float]) -> list[TileSample]:
-        return synthesizer(indices, [tile_seed(config.seed, i) for i in indices], stage_seconds)
+        with reproducible_threads(device):
+            return synthesizer(indices, [tile_seed(config.seed, i) for i in indices], stage_seconds)
 
     identity = {"worker": "local", **(identity or {}), "device": device, "precision": str(dtype).removeprefix("torch.")}
     return ShardWorker(config, synthesize, bundle.fingerprints, batch_size, identity)

@@ -202,7 +202,11 @@ def train(config: TrainConfig, task: TrainingTask) -> dict[str, Any]:
             try:
                 trainer.fit()
             except WorkerGroupError as err:
-                raise _user_error(err) or RuntimeError(f"{task.name} failed: {_first_line(err)}") from None
+                rank, failure, cause = _worker_cause(err)
+                if isinstance(cause, USER_ERRORS):
+                    raise cause from None
+                # Chained: the CLI's log then holds the worker's traceback (the wrapper's text).
+                raise RuntimeError(f"{task.name} failed on rank {rank}: {_described(cause)}") from failure
         ray.kill(progress.actor)
     finally:
         if started_ray:
@@ -235,21 +239,38 @@ def read_summary(out: str) -> dict[str, Any]:
     return json.loads(storage.get_bytes(storage.join(out, SUCCESS_NAME)))
 
 
-def _user_error(err: BaseException) -> BaseException | None:
-    """The InvalidInputError/StorageError a worker raised, if that is why training failed."""
-    for failure in getattr(err, "worker_failures", {}).values():
-        seen, current = set(), failure
-        while current is not None and id(current) not in seen:
-            if isinstance(current, USER_ERRORS):
-                return current
-            seen.add(id(current))
-            current = getattr(current, "cause", None) or current.__cause__
-    return None
+def _worker_cause(err: BaseException) -> tuple[int | str, BaseException, BaseException]:
+    """(rank, failure as Ray reports it, the exception the worker's code raised): a worker's
+    user error (InvalidInputError/StorageError) if any raised one, else the lowest rank's.
+
+    Ray Train wraps what a worker raised (UserExceptionWithTraceback holds it as `_base_exc`,
+    a RayTaskError as `cause`) and says only "[Rank 0 Error Snippet]" in its own message."""
+    failures = sorted(getattr(err, "worker_failures", {}).items())
+    causes = [(rank, failure, _innermost(failure)) for rank, failure in failures]
+    for found in causes:
+        if isinstance(found[2], USER_ERRORS):
+            return found
+    return causes[0] if causes else ("?", err, err)
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [line for line in str(err).splitlines() if line.strip() and "Training failed" not in line]
-    return lines[0].strip() if lines else type(err).__name__
+def _innermost(err: BaseException) -> BaseException:
+    seen, current = set(), err
+    while id(current) not in seen:
+        seen.add(id(current))
+        inner = getattr(current, "_base_exc", None) or getattr(current, "cause", None) or current.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        current = inner
+    return current
+
+
+def _described(err: BaseException) -> str:
+    """`Type: first line` of an exception; for a traceback's text (the wrapper, when the worker's
+    exception could not be unpickled), its last line, which names the exception."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Traceback"):
+        return lines[-1]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 class _ProgressBar:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 from cytosynth import storage
+from cytosynth.cluster.job import JobStoppedError
 from cytosynth.storage.errors import redact_text, url_secrets
 from cytosynth.synth import InvalidInputError
 
@@ -29,6 +30,7 @@ from .common import quiet_libraries
 JOB_MODULES = ("generate", "verify", "detection", "fid", "finetune_normal", "finetune_abnormal", "train_detector", "export")
 USER_ERRORS = (InvalidInputError, storage.StorageError)
 EXIT_USER_ERROR, EXIT_UNEXPECTED, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 1, 130, 143
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by its surroundings (its Ray died, no replica in time); re-run resumes
 _MAX_LINE_CHARS = 500
 
 
@@ -74,7 +76,11 @@ def redacted_output(secrets: set[str]) -> Iterator[None]:
         sys.stdout, sys.stderr = saved
 
 
+_sigterm_received: list[bool] = []  # set by the handler: Ray's blocking calls re-raise a plain KeyboardInterrupt
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
+    _sigterm_received.append(True)
     raise Terminated()
 
 
@@ -82,6 +88,7 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 def sigterm_as_interrupt() -> Iterator[None]:
     """While the command runs, SIGTERM raises `Terminated` in the main thread (cluster code keeps
     this handler across ray.init, which would install its own `sys.exit`)."""
+    _sigterm_received.clear()
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread (the CLI called from a worker thread): leave it
@@ -117,10 +124,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except USER_ERRORS as err:
             print(f"error: {one_line(err)}", file=sys.stderr)
             return EXIT_USER_ERROR
-        except Terminated:
-            print("error: terminated (SIGTERM); finished work is kept, re-run the same command to resume", file=sys.stderr)
-            return EXIT_TERMINATED
-        except KeyboardInterrupt:
+        except JobStoppedError as err:
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            return EXIT_STOPPED
+        except KeyboardInterrupt as err:
+            if isinstance(err, Terminated) or _sigterm_received:
+                print("error: terminated (SIGTERM); finished work is kept, re-run the same command to resume", file=sys.stderr)
+                return EXIT_TERMINATED
             print("error: interrupted; finished work is kept, re-run the same command to resume", file=sys.stderr)
             return EXIT_INTERRUPTED
         except Exception as err:  # noqa: BLE001 - the boundary: one line, the traceback in a file

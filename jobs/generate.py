@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cytosynth import storage
-from cytosynth.cluster.job import NORMAL_SOURCES, PRECISIONS, GenerateConfig
+from cytosynth.cluster.job import NORMAL_SOURCES, PRECISIONS, REPLICA_TIMEOUT, GenerateConfig
 from cytosynth.cluster.runner import Runtime, run_local
 from cytosynth.cluster.worker import STAGES
 from cytosynth.synth import ABNORMAL_CLASSES, PRESETS, InvalidInputError
@@ -82,6 +82,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--ray-address", help="an existing Ray cluster (host:port, ray://host:port or auto)")
     gen.add_argument("--gpus-per-replica", type=float, help="GPUs each Ray replica reserves, may be fractional "
                      "(default: 1 when --device, or this machine, is CUDA; else 0: one CPU per replica)")
+    gen.add_argument("--replica-timeout", type=float, default=REPLICA_TIMEOUT, metavar="SECONDS", help="stop the job "
+                     "(exit 75, resumable) when no Ray replica is up for this long: none placed or loaded "
+                     f"(default {REPLICA_TIMEOUT:g}: 30 min)")
 
     prev = commands.add_parser("preview", help="draw the contact sheet of a dataset (writes preview.png)")
     prev.add_argument("url", help="dataset URL (a generate --out)")
@@ -132,7 +135,7 @@ def generate(args: argparse.Namespace) -> int:
         if gpus is None:
             gpus = 1.0 if (args.device or default_device()).startswith("cuda") else 0.0
         workers = args.workers if args.workers != (0, 0) else (1, 1)
-        summary = run_distributed(config, runtime, workers, args.ray_address, gpus)
+        summary = run_distributed(config, runtime, workers, args.ray_address, gpus, args.replica_timeout)
     else:
         summary = run_local(config, runtime)
     print(format_summary(summary))

@@ -18,7 +18,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .abnormal import ACS_INPUT_LAYOUT, ACS_LAYOUT_KEY, check_acs_layout
 from .errors import InvalidInputError
+from .model_cache import cached_copy
 from .presets import Preset, get_preset
 
 # The paper's LoRA: the UNet's cross-attention (attn2) query, key, value and output projections.
@@ -213,7 +213,7 @@ def load_bundle(
     acs_unet: str | None = None,
     detector: str | None = None,
 ) -> ModelBundle:
-    """Load a bundle from a local path or an fsspec URL (copied to a local cache first).
+    """Load a bundle from a local path or an fsspec URL (copied once per machine: `model_cache`).
 
     `lora`, `acs_unet` and `detector` override the bundle's own sub-paths. Any missing or
     unreadable part raises `InvalidInputError` naming it.
@@ -307,17 +307,10 @@ def _require(path: Path, message: str) -> None:
 
 
 def _localize(url: str) -> Path:
-    """A local path for `url`: itself if local, else a fresh local copy of the remote file or folder."""
+    """A local path for `url`: itself if local, else the node's cached copy of the remote file or folder."""
     if "://" not in url or url.startswith("file://"):
         return Path(url.removeprefix("file://"))
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
-        raise InvalidInputError(f"model path not found: {url}")
-    local = Path(tempfile.mkdtemp(prefix="cytosynth-model-")) / Path(path).name
-    fs.get(path, str(local), recursive=fs.isdir(path))
-    return local
+    return cached_copy(url)
 
 
 def fingerprint(path: str | os.PathLike) -> str:

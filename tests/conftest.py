@@ -26,6 +26,16 @@ import pytest
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Remote model bundles are cached under a session folder, never in the user's ~/.cache
+    (set before any Ray starts, so replicas inherit it)."""
+    with pytest.MonkeyPatch.context() as env:
+        folder = str(tmp_path_factory.mktemp("model-cache"))
+        env.setenv("CYTOSYNTH_CACHE", folder)
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """Endpoint URL (``http://127.0.0.1:<port>``) of a moto S3 server living for the whole session."""

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import os
-
 import psutil
 
 
 def actor_processes(actor_class: str) -> list[tuple[int, str]]:
-    """(pid, title) of this user's processes of Ray actors of `actor_class` (Ray titles them
-    ray::<Class>.<method> while a method runs, ray::<Class> when idle)."""
+    """(pid, title) of the processes of Ray actors of `actor_class` that descend from this process
+    (a Ray started here, or by a driver started here): never another session's on a shared
+    machine. Ray titles them ray::<Class>.<method> while a method runs, ray::<Class> when idle."""
     found = []
-    for proc in psutil.process_iter(["pid", "cmdline", "uids"]):
-        cmdline = proc.info["cmdline"] or []
-        if cmdline and cmdline[0].startswith(f"ray::{actor_class}") and proc.info["uids"].real == os.getuid():
-            found.append((proc.info["pid"], " ".join(cmdline)))
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = proc.cmdline()
+        except psutil.Error:  # gone meanwhile
+            continue
+        if cmdline and cmdline[0].startswith(f"ray::{actor_class}"):
+            found.append((proc.pid, " ".join(cmdline)))
     return found

@@ -4,7 +4,9 @@ One Ray session for the module (ray.init is slow); every job runs the same tiny 
 outputs can be compared byte for byte with the reference made by 1 replica: a pool of up to 3
 fake-GPU replicas on moto S3, 3 replicas with one killed by kill -9 mid-job, and the
 `cytosynth generate --workers 2` command (its own local Ray) killed with SIGKILL, then
-interrupted with SIGINT, then re-run to the end.
+interrupted with SIGINT, then terminated with SIGTERM, then re-run to the end. A local run under
+another thread count writes the same bytes too. A job stops with one line (exit 75, resumable)
+when its own Ray dies or when no replica can be placed within --replica-timeout.
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 from cytosynth import storage  # noqa: E402
 from cytosynth.cluster.distributed import pool_changes, run_distributed  # noqa: E402
-from cytosynth.cluster.runner import Runtime  # noqa: E402
+from cytosynth.cluster.runner import Runtime, run_local  # noqa: E402
 from cytosynth.cluster.job import GenerateConfig  # noqa: E402
-from cytosynth.jobs.cli import main  # noqa: E402
+from cytosynth.jobs.cli import EXIT_STOPPED, EXIT_TERMINATED, main  # noqa: E402
 from conftest import FAKE_CREDENTIALS  # noqa: E402
 from ray_processes import actor_processes  # noqa: E402
 
@@ -150,6 +153,19 @@ def test_a_replica_loads_its_models_once_and_runs_at_most_two_shards_at_a_time(r
     assert shard_bytes(out) == reference
 
 
+@pytest.mark.slow
+def test_a_local_run_under_another_thread_count_writes_the_bytes_of_the_ray_replicas(reference, tmp_path):
+    # Replicas compute with Ray's one CPU each; this process has its own count of torch threads.
+    out = str(tmp_path / "out")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        run_local(config(out), RUNTIME)
+    finally:
+        torch.set_num_threads(threads)
+    assert shard_bytes(out) == reference
+
+
 @pytest.mark.parametrize(
     "waiting, replicas, starting, idle, expected",
     [
@@ -201,6 +217,29 @@ def test_unreachable_ray_address(tmp_path, capsys):
     assert code != 0
     assert len(err) == 1 and err[0].startswith("error:") and "127.0.0.1:1" in err[0]
     assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan"])
+def test_a_replica_timeout_that_is_not_a_positive_number_of_seconds_is_one_line_with_nothing_written(value, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["generate", "--out", str(out), *JOB_ARGS, "--workers", "2", "--replica-timeout", value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --replica-timeout must be a positive")
+    assert not out.exists()
+
+
+def test_replicas_that_cannot_be_placed_stop_the_job_after_the_replica_timeout_resumably(ray_session, tmp_path, capsys):
+    # The session has 2 GPUs; a replica asking for 3 is never placed (on a cluster: no node big
+    # enough and no autoscaler to add one). This process's Ray is the job's "cluster".
+    out = tmp_path / "out"
+    code = main(["generate", "--out", str(out), *JOB_ARGS, "--workers", "2", "--gpus-per-replica", "3",
+                 "--replica-timeout", "0.5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_STOPPED, err
+    assert len(err) == 1 and err[0].startswith("error: no replica was up for 0.5 s (--replica-timeout)"), err
+    assert "1 CPU and 3 GPUs each" in err[0] and "re-run the same command to resume" in err[0]
+    assert not storage.committed_shards(str(out))
+    storage.check_not_foreign(str(out))  # the re-run may use this --out
 
 
 # ------------------------------------------------------------------ the driver killed and resumed
@@ -258,7 +297,7 @@ def assert_gone(procs: list[psutil.Process], what: str, timeout: float = 30) -> 
 
 
 @pytest.mark.slow
-def test_driver_killed_then_interrupted_resumes_to_the_reference_dataset(reference, tmp_path):
+def test_driver_killed_interrupted_and_terminated_resumes_to_the_reference_dataset(reference, tmp_path):
     out, log = tmp_path / "out", tmp_path / "stderr.txt"
 
     # 1. kill -9 the driver once a shard is committed: its local Ray dies with it.
@@ -285,11 +324,58 @@ def test_driver_killed_then_interrupted_resumes_to_the_reference_dataset(referen
     after_interrupt = committed_files(out)
     assert {k: after_interrupt[k] for k in after_kill} == after_kill  # committed shards untouched
 
-    # 3. Re-run to the end: only the missing shards are made; the dataset is the reference.
+    # 3. Re-run; SIGTERM it (Kubernetes, a scheduler) after one more shard: as Ctrl-C, exit 143.
+    proc = start_generate(out, log)
+    wait_for_new_commit(out, proc, {int(name[:6]) for name in after_interrupt})
+    ray_processes = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == EXIT_TERMINATED, log.read_text()
+    assert log.read_text().splitlines()[-1].startswith("error: terminated (SIGTERM); finished work is kept")
+    assert_gone(ray_processes, "the terminated driver's Ray")
+    after_terminate = committed_files(out)
+    assert {k: after_terminate[k] for k in after_interrupt} == after_interrupt
+
+    # 4. Re-run to the end: only the missing shards are made; the dataset is the reference.
     proc = start_generate(out, log)
     assert proc.wait(timeout=300) == 0, log.read_text()
     final = committed_files(out)
-    assert {k: final[k] for k in after_interrupt} == after_interrupt
+    assert {k: final[k] for k in after_terminate} == after_terminate
     assert len(final) == 2 * NUM_TILES
     check_exactly_once(str(out))
     assert shard_bytes(str(out)) == reference
+
+
+def wait_for_replicas(proc: subprocess.Popen, timeout: float = 300) -> list[psutil.Process]:
+    """Once the driver's own Ray runs a ShardReplica actor: the driver's Ray processes."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        replicas = {pid for pid, _ in actor_processes("ShardReplica")}
+        if replicas & {child.pid for child in children}:
+            return children
+        time.sleep(0.05)
+    pytest.fail(f"no replica started (exit code {proc.poll()})")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # the bound: such a job used to wait for ever ("0 up, 2 starting")
+@pytest.mark.parametrize("process", ["raylet", "gcs_server"])
+def test_a_job_whose_own_ray_dies_stops_with_one_line_and_exit_75(process, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "stderr.txt"
+    proc = start_generate(out, log)
+    ray_processes: list[psutil.Process] = []
+    try:
+        ray_processes = wait_for_replicas(proc)  # the replicas are loading the models
+        [victim] = [p for p in ray_processes if p.name() == process]
+        victim.kill()  # the OOM killer, a crash
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill(ray_processes)  # what the driver's ray.shutdown left (agents waiting for the dead GCS)
+    lines = log.read_text().splitlines()
+    assert code == EXIT_STOPPED, lines
+    assert [line for line in lines if "error" in line.lower() or "Traceback" in line] == lines[-1:], lines
+    assert lines[-1].startswith("error: this job's own Ray died (") and process in lines[-1]
+    assert lines[-1].endswith("finished shards are kept, re-run the same command to resume")
+    assert not storage.is_complete(str(out))

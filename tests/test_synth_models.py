@@ -14,6 +14,7 @@ from cytosynth.jobs import cli
 from cytosynth.synth import InvalidInputError, NormalTileGenerator, load_bundle, random_bundle, save_bundle
 from cytosynth.synth.abnormal import ACS_INPUT_LAYOUT, ACS_LAYOUT_KEY
 from cytosynth.synth.models import (
+    SD_COMPONENTS,
     acs_unet_from_base,
     add_normal_lora,
     build_acs_unet,
@@ -239,6 +240,39 @@ def test_bundle_loads_from_s3(tmp_path, s3_bucket, s3_server):
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
     with pytest.raises(InvalidInputError, match="not found"):
         load_bundle(s3_bucket + "/models/nothing-here", preset="tiny")
+
+
+@pytest.mark.slow  # three bundle loads through moto S3
+def test_a_bundle_on_s3_is_downloaded_once_per_machine_and_again_only_when_it_changes(tmp_path, s3_bucket, monkeypatch):
+    s3fs = pytest.importorskip("s3fs")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CYTOSYNTH_CACHE", str(cache))
+    save_bundle(random_bundle("tiny"), tmp_path / "bundle")
+    url = s3_bucket + "/models/tiny"
+    fs = s3fs.S3FileSystem()  # the instance load_bundle gets for s3:// URLs (fsspec caches it)
+    fs.put(str(tmp_path / "bundle"), url, recursive=True)
+    gets = []
+    fs.connect()
+    fs.s3.meta.events.register("before-call.s3.GetObject", lambda **kw: gets.append(1))
+
+    first = load_bundle(url, preset="tiny")
+    downloaded = len(gets)
+    assert downloaded >= len(SD_COMPONENTS)  # the weights came through S3 GETs
+    entries = list((cache / "models").iterdir())
+    assert len(entries) == 1 and (entries[0] / "tiny" / "unet").is_dir()
+
+    again = load_bundle(url, preset="tiny")  # a later run, or another replica on this node
+    assert len(gets) == downloaded and list((cache / "models").iterdir()) == entries
+    assert again.fingerprints == first.fingerprints
+
+    changed = random_bundle("tiny", seed=1)
+    save_bundle(changed, tmp_path / "changed")
+    for file in (tmp_path / "changed" / "acs_unet").iterdir():  # overwrite one part in place
+        fs.put_file(str(file), f"{url}/acs_unet/{file.name}")
+    updated = load_bundle(url, preset="tiny")
+    assert len(gets) > downloaded and len(list((cache / "models").iterdir())) == 2
+    assert updated.fingerprints["acs_unet"] != first.fingerprints["acs_unet"]
+    assert updated.fingerprints["unet"] == first.fingerprints["unet"]
 
 
 # --------------------------------------------------------------------------- the ACS input layout
