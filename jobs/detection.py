@@ -17,6 +17,7 @@ from typing import Any
 from cytosynth import storage
 from cytosynth.cluster.training import read_summary
 from cytosynth.synth import InvalidInputError
+from cytosynth.synth.errors import named_as_urls
 from cytosynth.synth.evaluation import SUMMARY_METRICS, evaluate_detector, load_detection_model, object_classes
 
 from . import train_detector
@@ -61,7 +62,8 @@ def local_file(url: str) -> Iterator[str]:
         path = os.path.join(folder, url.rstrip("/").rsplit("/", 1)[-1])
         with open(path, "wb") as fh:
             fh.write(storage.get_bytes(url))
-        yield path
+        with named_as_urls({path: url}):  # an error about the copy names the user's URL
+            yield path
 
 
 def evaluate(detector: str, test_set: EvalSet, *, image_size: int, device: str, batch_size: int,

@@ -150,3 +150,29 @@ def test_shard_stats_without_tiles_are_one_line(tmp_path, capsys):
 def test_preview_with_a_negative_max_tiles_is_one_line(tmp_path, capsys):
     rc = main(["preview", str(tmp_path), "--max-tiles", "-1"])
     assert_one_line(rc, capsys, "--max-tiles")
+
+
+@pytest.mark.parametrize(
+    ("broken", "fragment"),
+    [("acs_unet/", "missing the Abnormal Cell Synthesizer folder {url}/acs_unet"),
+     ("vae/config.json", "cannot load vae from {url}: ")],
+)
+def test_an_error_about_a_remote_bundle_names_its_url_not_the_local_copy(s3_bucket, tmp_path, capsys, broken, fragment):
+    import s3fs
+
+    url = s3_bucket + "/bundle"
+    from cytosynth.synth.abnormal import ACS_INPUT_LAYOUT, ACS_LAYOUT_KEY
+
+    fs = s3fs.S3FileSystem()
+    for part in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
+        fs.pipe(f"{url}/{part}/config.json", b"{}")
+    acs = {"in_channels": 9, "attention_type": "gated", ACS_LAYOUT_KEY: ACS_INPUT_LAYOUT}
+    fs.pipe(f"{url}/acs_unet/config.json", json.dumps(acs).encode())
+    if broken.endswith("/"):
+        fs.rm(f"{url}/{broken}", recursive=True)
+    else:
+        fs.pipe(f"{url}/{broken}", b"{not json")
+    rc = main(["generate", "--out", str(tmp_path / "out"), "--preset", "sd15", "--model-dir", url, "--num-tiles", "1",
+               "--tile-size", "256", "--device", "cpu", "--quiet"])
+    err = assert_one_line(rc, capsys, fragment.format(url=url))
+    assert "cytosynth-model-" not in err and "/tmp" not in err, err
