@@ -145,7 +145,7 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"cytosynth: wrote {summary['tiles']} tiles in {summary['shards']} shards to {summary['out']}",
         f"  time       {summary['seconds']:.1f} s ({rate:.2f} tiles/s); this run made {made} tiles "
-        f"in {run.get('shards', 0)} shards on {run.get('replicas', 0)} replicas, {run.get('retried_shards', 0)} shards retried",
+        f"in {run.get('shards', 0)} shards, by {_replicas(run.get('replicas', 0))}, {run.get('retried_shards', 0)} shards retried",
         "  stages     " + ", ".join(f"{s} {stages.get(s, 0.0):.1f} s" for s in STAGES)
         + " (busy seconds summed over replicas; encode and upload overlap synthesis)",
         f"  abnormal   {sum(summary['cells'].values())} cells: "
@@ -154,6 +154,12 @@ def format_summary(summary: dict) -> str:
         "  files      job.json, shards/*.tar, stats/*.json, manifest.parquet, preview.png, _SUCCESS",
     ]
     return "\n".join(lines)
+
+
+def _replicas(count: int) -> str:
+    # Counts the replicas that made shards: a replica takes up to two shards as soon as it has
+    # loaded, so with few shards the first one up may make them all (README, "On Ray").
+    return f"{count} replica" + ("" if count == 1 else "s")
 
 
 def preview(args: argparse.Namespace) -> int:
