@@ -98,7 +98,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                     help="abnormal: ASC-US, ASC-H, LSIL, HSIL; nilm: every cell as one class")
     ev.add_argument("--image-size", type=int, default=1024, help="side the detector resizes images to, as in "
                     "train-detector (default 1024)")
-    ev.add_argument("--device", default=default_device())
+    ev.add_argument("--device", default=default_device(), help="torch device the detector runs on (cuda, cuda:1, cpu)")
     ev.add_argument("--batch-size", type=int, default=4, help="images per detector call")
     ev.add_argument("--json", help="also write the metrics here as JSON (a path or URL)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
