@@ -10,6 +10,7 @@ block must parse as written (tests/test_readme_commands.py runs those that fit o
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import shlex
 import sys
@@ -29,16 +30,20 @@ _BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # --------------------------------------------------------------------------- the generated reference
 
 
-def subcommands(parser: argparse.ArgumentParser | None = None) -> dict[str, argparse.ArgumentParser]:
-    parser = parser or build_parser()
-    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+@functools.cache
+def cli_parser() -> argparse.ArgumentParser:
+    return build_parser()
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    (action,) = [a for a in cli_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     return dict(action.choices)
 
 
 def _value(action: argparse.Action) -> str:
     if action.choices:
         return "|".join(map(str, action.choices))
-    return action.metavar or action.dest.upper().replace("_", "-")
+    return action.metavar or action.dest.upper()  # as argparse shows it in --help
 
 
 def option_usage(action: argparse.Action) -> str:
@@ -122,13 +127,24 @@ def logical_lines(code: str) -> list[str]:
     return [line.split(" #")[0].strip() for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
-def cytosynth_commands(code: str) -> list[str]:
-    """Each `cytosynth <command> ...` in a block, from that word to the end of its shell command."""
+_SHELL_OPERATORS = {"&&", "||", ";", "|", ">", ">>", "<", "&"}
+
+
+def _commands_in_words(words: list[str]) -> list[list[str]]:
     found = []
-    for line in logical_lines(code):
-        for match in re.finditer(r"(?:^|&&|;|\"|\s)cytosynth ([a-z-]+)( [^;&\"]*)?", line):
-            found.append(f"{match.group(1)}{match.group(2) or ''}".strip())
+    for i, word in enumerate(words):
+        if word == "cytosynth" and i + 1 < len(words):
+            rest = words[i + 1:]
+            end = next((j for j, w in enumerate(rest) if w in _SHELL_OPERATORS), len(rest))
+            found.append(rest[:end])
+        elif "cytosynth " in word:  # a quoted inner command: ray exec ... "cytosynth generate ..."
+            found.extend(_commands_in_words(shlex.split(word)))
     return found
+
+
+def cytosynth_commands(code: str) -> list[str]:
+    """Each `cytosynth <command> ...` in a block (its words after the shell's splitting, re-joined)."""
+    return [shlex.join(words) for line in logical_lines(code) for words in _commands_in_words(shlex.split(line))]
 
 
 def shell_commands() -> list[str]:
@@ -136,8 +152,14 @@ def shell_commands() -> list[str]:
 
 
 def synopses() -> list[str]:
-    return [c for language, code in readme_blocks() if language == "" and "cytosynth " in code
-            for c in cytosynth_commands(code)]
+    """The plain blocks' `cytosynth ...` lines (brackets and `|` are notation, not shell)."""
+    lines = []
+    for language, code in readme_blocks():
+        if language == "":
+            joined = re.sub(r"\n[ \t]+", " ", code)  # indented lines continue the synopsis
+            lines += [line.split("cytosynth ", 1)[1] for line in joined.splitlines()
+                      if line.startswith("cytosynth ") and line.split()[1] in subcommands()]  # not output lines
+    return lines
 
 
 def test_the_readme_reference_is_the_parsers_help():
@@ -152,7 +174,8 @@ def test_every_option_has_a_help_text():
 
 
 def test_the_readme_shows_every_command():
-    assert set(subcommands()) <= {c.split()[0] for c in shell_commands() + synopses()}
+    shown = {c.split()[0] for c in shell_commands() + synopses()}
+    assert not set(subcommands()) - shown, set(subcommands()) - shown
 
 
 @pytest.mark.parametrize("line", sorted(set(shell_commands())))
@@ -160,14 +183,16 @@ def test_every_readme_command_parses_as_written(line):
     """The exact line (after the shell's word splitting) is accepted by `cytosynth`'s parser."""
     words = shlex.split(line)
     try:
-        build_parser().parse_args(words)
+        cli_parser().parse_args(words)
     except SystemExit:
         pytest.fail(f"`cytosynth {line}` does not parse (argparse exits)")
 
 
 def _synopsis_flags(line: str) -> list[tuple[str, str | None]]:
-    """(flag, the literal value shown after it or None) for each `--flag` of a synopsis."""
-    return [(m.group(1), m.group(2)) for m in re.finditer(r"(--[a-z0-9-]+)(?: ([^\s\[\]()|]+))?", line)]
+    """(flag, its default as shown or None) for each `--flag` of a synopsis; `[--steps 25]`, an
+    optional flag with a number, shows the default (elsewhere a number is an example)."""
+    flags = [(flag, None) for flag in re.findall(r"--[a-z0-9-]+", line)]
+    return flags + re.findall(r"\[(--[a-z0-9-]+) ([0-9][0-9.e+-]*)\]", line)
 
 
 @pytest.mark.parametrize("line", sorted(set(synopses())), ids=lambda line: line.split()[0])
@@ -178,8 +203,13 @@ def test_every_synopsis_names_real_flags_with_their_defaults(line):
     for flag, shown in _synopsis_flags(line):
         assert flag in actions, f"{name}: the README shows {flag}, which --help does not have"
         action = actions[flag]
-        if shown is not None and re.fullmatch(r"[0-9.e+-]+", shown) and action.default is not None:
+        if shown is not None:
             assert shown == default_text(action), f"{name} {flag}: README shows {shown}, the default is {default_text(action)}"
+    # Flags that exclude each other appear only as alternatives: `(--data URL | --coco FILE)`.
+    outside_alternatives = re.sub(r"\([^()]*\|[^()]*\)", "", line)
+    for group in parser._mutually_exclusive_groups:
+        together = [f for a in group._group_actions for f in a.option_strings if re.search(rf"{f}(?![\w-])", outside_alternatives)]
+        assert len(together) <= 1, f"{name}: the README shows {' and '.join(together)} together; argparse refuses that"
 
 
 if __name__ == "__main__":
