@@ -152,6 +152,13 @@ def test_preview_with_a_negative_max_tiles_is_one_line(tmp_path, capsys):
     assert_one_line(rc, capsys, "--max-tiles")
 
 
+@pytest.mark.parametrize("option", ["--lora", "--acs-unet"])
+def test_a_model_part_without_a_bundle_is_refused_not_ignored(tmp_path, capsys, option):
+    rc = generate(tmp_path / "out", option, tmp_path / "part")
+    assert_one_line(rc, capsys, option, "give --model-dir")
+    assert_nothing_written(tmp_path / "out")
+
+
 @pytest.mark.parametrize(
     ("broken", "fragment"),
     [("acs_unet/", "missing the Abnormal Cell Synthesizer folder {url}/acs_unet"),
@@ -160,9 +167,9 @@ def test_preview_with_a_negative_max_tiles_is_one_line(tmp_path, capsys):
 def test_an_error_about_a_remote_bundle_names_its_url_not_the_local_copy(s3_bucket, tmp_path, capsys, broken, fragment):
     import s3fs
 
-    url = s3_bucket + "/bundle"
     from cytosynth.synth.abnormal import ACS_INPUT_LAYOUT, ACS_LAYOUT_KEY
 
+    url = s3_bucket + "/bundle"
     fs = s3fs.S3FileSystem()
     for part in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
         fs.pipe(f"{url}/{part}/config.json", b"{}")
