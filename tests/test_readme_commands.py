@@ -32,8 +32,9 @@ def marked_blocks(name: str) -> list[tuple[str, str]]:
             if block == name]
 
 
-def run_blocks(name: str, folder: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Run the README's `name` blocks in `folder`, in order; the shell blocks' stdout."""
+def run_blocks(name: str, folder: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], dict]:
+    """Run the README's `name` blocks in `folder`, in order: the shell blocks' stdout, and the
+    python blocks' namespace."""
     blocks = marked_blocks(name)
     assert blocks, f"README has no block marked `<!-- runs: {name} -->`"
     monkeypatch.chdir(folder)
@@ -47,12 +48,12 @@ def run_blocks(name: str, folder: Path, monkeypatch: pytest.MonkeyPatch) -> list
                                   capture_output=True, text=True)
             assert done.returncode == 0, f"README block failed:\n{code}\n{done.stderr[-3000:]}"
             outputs.append(done.stdout)
-    return outputs
+    return outputs, namespace
 
 
 def test_every_marked_block_name_has_a_test():
     names = {block for block, _, _ in _MARKED.findall(README.read_text(encoding="utf-8"))}
-    assert names == {"small-run", "s3", "fid"}, names
+    assert names == {"small-run", "s3", "fid", "notebook"}, names
 
 
 def test_every_repository_file_the_readme_names_exists():
@@ -68,6 +69,13 @@ def test_the_small_local_run_runs_as_written(tmp_path, monkeypatch):
     assert (tmp_path / "small-run" / "_SUCCESS").exists()
     assert (tmp_path / "small-run" / "preview.png").stat().st_size > 0
     assert len(storage.read_manifest(str(tmp_path / "small-run"))) == 4
+
+
+@pytest.mark.slow
+def test_the_notebook_snippet_runs_as_written(tmp_path, monkeypatch):
+    _, namespace = run_blocks("notebook", tmp_path, monkeypatch)
+    first = namespace["samples"][0]
+    assert first.image.shape == (256, 256, 3) and len(first.annotation["boxes"]) >= 1
 
 
 @pytest.mark.slow
@@ -112,7 +120,7 @@ def test_the_fid_quickstart_runs_as_written(tmp_path, monkeypatch):
     (tmp_path / "models").mkdir()
     torch.manual_seed(0)
     torch.jit.script(InceptionStandIn().eval()).save(str(tmp_path / "models" / "inception-2015-12-05.pt"))
-    outputs = run_blocks("fid", tmp_path, monkeypatch)
+    outputs, _ = run_blocks("fid", tmp_path, monkeypatch)
     report = json.loads((tmp_path / "fid.json").read_text())
     assert report["real"]["images"] == report["fake"]["images"] == 10
     assert report["fid"] > 0 and "kid" in report and report["is"]["splits"] == 1
