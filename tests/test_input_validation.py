@@ -183,3 +183,13 @@ def test_an_error_about_a_remote_bundle_names_its_url_not_the_local_copy(s3_buck
                "--tile-size", "256", "--device", "cpu", "--quiet"])
     err = assert_one_line(rc, capsys, fragment.format(url=url))
     assert "cytosynth-model-" not in err and "/tmp" not in err, err
+
+
+def test_a_bad_remote_detector_file_is_named_by_its_url(s3_bucket, tmp_path, capsys):
+    import s3fs
+
+    url = s3_bucket + "/det/detector.safetensors"
+    s3fs.S3FileSystem().pipe(url, b"not a safetensors file")
+    rc = generate(tmp_path / "out", "--detector", url)
+    err = assert_one_line(rc, capsys, f"detector weights {url} are not a readable safetensors file")
+    assert "cytosynth-model-" not in err and "/tmp" not in err, err
