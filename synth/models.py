@@ -223,56 +223,62 @@ def load_bundle(
     lora_path = localize(lora) if lora else root / "normal_lora" / LORA_FILE
     acs_path = localize(acs_unet) if acs_unet else root / "acs_unet"
     detector_path = localize(detector) if detector else root / "detector" / DETECTOR_FILE
-
     # Copies of remote parts are temporary folders; what the user reads names their URLs.
     copies = {str(root): model_dir, str(lora_path): lora, str(acs_path): acs_unet, str(detector_path): detector}
     with named_as_urls(copies):
-        for name in SD_COMPONENTS:
-            _require(root / name, f"model bundle {model_dir}: missing the {name}/ folder of a diffusers SD1.5 model")
-        _require(acs_path / "config.json", f"model bundle {model_dir}: missing the Abnormal Cell Synthesizer folder {acs_path}")
+        return _load_local_bundle(model_dir, preset, lora, acs_unet, detector, root, lora_path, acs_path, detector_path)
 
-        def load(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except Exception as err:  # noqa: BLE001 - any failure to read weights is one user-facing line
-                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise InvalidInputError(f"cannot load {what} from {model_dir}: {reason}") from err
 
-        # Before any weights are read: a UNet of another layout is refused at once.
-        check_acs_layout(load("acs_unet config", _read_json, acs_path / "config.json"), acs_unet or f"{model_dir}/acs_unet")
-        vae = load("vae", AutoencoderKL.from_pretrained, root, subfolder="vae", use_safetensors=True)
-        text_encoder = load("text_encoder", CLIPTextModel.from_pretrained, root / "text_encoder", use_safetensors=True)
-        tokenizer = load("tokenizer", CLIPTokenizer.from_pretrained, root / "tokenizer")
-        scheduler_config = load("scheduler", DDIMScheduler.load_config, root, subfolder="scheduler")
-        unet = load("unet", UNet2DConditionModel.from_pretrained, root, subfolder="unet", use_safetensors=True)
-        if lora_path.exists():
-            load("normal LoRA", load_normal_lora, unet, lora_path)
-        elif lora:
-            raise InvalidInputError(f"normal LoRA not found: {lora}")
-        with _quiet_diffusers():  # it warns that the layout key is not an __init__ argument
-            acs = load("acs_unet", UNet2DConditionModel.from_pretrained, acs_path, use_safetensors=True)
-        if detector and not detector_path.exists():
-            raise InvalidInputError(f"detector weights not found: {detector}")
+def _load_local_bundle(
+    model_dir: str, preset: str, lora: str | None, acs_unet: str | None, detector: str | None,
+    root: Path, lora_path: Path, acs_path: Path, detector_path: Path,
+) -> ModelBundle:
+    """`load_bundle` once every part is a local path (the arguments name what the user gave)."""
+    for name in SD_COMPONENTS:
+        _require(root / name, f"model bundle {model_dir}: missing the {name}/ folder of a diffusers SD1.5 model")
+    _require(acs_path / "config.json", f"model bundle {model_dir}: missing the Abnormal Cell Synthesizer folder {acs_path}")
 
-        return ModelBundle(
-            preset=get_preset(preset),
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            acs_unet=acs,
-            scheduler=DDIMScheduler.from_config(scheduler_config),
-            detector_path=str(detector_path) if detector_path.exists() else None,
-            detector_source=detector or f"{model_dir.rstrip('/')}/detector/{DETECTOR_FILE}",
-            fingerprints={
-                "vae": fingerprint(root / "vae"),
-                "text_encoder": fingerprint(root / "text_encoder"),
-                "unet": fingerprint(root / "unet"),
-                "normal_lora": fingerprint(lora_path) if lora_path.exists() else "none",
-                "acs_unet": fingerprint(acs_path),
-                **({"detector": fingerprint(detector_path)} if detector_path.exists() else {}),
-            },
-        )
+    def load(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any failure to read weights is one user-facing line
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InvalidInputError(f"cannot load {what} from {model_dir}: {reason}") from err
+
+    # Before any weights are read: a UNet of another layout is refused at once.
+    check_acs_layout(load("acs_unet config", _read_json, acs_path / "config.json"), acs_unet or f"{model_dir}/acs_unet")
+    vae = load("vae", AutoencoderKL.from_pretrained, root, subfolder="vae", use_safetensors=True)
+    text_encoder = load("text_encoder", CLIPTextModel.from_pretrained, root / "text_encoder", use_safetensors=True)
+    tokenizer = load("tokenizer", CLIPTokenizer.from_pretrained, root / "tokenizer")
+    scheduler_config = load("scheduler", DDIMScheduler.load_config, root, subfolder="scheduler")
+    unet = load("unet", UNet2DConditionModel.from_pretrained, root, subfolder="unet", use_safetensors=True)
+    if lora_path.exists():
+        load("normal LoRA", load_normal_lora, unet, lora_path)
+    elif lora:
+        raise InvalidInputError(f"normal LoRA not found: {lora}")
+    with _quiet_diffusers():  # it warns that the layout key is not an __init__ argument
+        acs = load("acs_unet", UNet2DConditionModel.from_pretrained, acs_path, use_safetensors=True)
+    if detector and not detector_path.exists():
+        raise InvalidInputError(f"detector weights not found: {detector}")
+
+    return ModelBundle(
+        preset=get_preset(preset),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        acs_unet=acs,
+        scheduler=DDIMScheduler.from_config(scheduler_config),
+        detector_path=str(detector_path) if detector_path.exists() else None,
+        fingerprints={
+            "vae": fingerprint(root / "vae"),
+            "text_encoder": fingerprint(root / "text_encoder"),
+            "unet": fingerprint(root / "unet"),
+            "normal_lora": fingerprint(lora_path) if lora_path.exists() else "none",
+            "acs_unet": fingerprint(acs_path),
+            **({"detector": fingerprint(detector_path)} if detector_path.exists() else {}),
+        },
+    )
 
 
 # --------------------------------------------------------------------------- helpers
