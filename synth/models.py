@@ -270,6 +270,7 @@ def _load_local_bundle(
         acs_unet=acs,
         scheduler=DDIMScheduler.from_config(scheduler_config),
         detector_path=str(detector_path) if detector_path.exists() else None,
+        detector_source=detector or f"{model_dir.rstrip('/')}/detector/{DETECTOR_FILE}",
         fingerprints={
             "vae": fingerprint(root / "vae"),
             "text_encoder": fingerprint(root / "text_encoder"),
