@@ -40,9 +40,12 @@ def run_blocks(name: str, folder: Path, monkeypatch: pytest.MonkeyPatch) -> tupl
     monkeypatch.chdir(folder)
     namespace: dict = {}
     outputs = []
-    for language, code in blocks:
+    for i, (language, code) in enumerate(blocks):
         if language == "python":
-            exec(compile(code, f"README.md (runs: {name})", "exec"), namespace)
+            # From a real file, as a user's script would be: torch.jit.script reads class sources.
+            script = folder / f"readme_{name}_{i}.py"
+            script.write_text(code, encoding="utf-8")
+            exec(compile(code, str(script), "exec"), namespace)
         else:
             done = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=folder, env=dict(os.environ),
                                   capture_output=True, text=True)
