@@ -79,6 +79,9 @@ def validate_runtime(runtime: Runtime) -> None:
 def validate_options(config: GenerateConfig) -> None:
     """The numeric options, each in its range: a value that would fail mid-job, or quietly make a
     poisoned dataset (no denoising, no cells, NaN guidance), is refused before job.json exists."""
+    if (config.lora or config.acs_unet) and not config.model_dir:  # they would be silently ignored
+        raise InvalidInputError("--lora and --acs-unet replace parts of a --model-dir bundle; give --model-dir "
+                                "(without it the preset's random-init models are used as a whole)")
     lo, hi = config.cells
     if not 0 <= lo <= hi <= MAX_CELLS_PER_TILE:
         raise InvalidInputError(f"--cells must be MIN-MAX with 0 <= MIN <= MAX <= {MAX_CELLS_PER_TILE}, got {lo}-{hi}")

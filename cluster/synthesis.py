@@ -26,7 +26,7 @@ from cytosynth.synth import (
     random_bundle,
     tile_seed,
 )
-from cytosynth.synth.models import fingerprint
+from cytosynth.synth.models import fingerprint, localize
 from cytosynth.synth.selection import plan_from_json
 
 from .job import PRECISIONS, GenerateConfig
@@ -88,9 +88,10 @@ def load_models(config: GenerateConfig) -> ModelBundle:
         return load_bundle(config.model_dir, config.preset, config.lora, config.acs_unet, config.detector)
     if config.preset == "tiny" or config.random_weights:
         bundle = random_bundle(config.preset, seed=0)
-        bundle.detector_path = config.detector
-        if config.detector and os.path.isfile(config.detector):  # a missing file fails in load_detector
-            bundle.fingerprints["detector"] = fingerprint(config.detector)
+        if config.detector:  # a local copy of a remote file; a missing local one fails in load_detector
+            bundle.detector_path, bundle.detector_source = str(localize(config.detector)), config.detector
+            if os.path.isfile(bundle.detector_path):
+                bundle.fingerprints["detector"] = fingerprint(bundle.detector_path)
         return bundle
     raise InvalidInputError(
         f"preset {config.preset} needs --model-dir with real weights (or --random-weights for benchmarks)"

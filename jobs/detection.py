@@ -17,6 +17,7 @@ from typing import Any
 from cytosynth import storage
 from cytosynth.cluster.training import read_summary
 from cytosynth.synth import InvalidInputError
+from cytosynth.synth.errors import named_as_urls
 from cytosynth.synth.evaluation import SUMMARY_METRICS, evaluate_detector, load_detection_model, object_classes
 
 from . import train_detector
@@ -61,7 +62,8 @@ def local_file(url: str) -> Iterator[str]:
         path = os.path.join(folder, url.rstrip("/").rsplit("/", 1)[-1])
         with open(path, "wb") as fh:
             fh.write(storage.get_bytes(url))
-        yield path
+        with named_as_urls({path: url}):  # an error about the copy names the user's URL
+            yield path
 
 
 def evaluate(detector: str, test_set: EvalSet, *, image_size: int, device: str, batch_size: int,
@@ -96,7 +98,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                     help="abnormal: ASC-US, ASC-H, LSIL, HSIL; nilm: every cell as one class")
     ev.add_argument("--image-size", type=int, default=1024, help="side the detector resizes images to, as in "
                     "train-detector (default 1024)")
-    ev.add_argument("--device", default=default_device())
+    ev.add_argument("--device", default=default_device(), help="torch device the detector runs on (cuda, cuda:1, cpu)")
     ev.add_argument("--batch-size", type=int, default=4, help="images per detector call")
     ev.add_argument("--json", help="also write the metrics here as JSON (a path or URL)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")

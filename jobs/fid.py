@@ -18,6 +18,9 @@ from .common import default_device
 
 PREPROCESSING = "clean-fid clean: PIL bicubic resize to 299x299 per channel in float32, no re-quantisation"
 CROP_SIZE = 256  # per-class crops: the editor's crop, centred on each box
+# IS splits are a random partition of the fake set by image id (independent of the workers), so a
+# split is only reliably non-empty with several images per split: at 10, P(an empty split) < 1e-3.
+IMAGES_PER_IS_SPLIT = 10
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -69,6 +72,8 @@ def run_fid(args: argparse.Namespace) -> int:
         options["real"] = SetOptions(args.per_class, args.kid_max_features if args.kid else 0)
     if args.fake:
         sets["fake"] = _units(args.fake, args.per_class)
+        if args.inception_score:
+            _check_is_splits(sets["fake"], args.is_splits, args.fake)
         options["fake"] = SetOptions(
             args.per_class, args.kid_max_features if args.kid else 0, args.is_splits if args.inception_score else 0
         )
@@ -131,6 +136,20 @@ def _check_args(args: argparse.Namespace) -> None:
                                ("--cpus-per-replica", args.cpus_per_replica, 1)):
         if value < least:
             raise InvalidInputError(f"{flag} must be at least {least}, got {value}")
+
+
+def _check_is_splits(units: list, splits: int, url: str) -> None:
+    """Before any work: a fake set too small for --is-splits (when its size is known) is one line."""
+    sizes = [unit.num_images for unit in units]
+    if None in sizes:  # shards without stats: the count is known only once read (metrics checks again)
+        return
+    images, needed = sum(sizes), splits * IMAGES_PER_IS_SPLIT
+    if images < needed:
+        fits = max(1, images // IMAGES_PER_IS_SPLIT)
+        raise InvalidInputError(
+            f"--is with --is-splits {splits} needs at least {needed} fake images ({IMAGES_PER_IS_SPLIT} per split); "
+            f"{url} has {images}: give --is-splits {fits}"
+        )
 
 
 def _read_extractor(args: argparse.Namespace) -> ExtractorFile:

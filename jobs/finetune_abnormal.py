@@ -9,7 +9,7 @@ from cytosynth.cluster.training import train
 from cytosynth.synth import PRESETS
 from cytosynth.synth.acs_training import GROUNDING_DROPOUT, PROMPT_DROPOUT
 
-from .train_options import absolute, add_train_arguments, print_summary, train_config
+from .train_options import absolute, add_train_arguments, note_random_base, print_summary, train_config
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -40,6 +40,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def finetune_abnormal(args: argparse.Namespace) -> int:
+    note_random_base(args)
     task = AbnormalCellTask(
         data=absolute(args.data),
         coco=absolute(args.coco),

@@ -9,7 +9,7 @@ from cytosynth.cluster.selection import SELECT_BY, FidSelection
 from cytosynth.cluster.training import train
 from cytosynth.synth import PRESETS, InvalidInputError
 
-from .train_options import absolute, add_train_arguments, print_summary, train_config
+from .train_options import absolute, add_train_arguments, note_random_base, print_summary, train_config
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -33,6 +33,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def finetune_normal(args: argparse.Namespace) -> int:
+    note_random_base(args)
     task = NormalLoraTask(
         data=absolute(args.data),
         model_dir=absolute(args.model_dir),

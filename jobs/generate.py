@@ -52,21 +52,21 @@ def register(commands: argparse._SubParsersAction) -> None:
     gen = commands.add_parser("generate", help="synthesize annotated tiles into WebDataset shards")
     gen.add_argument("--out", required=True, help="output URL: a folder, s3://bucket/prefix or memory://...")
     gen.add_argument("--num-tiles", type=int, help="tiles to generate (default with --normal-source real: all)")
-    gen.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    gen.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model architecture: tiny (random-init miniature built in code, for demos and tests) or sd15 (needs --model-dir, or --random-weights)")
     gen.add_argument("--model-dir", help="model bundle folder or URL (SD1.5 diffusers folder + normal_lora/ + acs_unet/)")
-    gen.add_argument("--random-weights", action="store_true", help="sd15 with random weights (benchmarks)")
+    gen.add_argument("--random-weights", action="store_true", help="the --preset architecture with random weights, no --model-dir (benchmarks: costs what real weights cost)")
     gen.add_argument("--lora", help="normal LoRA safetensors (default: <model-dir>/normal_lora/)")
     gen.add_argument("--acs-unet", help="Abnormal Cell Synthesizer UNet folder (default: <model-dir>/acs_unet/)")
     gen.add_argument("--detector", help="Faster R-CNN state dict (safetensors); default: the classical detector")
-    gen.add_argument("--normal-source", choices=NORMAL_SOURCES, default="diffusion")
+    gen.add_argument("--normal-source", choices=NORMAL_SOURCES, default="diffusion", help="where the normal tiles come from: diffusion (stage 1), phantom (drawn Pap-like tiles, demos), real (--real-tiles, real-to-synthetic)")
     gen.add_argument("--real-tiles", help="folder or shards of real normal tiles (--normal-source real)")
     gen.add_argument("--cells", type=_cells, default=(1, 8), help="abnormal cells per tile, MIN-MAX (default 1-8)")
-    gen.add_argument("--class-weights", type=_class_weights, help="e.g. ASC-US=1,HSIL=3 (default: uniform)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--tiles-per-shard", type=int, default=64)
+    gen.add_argument("--class-weights", type=_class_weights, help="relative class frequencies, e.g. ASC-US=1,HSIL=3; classes not listed get weight 0 (default: uniform)")
+    gen.add_argument("--seed", type=int, default=0, metavar="S", help="job seed: tile i's seed derives from (S, i) alone")
+    gen.add_argument("--tiles-per-shard", type=int, default=64, metavar="K", help="tiles per shard: the unit of work, commit and resume")
     gen.add_argument("--plan", help="JSON plan of cells per tile (see README)")
-    gen.add_argument("--image-format", choices=storage.IMAGE_FORMATS, default="png")
-    gen.add_argument("--tile-size", type=int, default=1024)
+    gen.add_argument("--image-format", choices=storage.IMAGE_FORMATS, default="png", help="png and webp-lossless keep every pixel; jpg and webp (quality 95) are lossy, smaller")
+    gen.add_argument("--tile-size", type=int, default=1024, metavar="PX", help="tile side in pixels (paper: 1024; at least 256, the editor's crop)")
     gen.add_argument("--steps", type=int, default=25, help="DDIM steps (paper: 25)")
     gen.add_argument("--guidance", type=float, default=5.0, help="CFG scale (paper: 5.0)")
     gen.add_argument("--device", help="torch device the models compute on, e.g. cuda, cuda:1, cpu (default: "
@@ -77,7 +77,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--verify", action="store_true", help="on resume, hash every committed shard's tar against its "
                      "marker (sizes are always compared); a damaged shard is made again")
-    gen.add_argument("--workers", type=_workers, default=(0, 0), help="Ray replicas: W, or MIN-MAX for a pool "
+    gen.add_argument("--workers", type=_workers, default=(0, 0), metavar="W|MIN-MAX", help="Ray replicas: W, or MIN-MAX for a pool "
                      "that grows while shards wait and shrinks when they run out (default 0: in this process)")
     gen.add_argument("--ray-address", help="an existing Ray cluster (host:port, ray://host:port or auto)")
     gen.add_argument("--gpus-per-replica", type=float, help="GPUs each Ray replica reserves, may be fractional "
@@ -88,7 +88,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     prev = commands.add_parser("preview", help="draw the contact sheet of a dataset (writes preview.png)")
     prev.add_argument("url", help="dataset URL (a generate --out)")
-    prev.add_argument("--max-tiles", type=int, default=16)
+    prev.add_argument("--max-tiles", type=int, default=16, metavar="N", help="tiles on the contact sheet (the first N)")
     gen.set_defaults(run=generate)
     prev.set_defaults(run=preview)
 
@@ -150,7 +150,7 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"cytosynth: wrote {summary['tiles']} tiles in {summary['shards']} shards to {summary['out']}",
         f"  time       {summary['seconds']:.1f} s ({rate:.2f} tiles/s); this run made {made} tiles "
-        f"in {run.get('shards', 0)} shards on {run.get('replicas', 0)} replicas, {run.get('retried_shards', 0)} shards retried",
+        f"in {run.get('shards', 0)} shards, by {_replicas(run.get('replicas', 0))}, {run.get('retried_shards', 0)} shards retried",
         "  stages     " + ", ".join(f"{s} {stages.get(s, 0.0):.1f} s" for s in STAGES)
         + " (busy seconds summed over replicas; encode and upload overlap synthesis)",
         f"  abnormal   {sum(summary['cells'].values())} cells: "
@@ -159,6 +159,12 @@ def format_summary(summary: dict) -> str:
         "  files      job.json, shards/*.tar, stats/*.json, manifest.parquet, preview.png, _SUCCESS",
     ]
     return "\n".join(lines)
+
+
+def _replicas(count: int) -> str:
+    # Counts the replicas that made shards: a replica takes up to two shards as soon as it has
+    # loaded, so with few shards the first one up may make them all (README, "On Ray").
+    return f"{count} replica" + ("" if count == 1 else "s")
 
 
 def preview(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,9 +25,9 @@ def add_train_arguments(
     steps_help = helps.get("steps", f"optimizer steps (default {d['steps']})")
     group.add_argument("--steps", type=int, default=d["steps"], help=steps_help)
     group.add_argument("--batch-size", type=int, default=d["batch_size"], help="samples per worker per step")
-    group.add_argument("--lr", type=float, default=d["lr"], help=helps.get("lr"))
-    group.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"])
-    group.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    group.add_argument("--lr", type=float, default=d["lr"], help=helps.get("lr", "learning rate"))
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"], help="torch optimizer (the paper's per job by default)")
+    group.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="the optimizer's weight decay")
     group.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"], help="gradient clipping, 0: none")
     group.add_argument("--workers", type=int, default=d["workers"], help="Ray Train workers (one GPU each with cuda)")
     group.add_argument("--device", choices=("cuda", "cpu"), default=default_device(), help="cuda: NCCL on GPUs; cpu: gloo")
@@ -35,10 +36,11 @@ def add_train_arguments(
         help="auto: bf16 on cuda, fp32 on cpu (detectors always train in fp32)",
     )
     group.add_argument("--zero-stage", type=int, default=d["zero_stage"], help="DeepSpeed ZeRO stage (0: plain data parallel)")
-    group.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"])
-    group.add_argument("--sample-every", type=int, default=d["sample_every"], help="write samples/step_N.png this often")
+    group.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"], metavar="N",
+                       help="write checkpoints/step_NNNNNN/ every N steps (a re-run resumes from the last complete one)")
+    group.add_argument("--sample-every", type=int, default=d["sample_every"], help="write samples/step_NNNNNN.png this often")
     group.add_argument("--log-every", type=int, default=d["log_every"], help="rewrite metrics.jsonl this often")
-    group.add_argument("--seed", type=int, default=d["seed"])
+    group.add_argument("--seed", type=int, default=d["seed"], help="seeds initialisation, data order and noise")
     group.add_argument("--no-resume", action="store_true", help="refuse to continue from a checkpoint in --out")
     group.add_argument("--ray-address", help="an existing Ray cluster (default: a local one)")
     group.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -70,6 +72,14 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         ray_address=args.ray_address,
         progress=not args.quiet,
     )
+
+
+def note_random_base(args: argparse.Namespace) -> None:
+    """Without --model-dir a fine-tuning job trains random weights: fine for a smoke test, useless
+    for real tiles, so it says so rather than look like a real run."""
+    if not args.model_dir:
+        print(f"cytosynth: no --model-dir: training the random-init {args.preset} preset (a smoke test; "
+              "for real tiles give --model-dir with a diffusers SD1.5 folder)", file=sys.stderr)
 
 
 def print_summary(summary: dict[str, Any]) -> None:

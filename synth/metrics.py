@@ -204,7 +204,11 @@ class InceptionScoreStats:
     def score(self) -> tuple[float, float]:
         """(mean, std) over splits of exp(E_x KL(p(y|x) || p(y))), p(y) the split's marginal."""
         if (self.count == 0).any():
-            raise ValueError(f"IS with {self.splits} splits needs more images (a split is empty: {self.count.tolist()})")
+            empty = int((self.count == 0).sum())
+            raise ValueError(
+                f"IS with {self.splits} splits: {empty} split(s) of the random partition got none of the "
+                f"{int(self.count.sum())} fake images; give a smaller --is-splits (about 10 images per split)"
+            )
         # E_x sum_y p log(p / p_bar) = E_x[sum_y p log p] - sum_y p_bar log p_bar, since E_x p = p_bar.
         marginal = self.prob_sum / self.count[:, None]
         marginal_term = np.where(marginal > 0, marginal * np.log(np.where(marginal > 0, marginal, 1.0)), 0.0)

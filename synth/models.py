@@ -32,7 +32,7 @@ from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .abnormal import ACS_INPUT_LAYOUT, ACS_LAYOUT_KEY, check_acs_layout
-from .errors import InvalidInputError
+from .errors import InvalidInputError, named_as_urls
 from .model_cache import cached_copy
 from .presets import Preset, get_preset
 
@@ -54,7 +54,8 @@ class ModelBundle:
     unet: UNet2DConditionModel
     acs_unet: UNet2DConditionModel
     scheduler: DDIMScheduler
-    detector_path: str | None = None
+    detector_path: str | None = None  # a local file (a copy of a remote one)
+    detector_source: str | None = None  # what the user named (a URL), for messages
     fingerprints: dict[str, str] = field(default_factory=dict)
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "ModelBundle":
@@ -218,11 +219,21 @@ def load_bundle(
     `lora`, `acs_unet` and `detector` override the bundle's own sub-paths. Any missing or
     unreadable part raises `InvalidInputError` naming it.
     """
-    root = _localize(model_dir)
-    lora_path = _localize(lora) if lora else root / "normal_lora" / LORA_FILE
-    acs_path = _localize(acs_unet) if acs_unet else root / "acs_unet"
-    detector_path = _localize(detector) if detector else root / "detector" / DETECTOR_FILE
+    root = localize(model_dir)
+    lora_path = localize(lora) if lora else root / "normal_lora" / LORA_FILE
+    acs_path = localize(acs_unet) if acs_unet else root / "acs_unet"
+    detector_path = localize(detector) if detector else root / "detector" / DETECTOR_FILE
+    # Copies of remote parts are temporary folders; what the user reads names their URLs.
+    copies = {str(root): model_dir, str(lora_path): lora, str(acs_path): acs_unet, str(detector_path): detector}
+    with named_as_urls(copies):
+        return _load_local_bundle(model_dir, preset, lora, acs_unet, detector, root, lora_path, acs_path, detector_path)
 
+
+def _load_local_bundle(
+    model_dir: str, preset: str, lora: str | None, acs_unet: str | None, detector: str | None,
+    root: Path, lora_path: Path, acs_path: Path, detector_path: Path,
+) -> ModelBundle:
+    """`load_bundle` once every part is a local path (the arguments name what the user gave)."""
     for name in SD_COMPONENTS:
         _require(root / name, f"model bundle {model_dir}: missing the {name}/ folder of a diffusers SD1.5 model")
     _require(acs_path / "config.json", f"model bundle {model_dir}: missing the Abnormal Cell Synthesizer folder {acs_path}")
@@ -259,6 +270,7 @@ def load_bundle(
         acs_unet=acs,
         scheduler=DDIMScheduler.from_config(scheduler_config),
         detector_path=str(detector_path) if detector_path.exists() else None,
+        detector_source=detector or f"{model_dir.rstrip('/')}/detector/{DETECTOR_FILE}",
         fingerprints={
             "vae": fingerprint(root / "vae"),
             "text_encoder": fingerprint(root / "text_encoder"),
@@ -306,7 +318,7 @@ def _require(path: Path, message: str) -> None:
         raise InvalidInputError(message)
 
 
-def _localize(url: str) -> Path:
+def localize(url: str) -> Path:
     """A local path for `url`: itself if local, else the node's cached copy of the remote file or folder."""
     if "://" not in url or url.startswith("file://"):
         return Path(url.removeprefix("file://"))

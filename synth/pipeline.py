@@ -17,7 +17,7 @@ import numpy as np
 from .abnormal import AbnormalCellSynthesizer
 from .classes import CATEGORY_IDS
 from .detector import CellDetector, load_detector
-from .errors import InvalidInputError
+from .errors import InvalidInputError, named_as_urls
 from .models import ModelBundle
 from .normal import NormalTileGenerator
 from .paste import crop_origin, box_in_crop, paste_back
@@ -199,9 +199,11 @@ def build_synthesizer(
     # Faster R-CNN sees tiles at their own size, as train-detector trains it (--image-size 1024),
     # not torchvision's default resize to 800.
     side = settings.tile_size
+    with named_as_urls({bundle.detector_path: bundle.detector_source} if bundle.detector_path else {}):
+        detector = load_detector(bundle.detector_path, device=device, min_size=side, max_size=side)
     return TileSynthesizer(
         source,
-        load_detector(bundle.detector_path, device=device, min_size=side, max_size=side),
+        detector,
         editor,
         settings,
         plan=plan,

@@ -22,7 +22,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .errors import InvalidInputError
-from .models import _localize, _require, random_bundle
+from .models import localize, _require, random_bundle
 
 SD_BASE_COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 
@@ -50,7 +50,7 @@ def load_sd_components(model_dir: str | None, preset: str = "tiny") -> SDCompone
         return SDComponents(
             bundle.vae, bundle.text_encoder, bundle.tokenizer, bundle.unet, dict(bundle.scheduler.config)
         )
-    root = _localize(model_dir)
+    root = localize(model_dir)
     for name in SD_BASE_COMPONENTS:
         _require(root / name, f"model {model_dir}: missing the {name}/ folder of a diffusers SD1.5 model")
     try:

@@ -291,20 +291,20 @@ def test_a_replica_killed_mid_run_costs_nothing_but_time(ray_session, extractors
 
 def test_kid_and_is_equal_direct_computation_on_the_same_features(sets, extractors, tmp_path):
     report = fid_json(tmp_path, "--real", sets["real"]["files"], "--fake", sets["fake"]["files"],
-                      "--feature-extractor", extractors["logits"], "--kid", "--is", "--is-splits", "3", "--seed", "7")
+                      "--feature-extractor", extractors["logits"], "--kid", "--is", "--is-splits", "2", "--seed", "7")
     _, real_features, _ = direct_features(sets["real"]["files"], extractors["logits"])
     names, fake_features, fake_logits = direct_features(sets["fake"]["files"], extractors["logits"])
     # Subsets of 1000 > 20 images: each subset is the whole set, so clean-fid's estimate is exact.
     assert report["kid"] == pytest.approx(clean_fid.kernel_distance(real_features, fake_features), rel=1e-5)
 
-    split = split_of(sample_keys(names, seed=7), 3)  # the documented split rule: by image id and seed
+    split = split_of(sample_keys(names, seed=7), 2)  # the documented split rule: by image id and seed
     p = np.exp(fake_logits - fake_logits.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     scores = [np.exp(np.mean(np.sum(p[split == s] * (np.log(p[split == s]) - np.log(p[split == s].mean(0))), 1)))
-              for s in range(3)]
+              for s in range(2)]
     assert report["is"]["mean"] == pytest.approx(np.mean(scores), rel=1e-5)
     assert report["is"]["std"] == pytest.approx(np.std(scores), rel=1e-4)
-    assert report["is"]["splits"] == 3
+    assert report["is"]["splits"] == 2
 
 
 def test_kid_sample_bounds_the_features_kept(sets, extractors, tmp_path):
@@ -453,6 +453,14 @@ def test_is_without_logits_is_refused(sets, extractors, capsys):
     code = main(["fid", "--real", sets["real"]["files"], "--fake", sets["fake"]["files"],
                  "--feature-extractor", extractors["features"], "--is"])
     assert_rejected(code, capsys, "--is needs class logits")
+
+
+def test_is_on_a_set_too_small_for_its_splits_names_the_minimum_before_any_work(sets, extractors, tmp_path, capsys):
+    # 20 fake images: the default 10 splits need 100 (10 per split of the random partition).
+    code = main(["fid", "--real", sets["real"]["files"], "--fake", sets["fake"]["files"],
+                 "--feature-extractor", extractors["logits"], "--is", "--json", str(tmp_path / "out.json")])
+    assert_rejected(code, capsys, "--is-splits 10 needs at least 100 fake images", "has 20: give --is-splits 2")
+    assert not (tmp_path / "out.json").exists()
 
 
 def test_per_class_needs_shards_and_tiles_as_large_as_the_crop(sets, extractors, capsys):

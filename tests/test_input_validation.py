@@ -150,3 +150,46 @@ def test_shard_stats_without_tiles_are_one_line(tmp_path, capsys):
 def test_preview_with_a_negative_max_tiles_is_one_line(tmp_path, capsys):
     rc = main(["preview", str(tmp_path), "--max-tiles", "-1"])
     assert_one_line(rc, capsys, "--max-tiles")
+
+
+@pytest.mark.parametrize("option", ["--lora", "--acs-unet"])
+def test_a_model_part_without_a_bundle_is_refused_not_ignored(tmp_path, capsys, option):
+    rc = generate(tmp_path / "out", option, tmp_path / "part")
+    assert_one_line(rc, capsys, option, "give --model-dir")
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("broken", "fragment"),
+    [("acs_unet/", "missing the Abnormal Cell Synthesizer folder {url}/acs_unet"),
+     ("vae/config.json", "cannot load vae from {url}: ")],
+)
+def test_an_error_about_a_remote_bundle_names_its_url_not_the_local_copy(s3_bucket, tmp_path, capsys, broken, fragment):
+    import s3fs
+
+    from cytosynth.synth.abnormal import ACS_INPUT_LAYOUT, ACS_LAYOUT_KEY
+
+    url = s3_bucket + "/bundle"
+    fs = s3fs.S3FileSystem()
+    for part in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
+        fs.pipe(f"{url}/{part}/config.json", b"{}")
+    acs = {"in_channels": 9, "attention_type": "gated", ACS_LAYOUT_KEY: ACS_INPUT_LAYOUT}
+    fs.pipe(f"{url}/acs_unet/config.json", json.dumps(acs).encode())
+    if broken.endswith("/"):
+        fs.rm(f"{url}/{broken}", recursive=True)
+    else:
+        fs.pipe(f"{url}/{broken}", b"{not json")
+    rc = main(["generate", "--out", str(tmp_path / "out"), "--preset", "sd15", "--model-dir", url, "--num-tiles", "1",
+               "--tile-size", "256", "--device", "cpu", "--quiet"])
+    err = assert_one_line(rc, capsys, fragment.format(url=url))
+    assert "cytosynth-model-" not in err and "/tmp" not in err, err
+
+
+def test_a_bad_remote_detector_file_is_named_by_its_url(s3_bucket, tmp_path, capsys):
+    import s3fs
+
+    url = s3_bucket + "/det/detector.safetensors"
+    s3fs.S3FileSystem().pipe(url, b"not a safetensors file")
+    rc = generate(tmp_path / "out", "--detector", url)
+    err = assert_one_line(rc, capsys, f"detector weights {url} are not a readable safetensors file")
+    assert "cytosynth-model-" not in err and "/tmp" not in err, err
