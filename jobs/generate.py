@@ -93,7 +93,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     prev.set_defaults(run=preview)
 
 
-def _read_plan(path: str | None) -> str | None:
+def read_plan(path: str | None) -> str | None:
     if path is None:
         return None
     try:
@@ -121,7 +121,7 @@ def generate(args: argparse.Namespace) -> int:
         class_weights=args.class_weights,
         seed=args.seed,
         tiles_per_shard=args.tiles_per_shard,
-        plan=_read_plan(args.plan),
+        plan=read_plan(args.plan),
         image_format=args.image_format,
         tile_size=args.tile_size,
         steps=args.steps,

@@ -10,7 +10,7 @@ from cytosynth.cluster.verify import VerifyReport, check_job, repair_job
 from cytosynth.storage import shard_name
 from cytosynth.storage.errors import redact_url
 
-from .generate import _read_plan
+from .generate import read_plan
 
 EXIT_DAMAGED = 3  # problems found (and not repaired): distinct from bad input (2) and crashes (1)
 
@@ -35,7 +35,7 @@ def verify(args: argparse.Namespace) -> int:
     print(format_report(report))
     if args.repair and not report.ok:
         runtime = Runtime(args.device, args.batch_size, progress=not args.quiet, precision=args.precision)
-        report = repair_job(args.out, report, runtime, _read_plan(args.plan))
+        report = repair_job(args.out, report, runtime, read_plan(args.plan))
         print("cytosynth: repaired; checked again:\n" + format_report(report))
     return 0 if report.ok else EXIT_DAMAGED
 
