@@ -4,7 +4,7 @@ The paper scores FID with "a ResNet-50 pre-trained on cytology"; here a small CN
 256x256 crops centred on real phantom cells (NILM and the four abnormal classes) stands in for
 it. It is exported as a `torch.export` program (.pt2: raw tensors and a JSON graph, no pickle),
 the form `cytosynth fid --feature-extractor` reads. Called as the fid job calls it: a float batch
-(N, 3, 299, 299) in [0, 255] (clean-fid's resize of the crop); it returns (features (N, 64) of
+(N, 3, 299, 299) in [0, 255] (clean-fid's resize of the crop); it returns (features (N, 32) of
 the penultimate layer, logits (N, 5) in `CELL_CLASSES` order).
 """
 
@@ -23,7 +23,7 @@ from mini_pretrain import warmup_cosine
 
 CENTRE = 150  # of the 299 input: the middle ~128 px of a 256 crop, where the centred cell is
 POOL = 2  # the centre is averaged 2x2 before the convolutions: 75x75 inputs, cheap on CPU
-FEATURES = 64
+FEATURES = 32
 
 
 class Front(nn.Module):

@@ -114,18 +114,21 @@ def train_unet(vae: AutoencoderKL, tiles: np.ndarray, captions: list[str], prese
     return unet.eval().requires_grad_(False), text_encoder, tokenizer
 
 
-def pretrain_base(data: str, out: str, preset: str, vae_steps: int, unet_steps: int, seed: int, log) -> dict:
+def pretrain_base(data: str, out: str, preset: str, vae_steps: int, vae_crop: int, unet_steps: int, unet_batch: int,
+                  seed: int, log) -> dict:
     """Train and save the base model (a diffusers SD folder) into `out`; returns what was done."""
     tiles, captions = load_folder(data)
     t0 = time.time()
-    vae = train_vae(tiles, preset, vae_steps, batch=8, crop=128, seed=seed, log=log)
+    vae = train_vae(tiles, preset, vae_steps, batch=8, crop=vae_crop, seed=seed, log=log)
     t1 = time.time()
-    unet, text_encoder, tokenizer = train_unet(vae, tiles, captions, preset, unet_steps, batch=16, seed=seed, log=log)
+    unet, text_encoder, tokenizer = train_unet(vae, tiles, captions, preset, unet_steps, batch=unet_batch, seed=seed,
+                                               log=log)
     t2 = time.time()
     vae.save_pretrained(os.path.join(out, "vae"))
     unet.save_pretrained(os.path.join(out, "unet"))
     text_encoder.save_pretrained(os.path.join(out, "text_encoder"))
     tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
     DDIMScheduler(**get_preset(preset).scheduler).save_pretrained(os.path.join(out, "scheduler"))
-    return {"tiles": len(tiles), "styles": sorted(set(captions)), "vae_steps": vae_steps, "unet_steps": unet_steps,
+    return {"tiles": len(tiles), "styles": sorted(set(captions)), "vae_steps": vae_steps, "vae_crop": vae_crop,
+            "vae_batch": 8, "unet_steps": unet_steps, "unet_batch": unet_batch,
             "vae_seconds": round(t1 - t0), "unet_seconds": round(t2 - t1)}

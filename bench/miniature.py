@@ -32,6 +32,10 @@ import time
 from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# One intra-op thread per process (this one and every job it starts, through the environment): on
+# a CPU shared with other work, a second spinning OpenMP thread made a VAE step 10x slower (measured).
+THREADS = os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", THREADS)
 
 import mini_data  # noqa: E402
 from mini_data import Sizes  # noqa: E402
@@ -41,7 +45,9 @@ from mini_data import Sizes  # noqa: E402
 class Study:
     sizes: Sizes
     vae_steps: int
+    vae_crop: int  # the VAE trains on random crops of this side (it is convolutional)
     unet_steps: int
+    unet_batch: int
     lora_steps: int
     lora_lr: float
     acs_steps: int
@@ -56,16 +62,16 @@ class Study:
 
 
 FULL = Study(
-    sizes=Sizes(base=192, target_nilm=64, target_real=48, abnormal_train=96, detector_real=16,
-                abnormal_test=32, edit_sources=24),
-    vae_steps=500, unet_steps=900, lora_steps=400, lora_lr=1e-3, acs_steps=600, acs_lr=5e-4,
-    nilm_detector_steps=30, detector_steps=30, detector_seeds=(0, 1), classifier_steps=600,
-    table1_tiles=48, edit_cells="3-3", sample_steps=25,
+    sizes=Sizes(base=96, target_nilm=32, target_real=24, abnormal_train=64, detector_real=12,
+                abnormal_test=16, edit_sources=12),
+    vae_steps=400, vae_crop=64, unet_steps=350, unet_batch=8, lora_steps=150, lora_lr=1e-3, acs_steps=300,
+    acs_lr=5e-4, nilm_detector_steps=8, detector_steps=8, detector_seeds=(0, 1), classifier_steps=300,
+    table1_tiles=16, edit_cells="3-3", sample_steps=10,
 )
 QUICK = Study(
     sizes=Sizes(base=24, target_nilm=8, target_real=8, abnormal_train=16, detector_real=8,
                 abnormal_test=8, edit_sources=4),
-    vae_steps=20, unet_steps=20, lora_steps=6, lora_lr=1e-3, acs_steps=6, acs_lr=5e-4,
+    vae_steps=20, vae_crop=64, unet_steps=20, unet_batch=4, lora_steps=6, lora_lr=1e-3, acs_steps=6, acs_lr=5e-4,
     nilm_detector_steps=2, detector_steps=2, detector_seeds=(0,), classifier_steps=30,
     table1_tiles=4, edit_cells="2-2", sample_steps=4,
 )
@@ -107,9 +113,26 @@ class Steps:
         return record
 
 
+def shared_ray() -> None:
+    """One local Ray for every training job of the study (each job would otherwise start its own,
+    minutes apiece on a loaded 2-core machine); it ends with this process."""
+    if os.environ.get(RAY_ENV):
+        return
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    os.environ[RAY_ENV] = ray.get_runtime_context().gcs_address
+    log(f"shared Ray at {os.environ[RAY_ENV]}")
+
+
+RAY_ENV = "MINIATURE_RAY_ADDRESS"
+
+
 def train_steps(steps: int, batch: int, lr: float | None = None) -> list[str]:
     every = str(max(steps, 1))
     extra = ["--lr", str(lr)] if lr is not None else []
+    if os.environ.get(RAY_ENV):
+        extra += ["--ray-address", os.environ[RAY_ENV]]
     return ["--steps", str(steps), "--batch-size", str(batch), *extra, "--device", "cpu", "--workers", "1",
             "--checkpoint-every", every, "--sample-every", every, "--log-every", "10", "--quiet"]
 
@@ -120,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes (minutes)")
     parser.add_argument("--ship", help="copy the trained bundle to this folder (e.g. models/mini)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--own-ray", action="store_true", help="let each training job start its own local Ray")
     args = parser.parse_args(argv)
     study = QUICK if args.quick else FULL
+    import torch
+
+    torch.set_num_threads(int(THREADS))
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     steps = Steps(out)
@@ -130,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     base, lora, acs = (os.path.join(out, n) for n in ("base", "lora", "acs"))
     nilm_det, clf = os.path.join(out, "nilm_detector"), os.path.join(out, "classifier.pt2")
     bundle = os.path.join(out, "bundle")
-    records: dict[str, object] = {"study": asdict(study), "quick": args.quick}
+    records: dict[str, object] = {"study": asdict(study), "quick": args.quick, "threads_per_process": THREADS}
 
     paths = mini_data.write_all(d, study.sizes)
     records["data"] = paths
@@ -138,11 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     from mini_pretrain import pretrain_base
 
     records["base"] = steps.run("base", pretrain_base, paths["base"], base, PRESET, study.vae_steps,
-                                study.unet_steps, args.seed, log)
+                                study.vae_crop, study.unet_steps, study.unet_batch, args.seed, log)
+    if not args.own_ray:
+        shared_ray()
     records["lora"] = steps.run("lora", lambda: {"command": cytosynth(
         "finetune-normal", "--data", paths["target_nilm"], "--model-dir", base, "--preset", PRESET,
         "--tile-size", str(mini_data.STAGE1_TILE), "--sample-count", "2", "--sample-steps", "10", "--out", lora,
-        *train_steps(study.lora_steps, 4, study.lora_lr), "--seed", str(args.seed))})
+        *train_steps(study.lora_steps, 2, study.lora_lr), "--seed", str(args.seed))})
     records["acs"] = steps.run("acs", lambda: {"command": cytosynth(
         "finetune-abnormal", "--data", paths["abnormal_train"], "--model-dir", base, "--preset", PRESET,
         "--sample-count", "2", "--sample-steps", "10", "--out", acs,
