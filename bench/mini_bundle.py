@@ -3,6 +3,7 @@
     bundle/ vae/ unet/ text_encoder/ tokenizer/ scheduler/   the base model (the SD1.5 stand-in)
             normal_lora/pytorch_lora_weights.safetensors     from cytosynth finetune-normal
             acs_unet/                                        from cytosynth finetune-abnormal
+            classifier/cell_classifier.pt2                   the study's 5-class cell classifier (torch.export)
             MANIFEST.json                                    commands, data, git commit, sizes, sha256
 
 The two UNets are stored in float16 (safetensors), which halves the bundle; diffusers loads them
@@ -71,6 +72,9 @@ def assemble(out: str, base: str, lora: str, acs: str, records: dict, argv: list
         _half_copy(os.path.join(acs, "acs_unet"), os.path.join(target, "acs_unet"))
     os.makedirs(os.path.join(bundle, "normal_lora"))
     shutil.copy2(os.path.join(lora, "pytorch_lora_weights.safetensors"), os.path.join(bundle, "normal_lora"))
+    # The study's FID feature extractor travels with the bundle (tests/test_miniature.py uses it).
+    os.makedirs(os.path.join(bundle, "classifier"))
+    shutil.copy2(os.path.join(out, "classifier.pt2"), os.path.join(bundle, "classifier", "cell_classifier.pt2"))
 
     untrained = os.path.join(out, "acs_untrained")
     shutil.rmtree(untrained, ignore_errors=True)

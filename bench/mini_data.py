@@ -102,7 +102,7 @@ def write_nilm_shards(out: str, tiles: list) -> str:
 def cell_crops(tiles: list, crop: int = 256) -> tuple[list[np.ndarray], list[int]]:
     """256x256 crops centred on every cell (clamped to the tile, as fid --per-class crops them)
     and their class indices into CELL_CLASSES."""
-    from cytosynth.synth.selection import crop_origin
+    from cytosynth.synth.paste import crop_origin
 
     images, labels = [], []
     for tile in tiles:

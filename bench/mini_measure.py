@@ -22,7 +22,7 @@ import numpy as np
 
 from cytosynth import storage
 from cytosynth.synth.phantom_classes import CELL_CLASSES
-from cytosynth.synth.selection import crop_origin
+from cytosynth.synth.paste import crop_origin
 
 from mini_classifier import accuracy, predict
 import mini_data
@@ -97,6 +97,7 @@ def measure(out: str, paths: dict, study, cytosynth, log) -> dict:
                           ("real vs real", paths["real_b"]))
     }
     log(f"Table I: {res['table1']}")
+    _save_partial(m, res)
 
     # Edits of real NILM tiles: trained ACS vs untrained ACS.
     edit = ["--normal-source", "real", "--real-tiles", paths["edit_sources"], "--tile-size",
@@ -134,26 +135,6 @@ def measure(out: str, paths: dict, study, cytosynth, log) -> dict:
     res["_grid_real"] = ([c for c, l in zip(real_crops, real_labels) if l > 0], [l for l in real_labels if l > 0])
     log(f"edits: FID {res['edit_fid']}, accuracy {acc}")
 
-    # The NILM detector, on held-out NILM tiles.
-    nilm_json = os.path.join(m, "nilm_detector.json")
-    cytosynth("eval-detector", "--detector", os.path.join(out, "nilm_detector", "detector.safetensors"),
-              "--data", paths["real_a_shards"], "--labels", "nilm", "--image-size", str(mini_data.STAGE1_TILE),
-              "--device", "cpu", "--json", nilm_json, "--quiet")
-    res["nilm_detector"] = {k: v for k, v in json.load(open(nilm_json)).items() if k in ("mAP", "mAP.5", "AP", "images")}
-
-    # Table II: R vs R + S, one augmentation-study per seed.
-    from miniature import train_steps
-
-    table2 = []
-    for seed in study.detector_seeds:
-        folder = os.path.join(m, f"table2_seed{seed}")
-        cytosynth("augmentation-study", "--real", paths["detector_real"], "--synthetic",
-                  os.path.join(m, "edits_trained"), "--synthetic-fraction", "0.5", "--labels", "abnormal",
-                  "--image-size", "256", "--loader-workers", "1", "--test", paths["test"], "--out", folder,
-                  *train_steps(study.detector_steps, 2), "--seed", str(seed))
-        table2.append(json.load(open(os.path.join(folder, "augmentation_study.json"))))
-    res["table2"] = table2
-
     # The demo: the README's command on the shipped-to-be bundle, and the full two-stage path.
     _generate(cytosynth, os.path.join(m, "demo_phantom"), bundle, study, "--normal-source", "phantom",
               "--tile-size", str(mini_data.EDIT_TILE), "--num-tiles", "8")
@@ -161,7 +142,39 @@ def measure(out: str, paths: dict, study, cytosynth, log) -> dict:
               "--tile-size", str(mini_data.STAGE1_TILE), "--num-tiles", "8", "--cells", "1-2",
               "--detector", os.path.join(out, "nilm_detector", "detector.safetensors"))
     figures(out, res)
+    _save_partial(m, res)
+
+    # The NILM detector, on held-out NILM tiles.
+    nilm_json = os.path.join(m, "nilm_detector.json")
+    cytosynth("eval-detector", "--detector", os.path.join(out, "nilm_detector", "detector.safetensors"),
+              "--data", paths["real_a_shards"], "--labels", "nilm", "--image-size", str(mini_data.STAGE1_TILE),
+              "--device", "cpu", "--json", nilm_json, "--quiet")
+    res["nilm_detector"] = {k: v for k, v in json.load(open(nilm_json)).items() if k in ("mAP", "mAP.5", "AP", "images")}
+    _save_partial(m, res)
+
+    # Table II: R vs R + S, one augmentation-study per seed.
+    from miniature import train_steps
+
+    table2 = []
+    res["table2"] = table2
+    for seed in study.detector_seeds:
+        folder = os.path.join(m, f"table2_seed{seed}")
+        cytosynth("augmentation-study", "--real", paths["detector_real"], "--synthetic",
+                  os.path.join(m, "edits_trained"), "--synthetic-fraction", "0.5", "--labels", "abnormal",
+                  "--image-size", "256", "--loader-workers", "1", "--test", paths["test"], "--out", folder,
+                  *train_steps(study.detector_steps, 2), "--seed", str(seed))
+        table2.append(json.load(open(os.path.join(folder, "augmentation_study.json"))))
+        res["table2"] = table2
+        _save_partial(m, res)
+
+    figures(out, res)
     return {k: v for k, v in res.items() if not k.startswith("_")}
+
+
+def _save_partial(folder: str, res: dict) -> None:
+    """What is measured so far (a run stopped mid-way still leaves its figures)."""
+    with open(os.path.join(folder, "partial.json"), "w") as fh:
+        json.dump({k: v for k, v in res.items() if not k.startswith("_")}, fh, indent=2, default=str)
 
 
 def figures(out: str, res: dict) -> None:
@@ -189,7 +202,7 @@ def figures(out: str, res: dict) -> None:
                 grid.paste(Image.fromarray(np.ascontiguousarray(centre)), (70 + j * (k * px + 8) + i * px, 20 + r * px))
     grid.save(os.path.join(fig, "edits_per_class.png"))
     # AP bars: the product's Table II chart, with each arm's mean over the seeds.
-    if res["table2"]:
+    if res.get("table2"):
         from cytosynth.jobs.detection import ap_bar_chart
 
         with open(os.path.join(fig, "table2_ap.png"), "wb") as fh:
@@ -224,8 +237,8 @@ def report(records: dict) -> str:
     for arm, row in r["edit_accuracy"].items():
         n = row.get("edits", row.get("cells"))
         lines.append(f"| {arm} | {n} | {row['accuracy_4_abnormal']:.1%} | {row['accuracy_5_way']:.1%} |")
-    lines += ["", f"locality: {r['locality']}", f"NILM detector: {r['nilm_detector']}", ""]
-    lines += table2_lines(r["table2"])
+    lines += ["", f"locality: {r.get('locality')}", f"NILM detector: {r.get('nilm_detector')}", ""]
+    lines += table2_lines(r.get("table2", []))
     return "\n".join(lines) + "\n"
 
 
