@@ -22,7 +22,8 @@ import numpy as np
 
 from cytosynth import storage
 from cytosynth.synth.phantom_classes import CELL_CLASSES
-from cytosynth.synth.paste import crop_origin
+from cytosynth.synth.paste import crop_origin, edit_region
+from cytosynth.synth.pipeline import SynthesisSettings
 
 from mini_classifier import accuracy, predict
 import mini_data
@@ -57,21 +58,29 @@ def edited_crops(url: str) -> tuple[list[np.ndarray], list[int], list[dict]]:
 
 
 def locality(samples: list[dict], sources: list[np.ndarray]) -> dict:
-    """Pixels outside the edit boxes vs the source tile each edited tile was made from."""
-    outside_changed, boxes_changed, boxes = 0, 0, 0
+    """Pixels outside the edit regions (each box grown by the paste-back feather, synth.paste) vs
+    the source tile each edited tile was made from; and how many changed pixels lie in the margins."""
+    outside_changed, margin_changed, boxes_changed, boxes = 0, 0, 0, 0
     for sample in samples:
         image = sample["image"].astype(np.int16)
+        size = image.shape[0]
         inside = np.zeros(image.shape[:2], bool)
-        for x0, y0, x1, y1 in sample["boxes"]:
+        in_box = np.zeros(image.shape[:2], bool)
+        for box in sample["boxes"]:
+            x0, y0, x1, y1 = edit_region(box, size, SynthesisSettings.feather)
             inside[y0:y1, x0:x1] = True
+            in_box[box[1] : box[3], box[0] : box[2]] = True
         # The source is the real tile that matches outside the boxes (generate reads them in order).
         diffs = [np.abs(image - s.astype(np.int16)).max(axis=2) for s in sources]
         diff = min(diffs, key=lambda d: int(d[~inside].sum()))
         outside_changed += int((diff[~inside] > 0).sum())
+        margin_changed += int((diff[inside & ~in_box] > 0).sum())
         for x0, y0, x1, y1 in sample["boxes"]:
             boxes += 1
             boxes_changed += int((diff[y0:y1, x0:x1] > 8).mean() > 0.05)
-    return {"tiles": len(samples), "pixels_changed_outside_boxes": outside_changed, "boxes": boxes,
+    return {"tiles": len(samples), "feather_px": SynthesisSettings.feather,
+            "pixels_changed_outside_edit_regions": outside_changed,
+            "pixels_changed_in_feather_margins": margin_changed, "boxes": boxes,
             "boxes_with_edited_pixels": boxes_changed}
 
 
