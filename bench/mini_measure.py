@@ -19,6 +19,7 @@ import os
 import shutil
 
 import numpy as np
+from PIL import Image
 
 from cytosynth import storage
 from cytosynth.synth.phantom_classes import CELL_CLASSES
@@ -125,7 +126,7 @@ def measure(out: str, paths: dict, study, cytosynth, log) -> dict:
                     "per_class": {CELL_CLASSES[c]: accuracy(logits[np.array(labels) == c], [c] * int((np.array(labels) == c).sum()), ABNORMAL_IDS)
                                   for c in ABNORMAL_IDS}}
         if arm == "trained":
-            sources = [np.asarray(__import__("PIL.Image").Image.open(os.path.join(paths["edit_sources"], n)).convert("RGB"))
+            sources = [np.asarray(Image.open(os.path.join(paths["edit_sources"], n)).convert("RGB"))
                        for n in sorted(os.listdir(paths["edit_sources"]))]
             res["locality"] = locality(samples, sources)
             res["_grid_edits"] = (crops, labels)
@@ -187,7 +188,7 @@ def _save_partial(folder: str, res: dict) -> None:
 
 
 def figures(out: str, res: dict) -> None:
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
     fig = os.path.join(out, "figures")
     os.makedirs(fig, exist_ok=True)
