@@ -51,26 +51,34 @@ def draw_phantom_tile(seed: int, size: int = 1024) -> tuple[np.ndarray, np.ndarr
         _draw_cell(rng, od, polygon, center, radius, scale, texture)
     _draw_small_things(rng, od, size, scale)
 
-    image_low = _background(rng, low) * np.exp(-od)
-    image = Image.fromarray(np.clip(image_low + 0.5, 0, 255).astype(np.uint8))
-    image = image.resize((size, size), Image.BILINEAR).filter(ImageFilter.GaussianBlur(0.7))
-    pixels = np.asarray(image, dtype=np.float32)
-    # Sensor grain at full resolution, shared by the channels like a luminance noise.
-    grain = rng.standard_normal((size, size, 1), dtype=np.float32) * 1.6
-    pixels = np.clip(pixels + grain + 0.5, 0, 255).astype(np.uint8)
-
+    pixels = _expose(rng, od, _background(rng, low), size)
     boxes_arr = np.array(boxes, dtype=np.int64).reshape(-1, 4)
     order = np.lexsort((boxes_arr[:, 0], boxes_arr[:, 1]))
     return pixels, boxes_arr[order]
 
 
-def _place_cells(rng: np.random.Generator, size: int, scale: float) -> list[tuple[np.ndarray, float]]:
-    """Rejection-sample cell centres and radii so cells touch at most slightly."""
-    n = int(rng.integers(MIN_CELLS, MAX_CELLS + 1))
+def _expose(rng: np.random.Generator, od: np.ndarray, background: np.ndarray, size: int) -> np.ndarray:
+    """The uint8 (size, size, 3) tile of a half-resolution OD map over `background` (Beer-Lambert)."""
+    image_low = background * np.exp(-od)
+    image = Image.fromarray(np.clip(image_low + 0.5, 0, 255).astype(np.uint8))
+    image = image.resize((size, size), Image.BILINEAR).filter(ImageFilter.GaussianBlur(0.7))
+    pixels = np.asarray(image, dtype=np.float32)
+    # Sensor grain at full resolution, shared by the channels like a luminance noise.
+    grain = rng.standard_normal((size, size, 1), dtype=np.float32) * 1.6
+    return np.clip(pixels + grain + 0.5, 0, 255).astype(np.uint8)
+
+
+def _place_cells(
+    rng: np.random.Generator, size: int, scale: float, counts: tuple[int, int] = (MIN_CELLS, MAX_CELLS), area: float = 1024**2
+) -> list[tuple[np.ndarray, float]]:
+    """Rejection-sample cell centres and radii so cells touch at most slightly.
+
+    `counts` is the range of cells and `area` the tile area they share, in 1024-scale units."""
+    n = int(rng.integers(counts[0], counts[1] + 1))
     # Mean radius that covers ~30-40% of the tile with n cells, clamped to cell sizes that fit
     # the editor's 256 crop; fewer cells means bigger cells, as in sparse real smears.
     coverage = rng.uniform(0.30, 0.40)
-    mean_r = float(np.clip(np.sqrt(coverage * 1024**2 / (n * np.pi)), 36, 82)) * scale
+    mean_r = float(np.clip(np.sqrt(coverage * area / (n * np.pi)), 36, 82)) * scale
     placed: list[tuple[np.ndarray, float]] = []
     for _ in range(n):
         radius = mean_r * rng.uniform(0.75, 1.2)
@@ -126,15 +134,7 @@ def _draw_cell(
     x1, y1 = np.minimum(np.ceil(pts.max(axis=0)).astype(int) + 3, low)
     if x1 <= x0 or y1 <= y0:
         return
-    local = [tuple(p) for p in (pts - (x0, y0))]
-
-    fill = Image.new("L", (x1 - x0, y1 - y0), 0)
-    ImageDraw.Draw(fill).polygon(local, fill=255)
-    rim = Image.new("L", fill.size, 0)
-    ImageDraw.Draw(rim).line(local + local[:1], fill=255, width=2)
-    fill_a = np.asarray(fill, np.float32)[..., None] / 255.0
-    # Soft rim: the edge of a flattened cell is thicker and folds, so it absorbs more.
-    rim_a = np.asarray(rim.filter(ImageFilter.BoxBlur(1)), np.float32)[..., None] / 255.0
+    fill_a, rim_a = _cytoplasm_masks(pts, x0, y0, x1, y1)
 
     stain = _OD_CYANOPHILIC if rng.random() < 0.7 else _OD_EOSINOPHILIC
     stain = stain * rng.uniform(0.75, 1.3) * rng.uniform(0.9, 1.1, 3).astype(np.float32)
@@ -157,6 +157,20 @@ def _draw_cell(
     od[ny0:ny1, nx0:nx1] += _OD_NUCLEUS * rng.uniform(0.85, 1.15) * nuc_a * chromatin
 
 
+def _cytoplasm_masks(pts: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage (h, w, 1) in [0, 1] of a cell polygon (half-resolution points) and of its rim,
+    over the window [y0:y1, x0:x1]."""
+    local = [tuple(p) for p in (pts - (x0, y0))]
+    fill = Image.new("L", (x1 - x0, y1 - y0), 0)
+    ImageDraw.Draw(fill).polygon(local, fill=255)
+    rim = Image.new("L", fill.size, 0)
+    ImageDraw.Draw(rim).line(local + local[:1], fill=255, width=2)
+    fill_a = np.asarray(fill, np.float32)[..., None] / 255.0
+    # Soft rim: the edge of a flattened cell is thicker and folds, so it absorbs more.
+    rim_a = np.asarray(rim.filter(ImageFilter.BoxBlur(1)), np.float32)[..., None] / 255.0
+    return fill_a, rim_a
+
+
 def _draw_small_things(rng: np.random.Generator, od: np.ndarray, size: int, scale: float) -> None:
     """A few lymphocytes (small dense round cells) and debris specks; they get no box."""
     low = od.shape[0]
@@ -177,9 +191,9 @@ def _draw_small_things(rng: np.random.Generator, od: np.ndarray, size: int, scal
     od += _OD_LYMPHOCYTE * lymph + _OD_DEBRIS * debris
 
 
-def _background(rng: np.random.Generator, low: int) -> np.ndarray:
+def _background(rng: np.random.Generator, low: int, glass: tuple[float, float, float] = (236.0, 233.0, 238.0)) -> np.ndarray:
     """Pale pinkish or bluish-grey glass with faint blotches and vignetting, float (low, low, 3)."""
-    tint = np.array([236.0, 233.0, 238.0]) + rng.uniform(-4, 4, 3)
+    tint = np.array(glass) + rng.uniform(-4, 4, 3)
     if rng.random() < 0.5:
         tint += (3.0, -2.0, 1.0)  # pinkish
     else:

@@ -1,0 +1,158 @@
+"""The miniature's data: labelled phantom sets with known truth, written the way real data comes.
+
+Every set is drawn by `synth.phantom_classes.draw_labelled_tile` from its own seed range, so the
+sets are disjoint (held-out really is held out). Tiles are written as a user would bring them:
+folders of PNGs (normal tiles for finetune-normal and generate --real-tiles) and cytosynth
+shards with boxes and classes (finetune-abnormal, train-detector, eval-detector, fid --per-class).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from cytosynth import storage
+from cytosynth.synth.phantom_classes import BASE_STYLES, CELL_CLASSES, NILM, TARGET_STYLE, draw_labelled_tile
+
+SCALE = 0.5  # cells as in draw_phantom_tile(seed, 512): the domain's magnification everywhere
+STAGE1_TILE = 256  # stage-1 tiles (32x32 latents)
+EDIT_TILE = 512  # tiles whose cells are edited and detected (256 crops around cells fit)
+PER_SHARD = 16
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many tiles each set holds."""
+
+    base: int  # base-domain 256 tiles, many styles (base pretraining)
+    target_nilm: int  # target-style 256 NILM tiles (finetune-normal, NILM detector)
+    target_real: int  # per real-vs-real set of 256 NILM tiles (Table I), two disjoint sets
+    abnormal_train: int  # 512 tiles with abnormal cells (ACS, classifier, detector R)
+    detector_real: int  # R: the first tiles of abnormal_train the Table II detectors get
+    abnormal_test: int  # held-out 512 tiles with abnormal cells, two halves for the floor
+    edit_sources: int  # 512 NILM tiles that generate edits (--normal-source real)
+
+
+# Seed ranges: one block of 100k seeds per set, so no two sets share a tile.
+SEED_BLOCKS = {"base": 0, "target_nilm": 1, "real_a": 2, "real_b": 3, "abnormal_train": 4,
+               "test_a": 5, "test_b": 6, "edit_sources": 7, "classifier_val": 8}
+
+
+def seeds(block: str, count: int) -> range:
+    start = SEED_BLOCKS[block] * 100_000
+    return range(start, start + count)
+
+
+def write_png_folder(folder: str, tiles: list[np.ndarray]) -> str:
+    os.makedirs(folder, exist_ok=True)
+    for i, tile in enumerate(tiles):
+        Image.fromarray(tile).save(os.path.join(folder, f"tile_{i:05d}.png"))
+    return folder
+
+
+def base_tiles(count: int) -> tuple[list[np.ndarray], list[str]]:
+    """Base-domain tiles (NILM and some abnormal cells, every base style in turn) and their captions."""
+    tiles, captions = [], []
+    for i, seed in enumerate(seeds("base", count)):
+        style = BASE_STYLES[i % len(BASE_STYLES)]
+        tiles.append(draw_labelled_tile(seed, STAGE1_TILE, scale=SCALE, style=style, abnormal=(0, 1)).image)
+        captions.append(style.caption)
+    return tiles, captions
+
+
+def nilm_tiles(block: str, count: int, size: int) -> list:
+    """Target-style tiles with NILM cells only (LabelledTile, boxes included)."""
+    return [draw_labelled_tile(s, size, scale=SCALE, style=TARGET_STYLE, abnormal=(0, 0)) for s in seeds(block, count)]
+
+
+def abnormal_tiles(block: str, count: int) -> list:
+    """Target-style 512 tiles with 1-3 abnormal cells each among NILM cells."""
+    return [draw_labelled_tile(s, EDIT_TILE, scale=SCALE, abnormal=(1, 3)) for s in seeds(block, count)]
+
+
+def write_labelled_shards(out: str, tiles: list) -> str:
+    """Committed cytosynth shards: abnormal boxes + classes, NILM boxes as normal_boxes."""
+    for shard in range(-(-len(tiles) // PER_SHARD)):
+        writer = storage.ShardWriter(out, shard)
+        for index in range(shard * PER_SHARD, min(len(tiles), (shard + 1) * PER_SHARD)):
+            tile = tiles[index]
+            boxes, labels = tile.abnormal()
+            writer.add(index, tile.image, {"boxes": boxes, "labels": labels, "normal_boxes": tile.normal_boxes(),
+                                           "source": "real", "seed": index, "style": tile.style.name})
+        writer.commit()
+    return out
+
+
+def write_nilm_shards(out: str, tiles: list) -> str:
+    """Shards of NILM-only tiles, every cell a normal box (train-detector --labels nilm)."""
+    for shard in range(-(-len(tiles) // PER_SHARD)):
+        writer = storage.ShardWriter(out, shard)
+        for index in range(shard * PER_SHARD, min(len(tiles), (shard + 1) * PER_SHARD)):
+            tile = tiles[index]
+            writer.add(index, tile.image, {"boxes": [], "labels": [], "normal_boxes": tile.normal_boxes(),
+                                           "source": "real", "seed": index})
+        writer.commit()
+    return out
+
+
+def cell_crops(tiles: list, crop: int = 256) -> tuple[list[np.ndarray], list[int]]:
+    """256x256 crops centred on every cell (clamped to the tile, as fid --per-class crops them)
+    and their class indices into CELL_CLASSES."""
+    from cytosynth.synth.paste import crop_origin
+
+    images, labels = [], []
+    for tile in tiles:
+        size = tile.image.shape[0]
+        for box, label in zip(tile.boxes, tile.labels):
+            left, top = crop_origin(tuple(int(v) for v in box), size, crop)
+            images.append(tile.image[top : top + crop, left : left + crop])
+            labels.append(CELL_CLASSES.index(label))
+    return images, labels
+
+
+def write_all(root: str, sizes: Sizes) -> dict[str, str]:
+    """Every set under `root`; returns their paths by name. Re-running with the same sizes reuses them."""
+    done = os.path.join(root, "DONE.json")
+    if os.path.exists(done) and json.load(open(done))["sizes"] == sizes.__dict__:
+        return json.load(open(done))["paths"]
+    p = {name: os.path.join(root, name) for name in (
+        "base", "target_nilm", "target_nilm_shards", "real_a", "real_a_shards", "real_b", "abnormal_train", "detector_real",
+        "test_a", "test_b", "test", "edit_sources")}
+    tiles, captions = base_tiles(sizes.base)
+    write_png_folder(p["base"], tiles)
+    with open(os.path.join(p["base"], "captions.json"), "w") as fh:
+        json.dump(captions, fh)
+    nilm = nilm_tiles("target_nilm", sizes.target_nilm, STAGE1_TILE)
+    write_png_folder(p["target_nilm"], [t.image for t in nilm])
+    write_nilm_shards(p["target_nilm_shards"], nilm)
+    real_a = nilm_tiles("real_a", sizes.target_real, STAGE1_TILE)
+    write_png_folder(p["real_a"], [t.image for t in real_a])
+    write_nilm_shards(p["real_a_shards"], real_a)
+    write_png_folder(p["real_b"], [t.image for t in nilm_tiles("real_b", sizes.target_real, STAGE1_TILE)])
+    train = abnormal_tiles("abnormal_train", sizes.abnormal_train)
+    write_labelled_shards(p["abnormal_train"], train)
+    write_labelled_shards(p["detector_real"], train[: sizes.detector_real])
+    half = sizes.abnormal_test // 2
+    test_a, test_b = abnormal_tiles("test_a", half), abnormal_tiles("test_b", half)
+    write_labelled_shards(p["test_a"], test_a)
+    write_labelled_shards(p["test_b"], test_b)
+    write_labelled_shards(p["test"], test_a + test_b)
+    write_png_folder(p["edit_sources"], [t.image for t in nilm_tiles("edit_sources", sizes.edit_sources, EDIT_TILE)])
+    with open(done, "w") as fh:
+        json.dump({"sizes": sizes.__dict__, "paths": p}, fh)
+    return p
+
+
+def count_classes(tiles: list) -> dict[str, int]:
+    counts = {c: 0 for c in CELL_CLASSES}
+    for tile in tiles:
+        for label in tile.labels:
+            counts[label] += 1
+    return counts
+
+
+__all__ = ["NILM", "Sizes", "write_all", "cell_crops", "abnormal_tiles", "nilm_tiles", "seeds", "count_classes"]

@@ -1,0 +1,270 @@
+"""The miniature's measurements, each made with the product's own commands on held-out phantom data.
+
+- Table I analog: `cytosynth fid` (the cell classifier's features) of stage-1 tiles from the base
+  model and from base + LoRA against real target tiles, and of a second real set (the floor).
+- Edits: `cytosynth generate --normal-source real` edits real NILM tiles with the trained ACS and
+  with the untrained one (`finetune-abnormal`'s initialisation: gates at zero); `cytosynth fid
+  --per-class` against real crops of each class (floor: two disjoint real sets); the classifier's
+  accuracy on crops centred on the edited boxes (4 abnormal classes: chance 25%).
+- Locality and annotation truth: every pixel outside the edited boxes equals the source tile; every
+  box holds changed pixels (the edited cell).
+- Table II analog: `cytosynth augmentation-study` (R vs R + S, Faster R-CNN, COCO AP) per seed.
+- The NILM detector: `cytosynth eval-detector --labels nilm` on held-out NILM tiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+from PIL import Image
+
+from cytosynth import storage
+from cytosynth.synth.phantom_classes import CELL_CLASSES
+from cytosynth.synth.paste import crop_origin, edit_region
+from cytosynth.synth.pipeline import SynthesisSettings
+
+from mini_classifier import accuracy, predict
+import mini_data
+
+ABNORMAL_IDS = tuple(range(1, len(CELL_CLASSES)))  # CELL_CLASSES[0] is NILM
+
+
+def _fid(cytosynth, real: str, fake: str, extractor: str, out: str, per_class: bool = False) -> dict:
+    cytosynth("fid", "--real", real, "--fake", fake, "--feature-extractor", extractor, "--json", out,
+              "--device", "cpu", "--quiet", *(["--per-class"] if per_class else []))
+    with open(out) as fh:
+        return json.load(fh)
+
+
+def _generate(cytosynth, out: str, model_dir: str, study, *extra: str) -> str:
+    cytosynth("generate", "--preset", "mini", "--model-dir", model_dir, "--out", out, "--steps",
+              str(study.sample_steps), "--device", "cpu", "--quiet", *extra)
+    return out
+
+
+def edited_crops(url: str) -> tuple[list[np.ndarray], list[int], list[dict]]:
+    """256 crops centred on every edited box of a generate output (as fid --per-class crops them)."""
+    crops, labels, samples = [], [], []
+    for sample in storage.read_samples(url):
+        image, ann = sample["image"], sample["json"]
+        samples.append({"image": image, "boxes": ann["boxes"], "labels": ann["labels"]})
+        for box, label in zip(ann["boxes"], ann["labels"]):
+            left, top = crop_origin(tuple(box), image.shape[0], 256)
+            crops.append(image[top : top + 256, left : left + 256])
+            labels.append(CELL_CLASSES.index(label))
+    return crops, labels, samples
+
+
+def locality(samples: list[dict], sources: list[np.ndarray]) -> dict:
+    """Pixels outside the edit regions (each box grown by the paste-back feather, synth.paste) vs
+    the source tile each edited tile was made from; and how many changed pixels lie in the margins."""
+    outside_changed, margin_changed, boxes_changed, boxes = 0, 0, 0, 0
+    for sample in samples:
+        image = sample["image"].astype(np.int16)
+        size = image.shape[0]
+        inside = np.zeros(image.shape[:2], bool)
+        in_box = np.zeros(image.shape[:2], bool)
+        for box in sample["boxes"]:
+            x0, y0, x1, y1 = edit_region(box, size, SynthesisSettings.feather)
+            inside[y0:y1, x0:x1] = True
+            in_box[box[1] : box[3], box[0] : box[2]] = True
+        # The source is the real tile that matches outside the boxes (generate reads them in order).
+        diffs = [np.abs(image - s.astype(np.int16)).max(axis=2) for s in sources]
+        diff = min(diffs, key=lambda d: int(d[~inside].sum()))
+        outside_changed += int((diff[~inside] > 0).sum())
+        margin_changed += int((diff[inside & ~in_box] > 0).sum())
+        for x0, y0, x1, y1 in sample["boxes"]:
+            boxes += 1
+            boxes_changed += int((diff[y0:y1, x0:x1] > 8).mean() > 0.05)
+    return {"tiles": len(samples), "feather_px": SynthesisSettings.feather,
+            "pixels_changed_outside_edit_regions": outside_changed,
+            "pixels_changed_in_feather_margins": margin_changed, "boxes": boxes,
+            "boxes_with_edited_pixels": boxes_changed}
+
+
+def _per_class(report: dict) -> dict:
+    return {c: (row or {}).get("fid") for c, row in report.get("per_class", {}).items()}
+
+
+def measure(out: str, paths: dict, study, cytosynth, log) -> dict:
+    clf = os.path.join(out, "classifier.pt2")
+    bundle, bundle_base = os.path.join(out, "bundle"), os.path.join(out, "bundle_base")
+    m = os.path.join(out, "measure")
+    os.makedirs(m, exist_ok=True)
+    res: dict = {}
+
+    # Table I: stage-1 tiles, base vs base + LoRA vs the real-vs-real floor.
+    stage1 = ["--normal-source", "diffusion", "--tile-size", str(mini_data.STAGE1_TILE), "--cells", "0-0",
+              "--num-tiles", str(study.table1_tiles), "--seed", "1"]
+    for arm, model in (("base", bundle_base), ("base+lora", bundle)):
+        _generate(cytosynth, os.path.join(m, f"stage1_{arm}"), model, study, *stage1)
+    res["table1"] = {
+        arm: _fid(cytosynth, paths["real_a"], fake, clf, os.path.join(m, f"fid_stage1_{arm}.json"))["fid"]
+        for arm, fake in (("base", os.path.join(m, "stage1_base")), ("base+lora", os.path.join(m, "stage1_base+lora")),
+                          ("real vs real", paths["real_b"]))
+    }
+    log(f"Table I: {res['table1']}")
+    _save_partial(m, res)
+
+    # Edits of real NILM tiles: trained ACS vs untrained ACS.
+    edit = ["--normal-source", "real", "--real-tiles", paths["edit_sources"], "--tile-size",
+            str(mini_data.EDIT_TILE), "--cells", study.edit_cells, "--tiles-per-shard", "8", "--seed", "2"]
+    _generate(cytosynth, os.path.join(m, "edits_trained"), bundle, study, *edit)
+    _generate(cytosynth, os.path.join(m, "edits_untrained"), bundle, study, *edit,
+              "--acs-unet", os.path.join(out, "acs_untrained"))
+    fids, acc = {}, {}
+    for arm in ("trained", "untrained"):
+        fids[arm] = _fid(cytosynth, paths["test_a"], os.path.join(m, f"edits_{arm}"), clf,
+                         os.path.join(m, f"fid_edits_{arm}.json"), per_class=True)
+        crops, labels, samples = edited_crops(os.path.join(m, f"edits_{arm}"))
+        logits = predict(clf, crops)
+        acc[arm] = {"edits": len(labels), "accuracy_4_abnormal": accuracy(logits, labels, ABNORMAL_IDS),
+                    "accuracy_5_way": accuracy(logits, labels),
+                    "per_class": {CELL_CLASSES[c]: accuracy(logits[np.array(labels) == c], [c] * int((np.array(labels) == c).sum()), ABNORMAL_IDS)
+                                  for c in ABNORMAL_IDS}}
+        if arm == "trained":
+            sources = [np.asarray(Image.open(os.path.join(paths["edit_sources"], n)).convert("RGB"))
+                       for n in sorted(os.listdir(paths["edit_sources"]))]
+            res["locality"] = locality(samples, sources)
+            res["_grid_edits"] = (crops, labels)
+        else:
+            res["_grid_untrained"] = (crops, labels)
+    fids["floor"] = _fid(cytosynth, paths["test_a"], paths["test_b"], clf, os.path.join(m, "fid_edits_floor.json"),
+                         per_class=True)
+    res["edit_fid"] = {arm: {"all": r.get("fid"), **_per_class(r)} for arm, r in fids.items()}
+    test_tiles = mini_data.abnormal_tiles("test_a", study.sizes.abnormal_test // 2)
+    real_crops, real_labels = mini_data.cell_crops(test_tiles)
+    real_logits = predict(clf, real_crops)
+    is_abn = np.array(real_labels) > 0
+    acc["real held-out"] = {"cells": len(real_labels), "accuracy_5_way": accuracy(real_logits, real_labels),
+                            "accuracy_4_abnormal": accuracy(real_logits[is_abn], list(np.array(real_labels)[is_abn]), ABNORMAL_IDS)}
+    res["edit_accuracy"] = acc
+    res["_grid_real"] = ([c for c, l in zip(real_crops, real_labels) if l > 0], [l for l in real_labels if l > 0])
+    log(f"edits: FID {res['edit_fid']}, accuracy {acc}")
+
+    # The demo: the README's command on the shipped-to-be bundle, and the full two-stage path.
+    _generate(cytosynth, os.path.join(m, "demo_phantom"), bundle, study, "--normal-source", "phantom",
+              "--tile-size", str(mini_data.EDIT_TILE), "--num-tiles", "8")
+    _generate(cytosynth, os.path.join(m, "demo_diffusion"), bundle, study, "--normal-source", "diffusion",
+              "--tile-size", str(mini_data.STAGE1_TILE), "--num-tiles", "8", "--cells", "1-2",
+              "--detector", os.path.join(out, "nilm_detector", "detector.safetensors"))
+    figures(out, res)
+    _save_partial(m, res)
+
+    # The NILM detector, on held-out NILM tiles.
+    nilm_json = os.path.join(m, "nilm_detector.json")
+    cytosynth("eval-detector", "--detector", os.path.join(out, "nilm_detector", "detector.safetensors"),
+              "--data", paths["real_a_shards"], "--labels", "nilm", "--image-size", str(mini_data.STAGE1_TILE),
+              "--device", "cpu", "--json", nilm_json, "--quiet")
+    res["nilm_detector"] = {k: v for k, v in json.load(open(nilm_json)).items() if k in ("mAP", "mAP.5", "AP", "images")}
+    _save_partial(m, res)
+
+    # Table II: R vs R + S, one augmentation-study per seed.
+    from miniature import train_steps
+
+    table2 = []
+    res["table2"] = table2
+    for seed in study.detector_seeds:
+        folder = os.path.join(m, f"table2_seed{seed}")
+        cytosynth("augmentation-study", "--real", paths["detector_real"], "--synthetic",
+                  os.path.join(m, "edits_trained"), "--synthetic-fraction", "0.5", "--labels", "abnormal",
+                  "--image-size", "256", "--loader-workers", "1", "--test", paths["test"], "--out", folder,
+                  *train_steps(study.detector_steps, 2), "--seed", str(seed))
+        table2.append(json.load(open(os.path.join(folder, "augmentation_study.json"))))
+        res["table2"] = table2
+        _save_partial(m, res)
+
+    figures(out, res)
+    return {k: v for k, v in res.items() if not k.startswith("_")}
+
+
+def _save_partial(folder: str, res: dict) -> None:
+    """What is measured so far (a run stopped mid-way still leaves its figures)."""
+    with open(os.path.join(folder, "partial.json"), "w") as fh:
+        json.dump({k: v for k, v in res.items() if not k.startswith("_")}, fh, indent=2, default=str)
+
+
+def figures(out: str, res: dict) -> None:
+    from PIL import ImageDraw
+
+    fig = os.path.join(out, "figures")
+    os.makedirs(fig, exist_ok=True)
+    for name in ("demo_phantom", "demo_diffusion", "stage1_base", "stage1_base+lora"):
+        src = os.path.join(out, "measure", name, "preview.png")
+        if os.path.exists(src):
+            shutil.copy2(src, os.path.join(fig, f"{name}.png"))
+    # One row per abnormal class: real crops | trained-ACS edits | untrained-ACS edits (centre 128 px).
+    k, px = 4, 128
+    sets = [res["_grid_real"], res["_grid_edits"], res["_grid_untrained"]]
+    grid = Image.new("RGB", (3 * k * px + 2 * 8 + 70, len(ABNORMAL_IDS) * px + 20), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, title in enumerate(("real", "edited (trained ACS)", "edited (untrained ACS)")):
+        draw.text((70 + j * (k * px + 8), 4), title, fill="black")
+    for r, cls in enumerate(ABNORMAL_IDS):
+        draw.text((4, 20 + r * px + px // 2), CELL_CLASSES[cls], fill="black")
+        for j, (crops, labels) in enumerate(sets):
+            chosen = [c for c, l in zip(crops, labels) if l == cls][:k]
+            for i, crop in enumerate(chosen):
+                centre = crop[64:192, 64:192]
+                grid.paste(Image.fromarray(np.ascontiguousarray(centre)), (70 + j * (k * px + 8) + i * px, 20 + r * px))
+    grid.save(os.path.join(fig, "edits_per_class.png"))
+    # AP bars: the product's Table II chart, with each arm's mean over the seeds.
+    if res.get("table2"):
+        from cytosynth.jobs.detection import ap_bar_chart
+
+        with open(os.path.join(fig, "table2_ap.png"), "wb") as fh:
+            fh.write(ap_bar_chart(mean_rows(res["table2"])))
+
+
+def mean_rows(table2: list[dict]) -> list[tuple[str, dict]]:
+    """(label, metrics) per arm with mAP and per-class AP averaged over the seeds (None stays None)."""
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return float(np.mean(values)) if values else None
+
+    rows = []
+    for i, row in enumerate(table2[0]["rows"]):
+        arms = [t["rows"][i] for t in table2]
+        label = f"{row['training_data']} (mean of {len(table2)} seeds)"
+        rows.append((label, {"mAP": mean([a["mAP"] for a in arms]),
+                             "AP": {c: mean([a["AP"][c] for a in arms]) for c in row["AP"]}}))
+    return rows
+
+
+def report(records: dict) -> str:
+    """results.md: the tables in markdown."""
+    r = records["measure"]
+    lines = ["| Table I analog (FID, classifier features; lower is better) | FID |", "| --- | --- |"]
+    lines += [f"| {arm} | {v:.2f} |" for arm, v in r["table1"].items()]
+    lines += ["", "| edits: per-class FID vs real crops | all | " + " | ".join(CELL_CLASSES[1:]) + " |",
+              "| --- |" + " --- |" * (len(CELL_CLASSES))]
+    for arm, row in r["edit_fid"].items():
+        lines.append(f"| {arm} | " + " | ".join("-" if row.get(c) is None else f"{row[c]:.2f}" for c in ("all", *CELL_CLASSES[1:])) + " |")
+    lines += ["", "| classifier accuracy | crops | 4 abnormal classes (chance 25%) | 5-way |", "| --- | --- | --- | --- |"]
+    for arm, row in r["edit_accuracy"].items():
+        n = row.get("edits", row.get("cells"))
+        lines.append(f"| {arm} | {n} | {row['accuracy_4_abnormal']:.1%} | {row['accuracy_5_way']:.1%} |")
+    lines += ["", f"locality: {r.get('locality')}", f"NILM detector: {r.get('nilm_detector')}", ""]
+    lines += table2_lines(r.get("table2", []))
+    return "\n".join(lines) + "\n"
+
+
+def table2_lines(table2: list[dict]) -> list[str]:
+    if not table2:
+        return []
+    classes = list(table2[0]["rows"][0]["AP"])
+    lines = ["| Table II analog (AP x 100, mean ± sd over seeds) | mAP | mAP.5 | " + " | ".join(classes) + " |",
+             "| --- |" + " --- |" * (2 + len(classes))]
+    for i, row in enumerate(table2[0]["rows"]):
+        def stat(get):
+            values = [get(t["rows"][i]) for t in table2]
+            values = [v for v in values if v is not None]
+            return "-" if not values else f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+
+        cells = [stat(lambda x: x["mAP"]), stat(lambda x: x.get("mAP.5"))]
+        cells += [stat(lambda x, c=c: x["AP"][c]) for c in classes]
+        lines.append(f"| {row['training_data']} | " + " | ".join(cells) + " |")
+    return lines

@@ -1,0 +1,69 @@
+"""The shipped miniature bundle (models/mini, made by bench/miniature.py): what the study measured.
+
+A reduced study: `cytosynth generate` with the shipped bundle edits real phantom NILM tiles, and the
+shipped cell classifier (the study's FID feature extractor) names the edited cells' classes above
+chance, and better than for edits of the untrained ACS (finetune-abnormal's initialisation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cytosynth.jobs.cli import main as cytosynth
+from cytosynth.synth.models import acs_unet_from_base, load_bundle
+from cytosynth.synth.phantom_classes import CELL_CLASSES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLE = os.path.join(ROOT, "models", "mini")
+CLASSIFIER = os.path.join(BUNDLE, "classifier", "cell_classifier.pt2")
+CHANCE = 0.25  # four abnormal classes
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_shipped_bundle_is_small_loads_and_records_how_it_was_made():
+    sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(BUNDLE) for f in fs if f.endswith(".safetensors")]
+    assert 0 < sum(sizes) <= 15 * 2**20
+    manifest = json.load(open(os.path.join(BUNDLE, "MANIFEST.json")))
+    assert manifest["made_by"].startswith("python bench/miniature.py") and manifest["git_commit"]
+    bundle = load_bundle(BUNDLE, preset="mini")
+    assert bundle.acs_unet.config.in_channels == 9 and bundle.preset.name == "mini"
+
+
+def _edit_accuracy(tmp_path, name: str, *extra: str) -> float:
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from mini_classifier import accuracy, predict
+    from mini_measure import edited_crops
+
+    out = str(tmp_path / name)
+    code = cytosynth(["generate", "--preset", "mini", "--model-dir", BUNDLE, "--normal-source", "phantom",
+                      "--tile-size", "512", "--num-tiles", "1", "--cells", "8-8", "--steps", "10", "--seed", "3",
+                      "--device", "cpu", "--quiet", "--out", out, *extra])
+    assert code == 0
+    crops, labels, _ = edited_crops(out)
+    assert len(labels) == 8
+    return accuracy(predict(CLASSIFIER, crops), labels, tuple(range(1, len(CELL_CLASSES))))
+
+
+@pytest.fixture(scope="module")
+def untrained_acs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("acs") / "untrained"
+    acs_unet_from_base(load_bundle(BUNDLE, preset="mini").unet).save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+# The shipped bundle misses this (bench/RESULTS.md, "The miniature": 17% vs 19% untrained on 36
+# edits; its ACS trained 300 steps from a base UNet of 350). Strict: when a retrained bundle meets
+# the promise, this xfail turns into a failure and must be removed.
+@pytest.mark.xfail(strict=True, reason="the shipped mini ACS is undertrained: edits are not yet classified as their class")
+def test_edits_of_the_trained_acs_are_classified_above_chance_and_above_the_untrained_acs(tmp_path, untrained_acs):
+    trained = _edit_accuracy(tmp_path, "trained")
+    untrained = _edit_accuracy(tmp_path, "untrained", "--acs-unet", untrained_acs)
+    assert trained > CHANCE + 0.15, (trained, untrained)
+    assert trained > untrained, (trained, untrained)
