@@ -1,5 +1,5 @@
 """Tiles/s per GPU of a cytosynth replica at the paper's settings, against the compute bound and
-against plain diffusers pipelines, all measured in one run (issue 6; DESIGN.md section 9).
+against plain diffusers pipelines, all measured in one run (issue 6).
 
 In one process, on one device:
 

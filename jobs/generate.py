@@ -52,7 +52,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     gen = commands.add_parser("generate", help="synthesize annotated tiles into WebDataset shards")
     gen.add_argument("--out", required=True, help="output URL: a folder, s3://bucket/prefix or memory://...")
     gen.add_argument("--num-tiles", type=int, help="tiles to generate (default with --normal-source real: all)")
-    gen.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model architecture: tiny (random-init miniature built in code, for demos and tests) or sd15 (needs --model-dir, or --random-weights)")
+    gen.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model architecture: tiny (random-init miniature built in code, for tests), mini (the shipped "
+                     "miniature bundle models/mini, needs --model-dir) or sd15 (needs --model-dir, or --random-weights)")
     gen.add_argument("--model-dir", help="model bundle folder or URL (SD1.5 diffusers folder + normal_lora/ + acs_unet/)")
     gen.add_argument("--random-weights", action="store_true", help="the --preset architecture with random weights, no --model-dir (benchmarks: costs what real weights cost)")
     gen.add_argument("--lora", help="normal LoRA safetensors (default: <model-dir>/normal_lora/)")

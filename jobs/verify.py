@@ -25,7 +25,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     ver.add_argument("--device", help="torch device for --repair (default: cuda where available)")
     ver.add_argument("--batch-size", type=int, default=4, help="tiles per model call for --repair (pixels are "
                      "identical for the same device and batch size)")
-    ver.add_argument("--precision", choices=PRECISIONS, default="auto")
+    ver.add_argument("--precision", choices=PRECISIONS, default="auto", help="diffusion models' precision for --repair "
+                     "(default auto: bf16 on CUDA, fp32 on CPU)")
     ver.add_argument("--quiet", action="store_true", help="no progress bar")
     ver.set_defaults(run=verify)
 

@@ -1,5 +1,5 @@
 """Bytes in and out: fsspec URLs (local, ``s3://``, ``memory://``), WebDataset shards and their
-commit protocol, manifests, COCO export and previews (DESIGN.md sections 3-5).
+commit protocol, manifests, COCO export and previews (docs/design.md §1, §3-4).
 
 Works over plain data (dicts, numpy arrays, bytes); never imports Ray or ``cytosynth.synth``.
 The detector loader (``storage.loader``) needs torch, so its names load on first use.

@@ -1,6 +1,6 @@
 """Tiles with annotated abnormal cells, read for training the Abnormal Cell Synthesizer.
 
-Two sources: cytosynth shards (DESIGN.md section 4; a job output, a ``.tar``, a brace pattern or a
+Two sources: cytosynth shards (docs/design.md §3; a job output, a ``.tar``, a brace pattern or a
 glob) and a COCO detection JSON with its image folder. Either becomes an *index* first, from
 metadata only (the shards' stats JSON, or the COCO file plus image headers), so that bad input
 fails before any training starts; images are then streamed tile by tile, never copied whole.

@@ -1,4 +1,4 @@
-"""The per-sample annotation contract (DESIGN.md section 4): validation and manifest rows."""
+"""The per-sample annotation contract (docs/design.md §3): validation and manifest rows."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fixed abnormal-cell classes and their COCO category ids (DESIGN.md section 4).
+"""The fixed abnormal-cell classes and their COCO category ids (docs/design.md §3).
 
 synth keeps its own copy of the class list; the two packages never import each other.
 """

@@ -1,4 +1,4 @@
-"""Shard writing and the commit protocol (DESIGN.md section 4).
+"""Shard writing and the commit protocol (docs/design.md §3).
 
 A shard is buffered in memory and committed in two steps: ``shards/NNNNNN.tar`` is written whole,
 then ``stats/NNNNNN.json`` (per-shard stats and manifest rows). The .json is the commit marker:

@@ -69,7 +69,7 @@ class SynthesisSettings:
 
 @dataclass
 class TileSample:
-    """One synthesized tile: the image and its annotation (the shard JSON of DESIGN.md section 4)."""
+    """One synthesized tile: the image and its annotation (the shard JSON of docs/design.md §3)."""
 
     tile_index: int
     seed: int

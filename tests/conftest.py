@@ -94,7 +94,7 @@ def make_tile() -> Callable[..., tuple[np.ndarray, dict[str, Any]]]:
     """Factory ``make_tile(tile_index, size=64, boxes=None, labels=None) -> (image, annotation)``.
 
     The image is seeded by ``tile_index`` (different tiles, same bytes on every call); the
-    annotation follows DESIGN.md section 4, with one ASC-US box by default.
+    annotation follows docs/design.md §3, with one ASC-US box by default.
     """
 
     def make(

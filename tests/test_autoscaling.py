@@ -1,4 +1,4 @@
-"""Autoscaling (DESIGN.md section 7): a job whose replicas need GPUs, on a cluster whose head has
+"""Autoscaling (docs/design.md §2): a job whose replicas need GPUs, on a cluster whose head has
 none, makes the Ray autoscaler launch GPU worker nodes; the job runs on them; idle nodes go away.
 
 The cluster is Ray's fake multi-node provider on this machine, started the way

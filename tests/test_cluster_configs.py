@@ -1,4 +1,4 @@
-"""The cluster configs under cluster/configs/ (issue 3, item 4; DESIGN.md section 7).
+"""The cluster configs under cluster/configs/ (issue 3, item 4; docs/design.md §2).
 
 The AWS launcher YAML is checked the way `ray up` checks it: Ray's own `prepare_config` +
 `validate_config` (its JSON schema). The KubeRay manifest has no schema available offline, so its

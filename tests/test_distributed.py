@@ -1,4 +1,4 @@
-"""Distributed generation on local Ray (DESIGN.md section 7; invariants 1, 3-6).
+"""Distributed generation on local Ray (docs/design.md §2; invariants 1, 3-6).
 
 One Ray session for the module (ray.init is slow); every job runs the same tiny config, so the
 outputs can be compared byte for byte with the reference made by 1 replica: a pool of up to 3

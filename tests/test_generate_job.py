@@ -1,5 +1,5 @@
 """End-to-end tests of the `cytosynth generate` job: the output contract, determinism, resume,
-S3, bad input, real-to-synthetic, plans and detectors (DESIGN.md sections 4-6).
+S3, bad input, real-to-synthetic, plans and detectors (docs/design.md §3-4).
 
 The CLI runs in-process (`cytosynth.jobs.cli.main`) on the tiny preset with phantom normal tiles
 (stage 2 only) and few DDIM steps, on CPU; one test runs the real console script (the README's
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TILE = 1024
-# The paper's order, fixed by the data contract (DESIGN.md section 4); spelled out, not imported.
+# The paper's order, fixed by the data contract (docs/design.md §3); spelled out, not imported.
 CATEGORY_IDS = {"ASC-US": 1, "ASC-H": 2, "LSIL": 3, "HSIL": 4}
 # Fast and deterministic: stage 2 only (phantom normal tiles), 3 DDIM steps, CPU, no progress bar.
 FAST = ("--normal-source", "phantom", "--steps", "3", "--device", "cpu", "--quiet")

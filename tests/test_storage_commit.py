@@ -1,4 +1,4 @@
-"""The commit protocol (DESIGN.md invariant 3): a shard is visible whole once committed, and nothing
+"""The commit protocol (docs/design.md §4, invariant 3): a shard is visible whole once committed, and nothing
 of it is visible before; shard bytes do not depend on the order tiles were added in."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Storage errors (DESIGN.md invariants 5 and 6): transient failures are retried with backoff,
+"""Storage errors (docs/design.md §4, invariants 5 and 6): transient failures are retried with backoff,
 permanent ones fail at once with a one-line StorageError, unreachable outputs fail fast."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Layering (DESIGN.md section 3): storage stands alone, without Ray, synth or torch; synth (the
+"""Layering (docs/design.md §1): storage stands alone, without Ray, synth or torch; synth (the
 models) uses neither Ray nor storage."""
 
 from __future__ import annotations

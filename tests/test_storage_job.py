@@ -1,5 +1,5 @@
 """Job markers: job.json is written first and guards the output against a different job; _SUCCESS is
-written last; credentials never reach any file (DESIGN.md invariant 7)."""
+written last; credentials never reach any file (docs/design.md §4, invariant 7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Round trip of the data contract (DESIGN.md section 4) on every backend: what ShardWriter commits,
+"""Round trip of the data contract (docs/design.md §3) on every backend: what ShardWriter commits,
 read_samples, plain tarfile, webdataset and the manifest all read back identically."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Both stages on the tiny preset: determinism, locality, grounding, boxes (DESIGN.md section 5)."""
+"""Both stages on the tiny preset: determinism, locality, grounding, boxes (docs/design.md §4)."""
 
 from __future__ import annotations
 
