@@ -62,11 +62,13 @@ def local_file(url: str) -> Iterator[str]:
         yield path
 
 
-def evaluate(detector: str, test_set: EvalSet, *, image_size: int, device: str, batch_size: int,
+def evaluate(detector: str, test_set: EvalSet, *, image_size: int, device: str | None, batch_size: int,
              progress: bool) -> dict[str, Any]:
-    """Table II metrics of a detector file (path or URL) on ``test_set``."""
+    """Table II metrics of a detector file (path or URL) on ``test_set``, on ``device`` (None: cuda
+    where available)."""
     from cytosynth.synth.evaluation import evaluate_detector, load_detection_model, object_classes  # torch
 
+    device = device or default_device()
     categories = storage.detection_categories(test_set.labels)
     samples, total = test_set.samples()
     with local_file(detector) as path:
@@ -106,7 +108,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def eval_detector(args: argparse.Namespace) -> int:
     test_set = EvalSet(args.data, args.coco, args.images, args.labels)
-    metrics = evaluate(args.detector, test_set, image_size=args.image_size, device=args.device or default_device(),
+    metrics = evaluate(args.detector, test_set, image_size=args.image_size, device=args.device,
                        batch_size=args.batch_size, progress=not args.quiet)
     print(f"cytosynth eval-detector: {describe_set(metrics)} from {test_set.name}")
     print(format_table([(os.path.basename(args.detector), metrics)], "Detector"))
@@ -199,7 +201,7 @@ def augmentation_study(args: argparse.Namespace) -> int:
         # The train-detector job itself, with this arm's data: same model, optimizer and steps.
         train_detector.run_train_detector(argparse.Namespace(**{**vars(args), "out": out, **overrides}))
         artifact = read_summary(absolute(out))["artifact"]
-        metrics = evaluate(artifact, test_set, image_size=args.image_size, device=args.device or default_device(),
+        metrics = evaluate(artifact, test_set, image_size=args.image_size, device=args.device,
                            batch_size=args.batch_size, progress=not args.quiet)
         rows.append((label, metrics))
         report.append({"arm": folder, "training_data": label, "detector": artifact, **metrics})

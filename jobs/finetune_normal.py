@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 from cytosynth.cluster.train_config import SELECT_BY
 from cytosynth.synth import PRESETS, InvalidInputError
 
+from .train_options import absolute, add_train_arguments, print_summary, train_config
+
 if TYPE_CHECKING:
     from cytosynth.cluster.selection import FidSelection
-
-from .train_options import absolute, add_train_arguments, print_summary, train_config
 
 
 def register(commands: argparse._SubParsersAction) -> None:
