@@ -128,7 +128,8 @@ def generate(args: argparse.Namespace) -> int:
 
         gpus = args.gpus_per_replica
         if gpus is None:
-            gpus = 1.0 if (args.device or ("cuda" if has_cuda_device() else "cpu")).startswith("cuda") else 0.0
+            cuda = args.device.startswith("cuda") if args.device else has_cuda_device()  # no torch on the driver
+            gpus = 1.0 if cuda else 0.0
         workers = args.workers if args.workers != (0, 0) else (1, 1)
         summary = run_distributed(config, runtime, workers, args.ray_address, gpus)
     else:

@@ -73,6 +73,18 @@ def test_synth_still_exports_every_public_name():
         synth.no_such_name  # noqa: B018
 
 
+def test_the_drivers_gpu_check_agrees_with_torch_and_honours_cuda_visible_devices(monkeypatch):
+    import torch
+
+    from cytosynth.jobs.common import has_cuda_device
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert has_cuda_device() == torch.cuda.is_available()  # generate's default --gpus-per-replica
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert not has_cuda_device()
+
+
 # --------------------------------------------------------------------------- generate under Ray
 
 # The job of tests/test_distributed.py, smaller: two phantom tiles, one replica on CPU.
