@@ -47,7 +47,6 @@ from cytosynth.synth import InvalidInputError
 from .job import REPLICA_TIMEOUT, GenerateConfig, JobLayout, JobStoppedError
 from .replica import ShardReplica, WorkerFactory
 from .runner import Runtime, RunTally, finalize_job, prepare_job, validate_config, validate_options, validate_runtime
-from .synthesis import load_shard_worker
 
 IN_FLIGHT_PER_REPLICA = 2
 MAX_SHARD_ATTEMPTS = 3  # a shard whose replica dies this many times fails the job
@@ -328,7 +327,7 @@ def run_distributed(
     storage.check_not_foreign(config.out)
     layout = validate_config(config)
     make_worker = make_worker or functools.partial(
-        load_shard_worker, config, batch_size=runtime.batch_size, precision=runtime.precision
+        load_shard_worker_in_replica, config, batch_size=runtime.batch_size, precision=runtime.precision
     )
     started_ray = _connect(ray_address, size[1], gpus_per_replica)
     scheduler = None
@@ -371,6 +370,15 @@ def run_distributed(
         if started_ray:
             ray.shutdown()
     return finalize_job(config, layout, time.perf_counter() - start, run)
+
+
+def load_shard_worker_in_replica(config: GenerateConfig, **kwargs: Any) -> Any:
+    """`synthesis.load_shard_worker`, imported where it runs: the driver pickles only this
+    reference, so it never imports torch or diffusers; a bad bundle, detector or preset fails in
+    the replica's `load` and comes back as the same one-line error (`ShardScheduler._failure`)."""
+    from .synthesis import load_shard_worker
+
+    return load_shard_worker(config, **kwargs)
 
 
 def _pool_size(workers: int | tuple[int, int]) -> tuple[int, int]:

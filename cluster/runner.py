@@ -24,7 +24,6 @@ from cytosynth.synth import InvalidInputError
 from cytosynth.synth.selection import MAX_CELLS_PER_TILE, plan_from_json
 
 from .job import NORMAL_SOURCES, GenerateConfig, JobLayout, PendingShards, job_config
-from .synthesis import RealTileSource, load_shard_worker
 from .worker import STAGES
 
 
@@ -114,6 +113,8 @@ def validate_config(config: GenerateConfig) -> JobLayout:
     if config.normal_source == "real":
         if not config.real_tiles:
             raise InvalidInputError("--normal-source real needs --real-tiles URL")
+        from .synthesis import RealTileSource  # torch: a Ray driver without real tiles never imports it
+
         real = RealTileSource(config.real_tiles)
         if num_tiles is None:
             num_tiles = len(real)
@@ -197,6 +198,8 @@ class DatasetTotals:
 
 def run_local(config: GenerateConfig, runtime: Runtime = Runtime()) -> dict[str, Any]:
     """Run a whole job in this process (one model replica), resuming where a previous run stopped."""
+    from .synthesis import load_shard_worker  # torch, diffusers: only where the models run
+
     start = time.perf_counter()
     validate_runtime(runtime)
     validate_options(config)  # the cheap checks first: nothing below may write before they pass

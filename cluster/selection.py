@@ -37,9 +37,9 @@ from cytosynth.synth.extractors import FeatureExtractor, clean_preprocess, load_
 from cytosynth.synth.metrics import FeatureStats, frechet_distance
 
 from .features import FeatureWorker, SetOptions, Slice, read_extractor_file
+from .train_config import SELECT_BY
 from .training import latest_checkpoint
 
-SELECT_BY = ("fid",)
 SELECTION_NAME = "selection.jsonl"
 SELECTION_DIR = "selection"
 EXTRACTOR_FLAG = "--select-feature-extractor"

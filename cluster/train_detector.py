@@ -33,14 +33,12 @@ from cytosynth.synth import InvalidInputError
 from cytosynth.synth.detector import build_detector, check_arch, read_backbone_weights, save_detector
 from cytosynth.synth.models import DETECTOR_FILE
 
+from .train_config import DEFAULT_LR, NUM_CLASSES, PAPER_EPOCHS
 from .training import TrainConfig, train
 
-NUM_CLASSES = {"abnormal": 5, "nilm": 2}  # background included, as torchvision counts
 SAMPLE_TILES = 4
 SAMPLE_PX = 256
 SCORE_THRESHOLD = 0.5  # boxes drawn on the progress grid, as generate's detector keeps them
-PAPER_EPOCHS = 20  # Table II's training length: the default when neither --steps nor --epochs is given
-DEFAULT_LR = {"fasterrcnn": 2e-4, "retinanet": 1e-3}  # Table II's SGD learning rates, per detector
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -99,48 +98,13 @@ from cytosynth import storage
 from cytosynth.storage.job import SUCCESS_NAME
 from cytosynth.synth import InvalidInputError
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-PRECISIONS = ("auto", "fp32", "bf16")
+from .train_config import OPTIMIZERS, PRECISIONS, TrainConfig
+
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 METRICS_NAME = "metrics.jsonl"
 SAMPLES_DIR = "samples"
 USER_ERRORS = (InvalidInputError, storage.StorageError)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """What every training job shares. `steps` counts optimizer steps; each worker takes
-    `batch_size` samples per step, so one step sees `batch_size * workers` samples."""
-
-    out: str
-    steps: int = 5000
-    batch_size: int = 1
-    lr: float = 1e-4
-    optimizer: str = "adam"  # adam | adamw | sgd (momentum 0.9)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0: no clipping
-    workers: int = 1
-    use_gpu: bool = False
-    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    zero_stage: int = 2
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    sample_every: int = 500
-    log_every: int = 10  # metrics.jsonl is rewritten this often (object stores cannot append)
-    seed: int = 0
-    resume: bool = True
-    ray_address: str | None = None
-    progress: bool = True
-
-    def record(self) -> dict[str, Any]:
-        """The settings that change the trained model (job.json); the rest may change on resume.
-
-        The paper's batch sizes are global: one step averages `batch_size` samples on each of
-        `workers` workers. Nothing is rescaled, so a resume with other workers is refused.
-        """
-        keys = ("batch_size", "workers", "lr", "optimizer", "weight_decay", "max_grad_norm", "seed")
-        return {**{k: getattr(self, k) for k in keys}, "global_batch_size": self.batch_size * self.workers}
 
 
 class TrainingTask(Protocol):

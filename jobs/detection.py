@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cytosynth import storage
-from cytosynth.cluster.training import read_summary
 from cytosynth.synth import InvalidInputError
 from cytosynth.synth.errors import named_as_urls
-from cytosynth.synth.evaluation import SUMMARY_METRICS, evaluate_detector, load_detection_model, object_classes
 
 from . import train_detector
 from .common import default_device
@@ -66,9 +64,13 @@ def local_file(url: str) -> Iterator[str]:
             yield path
 
 
-def evaluate(detector: str, test_set: EvalSet, *, image_size: int, device: str, batch_size: int,
+def evaluate(detector: str, test_set: EvalSet, *, image_size: int, device: str | None, batch_size: int,
              progress: bool) -> dict[str, Any]:
-    """Table II metrics of a detector file (path or URL) on ``test_set``."""
+    """Table II metrics of a detector file (path or URL) on ``test_set``, on ``device`` (None: cuda
+    where available)."""
+    from cytosynth.synth.evaluation import evaluate_detector, load_detection_model, object_classes  # torch
+
+    device = device or default_device()
     categories = storage.detection_categories(test_set.labels)
     samples, total = test_set.samples()
     with local_file(detector) as path:
@@ -98,7 +100,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                     help="abnormal: ASC-US, ASC-H, LSIL, HSIL; nilm: every cell as one class")
     ev.add_argument("--image-size", type=int, default=1024, help="side the detector resizes images to, as in "
                     "train-detector (default 1024)")
-    ev.add_argument("--device", default=default_device(), help="torch device the detector runs on (cuda, cuda:1, cpu)")
+    ev.add_argument("--device", help="torch device (default: cuda where available, else cpu)")
     ev.add_argument("--batch-size", type=int, default=4, help="images per detector call")
     ev.add_argument("--json", help="also write the metrics here as JSON (a path or URL)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -128,6 +130,8 @@ def describe_set(metrics: Mapping[str, Any]) -> str:
 
 def format_table(rows: Sequence[tuple[str, Mapping[str, Any]]], first_column: str) -> str:
     """Rows in the layout of the paper's Table II: mAP, mAP.5, mAP.75, then AP per class (percent)."""
+    from cytosynth.synth.evaluation import SUMMARY_METRICS  # torch
+
     classes = list(rows[0][1]["AP"])
     width = max(len(first_column), *(len(name) for name, _ in rows)) + 2
     cell = max(7, *(len(c) + 2 for c in classes))
@@ -189,6 +193,8 @@ def augmentation_study(args: argparse.Namespace) -> int:
         raise InvalidInputError("augmentation-study needs --real and --synthetic shards")
     if not 0 < args.synthetic_fraction < 1:
         raise InvalidInputError(f"--synthetic-fraction must be strictly between 0 and 1, got {args.synthetic_fraction}")
+    from cytosynth.cluster.training import read_summary  # torch
+
     test_set = EvalSet(args.test, args.test_coco, args.test_images, args.labels)
     test_set.samples()  # a missing held-out set fails now, not after two trainings
     rows, report = [], []

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cytosynth import storage
-from cytosynth.cluster.features import ExtractorFile, FeatureSettings, SetOptions, featurize_sets, read_extractor_file
 from cytosynth.storage.imagesets import list_image_units
 from cytosynth.storage.jsonio import json_bytes
 from cytosynth.synth import ABNORMAL_CLASSES, InvalidInputError
-from cytosynth.synth.extractors import load_feature_extractor
-from cytosynth.synth.metrics import SetStatistics, compare_sets, statistics_from_npz, statistics_to_npz
+
+if TYPE_CHECKING:
+    from cytosynth.cluster.features import ExtractorFile
+    from cytosynth.synth.metrics import SetStatistics
 
 from .common import default_device
 
@@ -43,7 +44,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                      help="KID: uniform sample of features kept per set (driver memory: N x D x 4 bytes per set)")
     fid.add_argument("--is-splits", type=int, default=10, help="IS: random splits of the fake set")
     fid.add_argument("--seed", type=int, default=0, help="seeds the KID subsets, the KID sample and the IS splits")
-    fid.add_argument("--device", default=default_device(), help="device with --workers 0")
+    fid.add_argument("--device", help="device with --workers 0 (default: cuda where available, else cpu)")
     fid.add_argument("--workers", type=int, default=0, help="0: run in this process; W >= 1: W Ray replicas")
     fid.add_argument("--ray-address", help="an existing Ray cluster (host:port, ray://host:port or auto)")
     fid.add_argument("--gpus-per-replica", type=float, help="GPUs per Ray replica, may be fractional "
@@ -55,7 +56,12 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run_fid(args: argparse.Namespace) -> int:
+    from cytosynth.cluster.features import FeatureSettings, SetOptions, featurize_sets  # torch
+    from cytosynth.synth.extractors import load_feature_extractor
+    from cytosynth.synth.metrics import compare_sets, statistics_to_npz
+
     _check_args(args)
+    device = args.device or default_device()
     extractor = _read_extractor(args)
     loaded = load_feature_extractor(extractor.data, extractor.kind, extractor.name)  # fail fast, before Ray
     if args.inception_score and not loaded.num_classes:
@@ -79,10 +85,10 @@ def run_fid(args: argparse.Namespace) -> int:
         )
     gpus = args.gpus_per_replica
     if gpus is None:
-        gpus = 1.0 if args.device.startswith("cuda") else 0.0
+        gpus = 1.0 if device.startswith("cuda") else 0.0
     settings = FeatureSettings(args.batch_size, args.cpus_per_replica, args.seed, CROP_SIZE)
     stats = featurize_sets(
-        sets, extractor, options, settings, device=args.device, workers=args.workers,
+        sets, extractor, options, settings, device=device, workers=args.workers,
         ray_address=args.ray_address, gpus_per_replica=gpus, progress=not args.quiet,
     )
     real = real_stats or stats.get("real")
@@ -153,6 +159,8 @@ def _check_is_splits(units: list, splits: int, url: str) -> None:
 
 
 def _read_extractor(args: argparse.Namespace) -> ExtractorFile:
+    from cytosynth.cluster.features import read_extractor_file  # torch
+
     if args.inception:
         return read_extractor_file(args.inception, "--inception", inception=True)
     return read_extractor_file(args.feature_extractor, "--feature-extractor")
@@ -166,6 +174,8 @@ def _units(url: str, per_class: bool) -> list:
 
 
 def _load_real_stats(args: argparse.Namespace, fingerprint: dict[str, Any]) -> SetStatistics:
+    from cytosynth.synth.metrics import statistics_from_npz  # torch
+
     path = args.real_stats
     try:
         stats, meta = statistics_from_npz(storage.get_bytes(path))

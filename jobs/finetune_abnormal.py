@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from cytosynth.cluster.finetune_abnormal import AbnormalCellTask
-from cytosynth.cluster.training import train
 from cytosynth.synth import PRESETS
-from cytosynth.synth.acs_training import GROUNDING_DROPOUT, PROMPT_DROPOUT
+from cytosynth.synth.cfg_dropout import GROUNDING_DROPOUT, PROMPT_DROPOUT
 
 from .train_options import absolute, add_train_arguments, note_random_base, print_summary, train_config
 
@@ -40,6 +38,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def finetune_abnormal(args: argparse.Namespace) -> int:
+    from cytosynth.cluster.finetune_abnormal import AbnormalCellTask  # torch, diffusers
+    from cytosynth.cluster.training import train
+
     note_random_base(args)
     task = AbnormalCellTask(
         data=absolute(args.data),

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from cytosynth.cluster.finetune_normal import NormalLoraTask
-from cytosynth.cluster.selection import SELECT_BY, FidSelection
-from cytosynth.cluster.training import train
+from cytosynth.cluster.train_config import SELECT_BY
 from cytosynth.synth import PRESETS, InvalidInputError
 
 from .train_options import absolute, add_train_arguments, note_random_base, print_summary, train_config
+
+if TYPE_CHECKING:
+    from cytosynth.cluster.selection import FidSelection
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -33,6 +35,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def finetune_normal(args: argparse.Namespace) -> int:
+    from cytosynth.cluster.finetune_normal import NormalLoraTask  # torch, diffusers
+    from cytosynth.cluster.training import train
+
     note_random_base(args)
     task = NormalLoraTask(
         data=absolute(args.data),
@@ -57,4 +62,6 @@ def _selection(args: argparse.Namespace) -> FidSelection | None:
         if args.select_real or args.select_feature_extractor:
             raise InvalidInputError("--select-real and --select-feature-extractor need --select-by fid")
         return None
+    from cytosynth.cluster.selection import FidSelection  # torch
+
     return FidSelection(absolute(args.select_real), absolute(args.select_feature_extractor), args.select_count, args.select_by)

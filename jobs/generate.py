@@ -10,7 +10,7 @@ from cytosynth.cluster.runner import Runtime, run_local
 from cytosynth.cluster.worker import STAGES
 from cytosynth.synth import ABNORMAL_CLASSES, PRESETS, InvalidInputError
 
-from .common import default_device
+from .common import has_cuda_device
 
 
 def _cells(text: str) -> tuple[int, int]:
@@ -134,7 +134,8 @@ def generate(args: argparse.Namespace) -> int:
 
         gpus = args.gpus_per_replica
         if gpus is None:
-            gpus = 1.0 if (args.device or default_device()).startswith("cuda") else 0.0
+            cuda = args.device.startswith("cuda") if args.device else has_cuda_device()  # no torch on the driver
+            gpus = 1.0 if cuda else 0.0
         workers = args.workers if args.workers != (0, 0) else (1, 1)
         summary = run_distributed(config, runtime, workers, args.ray_address, gpus, args.replica_timeout)
     else:

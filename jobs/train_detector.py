@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from cytosynth.cluster.train_detector import DEFAULT_LR, NUM_CLASSES, PAPER_EPOCHS, DetectorTrainConfig, train_detector
+from cytosynth.cluster.train_config import DEFAULT_LR, NUM_CLASSES, PAPER_EPOCHS
 
-from .train_options import absolute, add_train_arguments, print_summary
+from .train_options import absolute, add_train_arguments, print_summary, uses_gpu
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -36,6 +36,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run_train_detector(args: argparse.Namespace) -> int:
+    from cytosynth.cluster.train_detector import DetectorTrainConfig, train_detector  # torch
+
     config = DetectorTrainConfig(
         out=absolute(args.out),
         real=absolute(args.real),
@@ -52,7 +54,7 @@ def run_train_detector(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm,
         workers=args.workers,
-        use_gpu=args.device == "cuda",
+        use_gpu=uses_gpu(args),
         zero_stage=args.zero_stage,
         image_size=args.image_size,
         loader_workers=args.loader_workers,

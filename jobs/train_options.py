@@ -8,7 +8,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from cytosynth.cluster.training import OPTIMIZERS, PRECISIONS, TrainConfig
+from cytosynth.cluster.train_config import OPTIMIZERS, PRECISIONS, TrainConfig
 
 from .common import default_device
 
@@ -30,7 +30,7 @@ def add_train_arguments(
     group.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="the optimizer's weight decay")
     group.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"], help="gradient clipping, 0: none")
     group.add_argument("--workers", type=int, default=d["workers"], help="Ray Train workers (one GPU each with cuda)")
-    group.add_argument("--device", choices=("cuda", "cpu"), default=default_device(), help="cuda: NCCL on GPUs; cpu: gloo")
+    group.add_argument("--device", choices=("cuda", "cpu"), help="cuda: NCCL on GPUs; cpu: gloo (default: cuda where available)")
     group.add_argument(
         "--precision", choices=PRECISIONS, default=d["precision"],
         help="auto: bf16 on cuda, fp32 on cpu (detectors always train in fp32)",
@@ -51,6 +51,11 @@ def absolute(url: str | None) -> str | None:
     return url if url is None or "://" in url else os.path.abspath(url)
 
 
+def uses_gpu(args: argparse.Namespace) -> bool:
+    """--device cuda, or no --device on a machine with CUDA (the default, decided only when a job runs)."""
+    return (args.device or default_device()) == "cuda"
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         out=absolute(args.out),
@@ -61,7 +66,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm,
         workers=args.workers,
-        use_gpu=args.device == "cuda",
+        use_gpu=uses_gpu(args),
         precision=args.precision,
         zero_stage=args.zero_stage,
         checkpoint_every=args.checkpoint_every,

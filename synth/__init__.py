@@ -7,43 +7,34 @@ Callable on one device from a notebook::
     samples = synthesizer([0, 1], [11, 12])
 """
 
-from .abnormal import AbnormalCellSynthesizer
-from .classes import ABNORMAL_CLASSES, CATEGORY_IDS
-from .detector import CellDetector, ClassicalCellDetector, FasterRCNNCellDetector, load_detector
-from .errors import InvalidInputError
-from .models import ModelBundle, load_bundle, random_bundle, save_bundle
-from .normal import NormalTileGenerator
-from .phantom import draw_phantom_tile
-from .pipeline import SynthesisSettings, TileSample, TileSynthesizer, build_synthesizer
-from .presets import PRESETS, Preset, get_preset
-from .seeding import tile_seed
-from .selection import CellEdit, Plan, load_plan, select_cells
+import importlib
 
-__all__ = [
-    "ABNORMAL_CLASSES",
-    "CATEGORY_IDS",
-    "PRESETS",
-    "AbnormalCellSynthesizer",
-    "CellDetector",
-    "CellEdit",
-    "ClassicalCellDetector",
-    "FasterRCNNCellDetector",
-    "InvalidInputError",
-    "ModelBundle",
-    "NormalTileGenerator",
-    "Plan",
-    "Preset",
-    "SynthesisSettings",
-    "TileSample",
-    "TileSynthesizer",
-    "build_synthesizer",
-    "draw_phantom_tile",
-    "get_preset",
-    "load_bundle",
-    "load_detector",
-    "load_plan",
-    "random_bundle",
-    "save_bundle",
-    "select_cells",
-    "tile_seed",
-]
+# Exported lazily (PEP 562): the CLI's parsers and the Ray driver read light names (the errors,
+# the classes, the presets) and must not pay for importing torch and diffusers (seconds, ~1 GB).
+_MODULES = {
+    ".abnormal": ("AbnormalCellSynthesizer",),
+    ".classes": ("ABNORMAL_CLASSES", "CATEGORY_IDS"),
+    ".detector": ("CellDetector", "ClassicalCellDetector", "FasterRCNNCellDetector", "load_detector"),
+    ".errors": ("InvalidInputError",),
+    ".models": ("ModelBundle", "load_bundle", "random_bundle", "save_bundle"),
+    ".normal": ("NormalTileGenerator",),
+    ".phantom": ("draw_phantom_tile",),
+    ".pipeline": ("SynthesisSettings", "TileSample", "TileSynthesizer", "build_synthesizer"),
+    ".presets": ("PRESETS", "Preset", "get_preset"),
+    ".seeding": ("tile_seed",),
+    ".selection": ("CellEdit", "Plan", "load_plan", "select_cells"),
+}
+_LAZY = {name: module for module, names in _MODULES.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+__all__ = sorted(_LAZY)

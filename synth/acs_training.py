@@ -38,6 +38,7 @@ from diffusers.models.attention import GatedSelfAttentionDense
 
 from .abnormal import ClassEmbeddings, edit_cells, grounding_inputs, inpainting_condition
 from .cell_crops import CropBatch
+from .cfg_dropout import GROUNDING_DROPOUT, PROMPT_DROPOUT
 from .classes import ABNORMAL_CLASSES
 from .models import acs_unet_from_base
 from .training import diffusion_loss, freeze_all_but, sample_latents
@@ -46,8 +47,6 @@ ACS_TRAINABLE = re.compile(r"\.fuser\.|^position_net\.|^conv_in\.weight$")
 
 
 GATES = ("alpha_attn", "alpha_dense")
-PROMPT_DROPOUT = 0.5  # GLIGEN's caption drop rate
-GROUNDING_DROPOUT = 0.1  # GLIGEN's grounding-token drop rate
 
 
 def is_acs_trainable(name: str) -> bool:
