@@ -41,7 +41,6 @@ def finetune_abnormal(args: argparse.Namespace) -> int:
     from cytosynth.cluster.finetune_abnormal import AbnormalCellTask  # torch, diffusers
     from cytosynth.cluster.training import train
 
-    note_random_base(args)
     task = AbnormalCellTask(
         data=absolute(args.data),
         coco=absolute(args.coco),
@@ -56,5 +55,6 @@ def finetune_abnormal(args: argparse.Namespace) -> int:
     )
     summary = train(train_config(args), task)
     print_summary(summary)
+    note_random_base(args)
     print("  crops      " + ", ".join(f"{name} {n}" for name, n in task.crop_counts().items()))
     return 0

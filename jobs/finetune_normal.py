@@ -38,7 +38,6 @@ def finetune_normal(args: argparse.Namespace) -> int:
     from cytosynth.cluster.finetune_normal import NormalLoraTask  # torch, diffusers
     from cytosynth.cluster.training import train
 
-    note_random_base(args)
     task = NormalLoraTask(
         data=absolute(args.data),
         model_dir=absolute(args.model_dir),
@@ -51,6 +50,7 @@ def finetune_normal(args: argparse.Namespace) -> int:
     )
     summary = train(train_config(args), task)
     print_summary(summary)
+    note_random_base(args)
     if "best_step" in summary:
         print(f"  selected   step {summary['best_step']}, FID {summary['best_fid']} (every score: {summary['selection']})")
     return 0

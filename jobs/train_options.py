@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,10 +80,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 def note_random_base(args: argparse.Namespace) -> None:
     """Without --model-dir a fine-tuning job trains random weights: fine for a smoke test, useless
-    for real tiles, so it says so rather than look like a real run."""
+    for real tiles, so its summary says so rather than look like a real run (after the run, so that
+    bad input stays one error line)."""
     if not args.model_dir:
-        print(f"cytosynth: no --model-dir: training the random-init {args.preset} preset (a smoke test; "
-              "for real tiles give --model-dir with a diffusers SD1.5 folder)", file=sys.stderr)
+        print(f"  note       no --model-dir: trained the random-init {args.preset} preset, a smoke test; "
+              "for real tiles give --model-dir with a diffusers SD1.5 folder")
 
 
 def print_summary(summary: dict[str, Any]) -> None:
