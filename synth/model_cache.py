@@ -42,8 +42,12 @@ def cached_copy(url: str) -> Path:
     """A local path holding the remote file or folder `url`, downloaded only if not cached yet."""
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        found = fs.exists(path)
+    except (OSError, ValueError) as exc:  # unreachable host, malformed URL (fsspec/aiohttp raise both)
+        raise InvalidInputError(f"cannot read model path {url}: {str(exc).splitlines()[0]}") from None
+    if not found:
         raise InvalidInputError(f"model path not found: {url}")
     name = Path(path.rstrip("/")).name
     entry = cache_root() / "models" / remote_fingerprint(fs, path)
