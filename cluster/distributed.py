@@ -196,7 +196,7 @@ class ShardScheduler:
             _, shard, attempt = self.pending.pop(ref)
             if shard is not None:
                 shards.append((shard, attempt))
-        ray.kill(replica.handle, no_restart=True)
+        _kill(replica.handle)
         cause = _first_line(err)
         if not replica.ready:
             self._lost_loading += 1
@@ -267,7 +267,7 @@ class ShardScheduler:
         replica = self.replicas.pop(key)
         for ref in [ref for ref, (k, _, _) in self.pending.items() if k == key]:
             del self.pending[ref]
-        ray.kill(replica.handle, no_restart=True)
+        _kill(replica.handle)
 
     def _show(self) -> None:
         if self.bar is not None:
@@ -390,6 +390,15 @@ def _pool_size(workers: int | tuple[int, int]) -> tuple[int, int]:
 
 def _log(message: str) -> None:
     tqdm.write(f"cytosynth: {message}", file=sys.stderr)
+
+
+def _kill(handle: Any) -> None:
+    """Stop a replica for good. One whose creation Ray already cancelled (a node the autoscaler
+    gave up on) cannot be killed and is gone anyway: Ray says so with a RaySystemError."""
+    try:
+        ray.kill(handle, no_restart=True)
+    except ray.exceptions.RaySystemError:
+        pass
 
 
 def _first_line(err: BaseException) -> str:
