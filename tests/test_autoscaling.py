@@ -51,7 +51,7 @@ def _free_port() -> int:
 
 
 def autoscaling_config(gcs_address: str) -> dict:
-    """A CPU-only head and a GPU worker type, min 0 / max 2, idle nodes removed after ~3 s."""
+    """A CPU-only head and a GPU worker type, min 0 / max 2, idle nodes removed after ~15 s."""
     return {
         "cluster_name": "cytosynth-autoscaling-test",
         "max_workers": 2,
@@ -74,7 +74,8 @@ def autoscaling_config(gcs_address: str) -> dict:
         },
         "head_node_type": "ray.head.default",
         "upscaling_speed": 1.0,
-        "idle_timeout_minutes": 0.05,
+        "idle_timeout_minutes": 0.25,  # 15 s: a node is idle until its replica starts, which takes
+        # seconds on a loaded machine; a shorter timeout removes the node under the starting replica
         "auth": {},
         "docker": {},
         "file_mounts": {},
