@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -138,10 +139,12 @@ class FakeGpuCluster:
 
 
 @pytest.fixture
-def fake_gpu_cluster(tmp_path_factory, monkeypatch):
+def fake_gpu_cluster(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    cluster = FakeGpuCluster(Path(str(tmp_path_factory.mktemp("cluster"))))
+    # A short folder: Ray's unix sockets live under --temp-dir and their paths must stay under
+    # 108 bytes, which pytest-xdist's per-worker temp folders (".../popen-gw1/...") overrun.
+    cluster = FakeGpuCluster(Path(tempfile.mkdtemp(prefix="cyto-ray-")))
     try:
         cluster.start()
         yield cluster
