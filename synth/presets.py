@@ -120,33 +120,11 @@ TINY = Preset(
 
 # The tiny topology grown as far as two CPU cores train in minutes (bench/miniature.py): 256x256
 # tiles, 32x32 latents, attention at the 8x8 level only (16x16 attention costs 40x per step on
-# CPU). Trained weights of it ship in models/mini/ (fp32, about 13 MB in all).
+# CPU). Trained weights of it ship in models/mini/ (UNets in float16, 10.9 MB in all).
 MINI = Preset(
     name="mini",
-    unet={
-        "sample_size": 32,
-        "in_channels": 4,
-        "out_channels": 4,
-        "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        "block_out_channels": (32, 64, 64),
-        "layers_per_block": 1,
-        "cross_attention_dim": 64,
-        "attention_head_dim": 8,
-        "norm_num_groups": 8,
-    },
-    vae={
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ("DownEncoderBlock2D",) * 4,
-        "up_block_types": ("UpDecoderBlock2D",) * 4,
-        "block_out_channels": (8, 16, 32, 32),
-        "layers_per_block": 1,
-        "latent_channels": 4,
-        "norm_num_groups": 4,
-        "sample_size": 256,
-        "scaling_factor": 0.18215,
-    },
+    unet={**TINY.unet, "block_out_channels": (32, 64, 64), "cross_attention_dim": 64},
+    vae={**TINY.vae, "block_out_channels": (8, 16, 32, 32)},
     text_encoder={**TINY.text_encoder, "hidden_size": 64, "intermediate_size": 128, "projection_dim": 64},
 )
 
