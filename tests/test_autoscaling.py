@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -31,7 +32,7 @@ from cytosynth.cluster.distributed import run_distributed  # noqa: E402
 from cytosynth.cluster.job import GenerateConfig  # noqa: E402
 from cytosynth.cluster.runner import Runtime  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 NUM_TILES = 6
 GPU_NODE = "fake-gpu-node"
@@ -52,7 +53,7 @@ def _free_port() -> int:
 
 
 def autoscaling_config(gcs_address: str) -> dict:
-    """A CPU-only head and a GPU worker type, min 0 / max 2, idle nodes removed after ~15 s."""
+    """A CPU-only head and a GPU worker type, min 0 / max 2, idle nodes removed after ~60 s."""
     return {
         "cluster_name": "cytosynth-autoscaling-test",
         "max_workers": 2,
@@ -75,8 +76,9 @@ def autoscaling_config(gcs_address: str) -> dict:
         },
         "head_node_type": "ray.head.default",
         "upscaling_speed": 1.0,
-        "idle_timeout_minutes": 0.25,  # 15 s: a node is idle until its replica starts, which takes
-        # seconds on a loaded machine; a shorter timeout removes the node under the starting replica
+        "idle_timeout_minutes": 1.0,  # a node counts as idle until its replica's worker starts, which
+        # took over 15 s on a loaded 2-core machine: a shorter timeout removed nodes under starting
+        # replicas (CI: "replicas keep dying while loading models (6 lost)")
         "auth": {},
         "docker": {},
         "file_mounts": {},
@@ -152,7 +154,9 @@ def fake_gpu_cluster(monkeypatch):
         if ray.is_initialized():
             ray.shutdown()
         cluster.stop()
-        assert not cluster.processes(), "processes of the test cluster outlived its teardown"
+        alive = cluster.processes()
+        shutil.rmtree(cluster.folder, ignore_errors=True)
+        assert not alive, "processes of the test cluster outlived its teardown"
 
 
 def gpu_nodes(address: str) -> dict[str, bool]:
@@ -185,7 +189,7 @@ def test_gpu_replicas_make_the_autoscaler_launch_gpu_nodes_and_the_job_completes
     assert all(s["gpus"] and s["device"] == "cpu" for s in storage.iter_shard_stats(out))
 
     # The job released its replicas, so the autoscaler removes the idle GPU nodes.
-    deadline = time.time() + 90
+    deadline = time.time() + 180
     while any(gpu_nodes(fake_gpu_cluster.address).values()) and time.time() < deadline:
         time.sleep(2)
     assert not any(gpu_nodes(fake_gpu_cluster.address).values()), "idle GPU nodes were not removed"
