@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,9 +29,6 @@ ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 from cytosynth import storage  # noqa: E402
-from cytosynth.cluster.distributed import run_distributed  # noqa: E402
-from cytosynth.cluster.job import GenerateConfig  # noqa: E402
-from cytosynth.cluster.runner import Runtime  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -171,17 +169,18 @@ def gpu_nodes(address: str) -> dict[str, bool]:
 def test_gpu_replicas_make_the_autoscaler_launch_gpu_nodes_and_the_job_completes_on_them(fake_gpu_cluster, tmp_path):
     assert not gpu_nodes(fake_gpu_cluster.address)  # min 0: no GPU node before the job
     out = str(tmp_path / "out")
-    config = GenerateConfig(
-        out=out, num_tiles=NUM_TILES, tiles_per_shard=1, normal_source="phantom", steps=2, tile_size=256, seed=3
-    )
     # Replicas reserve a (fake) GPU each and compute on CPU; the head has none, so every replica
-    # request waits until the autoscaler has launched a GPU node for it.
-    summary = run_distributed(
-        config, Runtime(device="cpu", batch_size=1, progress=False), workers=(0, 2),
-        ray_address=fake_gpu_cluster.address, gpus_per_replica=1,
+    # request waits until the autoscaler has launched a GPU node for it. The job is the CLI in its
+    # own interpreter, as a user runs it: in a process where Ray Data had run before (another test
+    # file under pytest-xdist), every replica this driver created was cancelled before it started.
+    job = subprocess.run(
+        [sys.executable, "-m", "cytosynth.jobs.cli", "generate", "--out", out, "--num-tiles", str(NUM_TILES),
+         "--tiles-per-shard", "1", "--normal-source", "phantom", "--steps", "2", "--tile-size", "256", "--seed", "3",
+         "--device", "cpu", "--batch-size", "1", "--workers", "0-2", "--ray-address", fake_gpu_cluster.address,
+         "--gpus-per-replica", "1", "--quiet"],
+        capture_output=True, text=True, timeout=480,
     )
-
-    assert summary["tiles"] == NUM_TILES
+    assert job.returncode == 0, job.stderr
     assert sorted(s["tile_index"] for s in storage.read_samples(out)) == list(range(NUM_TILES))  # exactly once
     launched = gpu_nodes(fake_gpu_cluster.address)
     job_nodes = {s["node"] for s in storage.iter_shard_stats(out)}
