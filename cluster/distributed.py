@@ -25,13 +25,8 @@ those; one object ref per shard and `ray.wait` give that with nothing in between
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-import signal
-import socket
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -44,7 +39,8 @@ from tqdm.auto import tqdm
 from cytosynth import storage
 from cytosynth.synth import InvalidInputError
 
-from .job import REPLICA_TIMEOUT, GenerateConfig, JobLayout, JobStoppedError
+from .job import REPLICA_TIMEOUT, USER_ERRORS, GenerateConfig, JobLayout, JobStoppedError
+from .ray_session import check_local_gpus, check_own_ray, connect, first_line, forwarded_env, kill_actor, probe
 from .replica import ShardReplica, WorkerFactory
 from .runner import Runtime, RunTally, finalize_job, prepare_job, validate_config, validate_options, validate_runtime
 
@@ -52,16 +48,6 @@ IN_FLIGHT_PER_REPLICA = 2
 MAX_SHARD_ATTEMPTS = 3  # a shard whose replica dies this many times fails the job
 QUIET_SECONDS = 120  # log a line when nothing finishes for this long
 POLL_SECONDS = 5.0  # while nothing finishes, how often the driver checks its own Ray and the replica deadline
-# The processes of a Ray this job started without which no replica can run (a dead log monitor
-# or agent does not stop the job).
-_ESSENTIAL_RAY_PROCESSES = ("gcs_server", "raylet")
-USER_ERRORS = (InvalidInputError, storage.StorageError)
-# Passed to local replicas through runtime_env so they reach the same storage as the driver
-# (endpoint, region, proxy). Never a secret: Ray logs runtime_env in plain text
-# (runtime_env_agent.log). Credentials reach replicas by inheritance (a local Ray this job starts
-# inherits the driver's environment) or from the nodes' own chain on a cluster.
-_ENV_PREFIXES = ("AWS_", "FSSPEC_")
-_ENV_NAMES = ("NO_PROXY", "no_proxy", "TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")
 
 
 class DistributedJobError(RuntimeError):
@@ -196,8 +182,8 @@ class ShardScheduler:
             _, shard, attempt = self.pending.pop(ref)
             if shard is not None:
                 shards.append((shard, attempt))
-        _kill(replica.handle)
-        cause = _first_line(err)
+        kill_actor(replica.handle)
+        cause = first_line(err)
         if not replica.ready:
             self._lost_loading += 1
             if self._lost_loading > self.max_size + MAX_SHARD_ATTEMPTS:
@@ -218,7 +204,7 @@ class ShardScheduler:
             return cause  # the user's input: one clear line, as in a local run
         where = self.replicas[key].describe()
         what = f"{where} failed to load the models" if shard is None else f"shard {shard} failed on {where} (attempt {attempt})"
-        message = f"{what}: {type(cause).__name__}: {_first_line(cause)}"
+        message = f"{what}: {type(cause).__name__}: {first_line(cause)}"
         _log(message)
         return DistributedJobError(message)
 
@@ -267,7 +253,7 @@ class ShardScheduler:
         replica = self.replicas.pop(key)
         for ref in [ref for ref, (k, _, _) in self.pending.items() if k == key]:
             del self.pending[ref]
-        _kill(replica.handle)
+        kill_actor(replica.handle)
 
     def _show(self) -> None:
         if self.bar is not None:
@@ -320,7 +306,7 @@ def run_distributed(
     if (runtime.device or "").startswith("cuda") and gpus_per_replica == 0:
         raise InvalidInputError("--device cuda under Ray needs --gpus-per-replica > 0 (Ray hides GPUs it did not reserve)")
     if ray_address:
-        _probe(ray_address)  # before anything is written
+        probe(ray_address)  # before anything is written
     start = time.perf_counter()
     validate_options(config)
     storage.ensure_writable(config.out)  # first: an unreachable store is one 'not writable' line
@@ -329,25 +315,25 @@ def run_distributed(
     make_worker = make_worker or functools.partial(
         load_shard_worker_in_replica, config, batch_size=runtime.batch_size, precision=runtime.precision
     )
-    started_ray = _connect(ray_address, size[1], gpus_per_replica)
+    started_ray = connect(ray_address, size[1], gpus_per_replica)
     scheduler = None
     run = RunTally()
     try:
         if started_ray and ray_address is None:
-            _check_local_gpus(gpus_per_replica)
+            check_local_gpus(gpus_per_replica)
         options: dict[str, Any] = {
             "num_cpus": 1,
             "num_gpus": gpus_per_replica,
             "max_restarts": 0,
             "max_concurrency": IN_FLIGHT_PER_REPLICA,  # a shard uploads while the next one synthesizes
         }
-        env = _forwarded_env() if ray_address is None else {}
+        env = forwarded_env() if ray_address is None else {}
         if env:
             options["runtime_env"] = {"env_vars": env}
         replica_class = ray.remote(**options)(ShardReplica)
         scheduler = ShardScheduler(
             lambda: replica_class.remote(make_worker, runtime.device), size, layout, replica_timeout,
-            check_ray=_check_own_ray if started_ray and ray_address is None else lambda: None,
+            check_ray=check_own_ray if started_ray and ray_address is None else lambda: None,
             demand=f"1 CPU and {gpus_per_replica:g} GPUs" if gpus_per_replica else "1 CPU",
         )
         if runtime.progress:
@@ -390,91 +376,3 @@ def _pool_size(workers: int | tuple[int, int]) -> tuple[int, int]:
 
 def _log(message: str) -> None:
     tqdm.write(f"cytosynth: {message}", file=sys.stderr)
-
-
-def _kill(handle: Any) -> None:
-    """Stop a replica for good. One whose creation Ray already cancelled (a node the autoscaler
-    gave up on) cannot be killed and is gone anyway: Ray says so with a RaySystemError."""
-    try:
-        ray.kill(handle, no_restart=True)
-    except ray.exceptions.RaySystemError:
-        pass
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
-
-
-def _forwarded_env() -> dict[str, str]:
-    """The driver's storage settings for local replicas, without any secret-looking variable."""
-    return {
-        k: v for k, v in os.environ.items()
-        if (k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES) and not storage.is_secret_name(k)
-    }
-
-
-def _connect(ray_address: str | None, max_replicas: int, gpus_per_replica: float) -> bool:
-    """Connect to (or start) Ray; True when this call started the session it must shut down."""
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR", "configure_logging": True}
-    if ray_address is None:
-        # "local": a fresh Ray for this job, never a cluster someone else started on this machine.
-        kwargs.update(num_cpus=max_replicas if gpus_per_replica == 0 else None, include_dashboard=False)
-    with _keeping_sigterm_handler():
-        try:
-            ray.init(address=ray_address or "local", **kwargs)
-        except (ConnectionError, RuntimeError, TimeoutError) as err:
-            raise InvalidInputError(f"cannot connect to Ray at {ray_address or 'local'}: {_first_line(err)}") from None
-    return True
-
-
-@contextlib.contextmanager
-def _keeping_sigterm_handler() -> Iterator[None]:
-    """ray.init installs a SIGTERM handler that calls sys.exit mid-job; the job's own (the CLI's:
-    SIGTERM as Ctrl-C, replicas released, resumable) stays in place."""
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
-    try:
-        yield
-    finally:
-        if main_thread and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _check_own_ray() -> None:
-    """Raise JobStoppedError when the local Ray this job started lost its GCS or raylet (killed,
-    OOM): no replica can run again, and nothing would tell the driver, which would wait for ever."""
-    node = ray._private.worker._global_node  # the processes ray.init started (no public API)
-    dead = sorted({kind for kind, _ in node.dead_processes() if kind in _ESSENTIAL_RAY_PROCESSES}) if node else []
-    if dead:
-        raise JobStoppedError(
-            f"this job's own Ray died ({' and '.join(dead)} exited); finished shards are kept, "
-            "re-run the same command to resume"
-        )
-
-
-def _check_local_gpus(gpus_per_replica: float) -> None:
-    """On a Ray this job started, a replica asking for more GPUs than exist would wait forever."""
-    total = ray.cluster_resources().get("GPU", 0)
-    if gpus_per_replica > total:
-        raise InvalidInputError(
-            f"--gpus-per-replica {gpus_per_replica:g} but this machine has {total:g} GPUs for Ray; "
-            "use --ray-address for a cluster, or --gpus-per-replica 0 for CPU replicas"
-        )
-
-
-def _probe(address: str, timeout: float = 5.0) -> None:
-    """Fail fast, with one line, when a Ray address cannot be reached (ray.init would retry for long)."""
-    if address == "auto":
-        return
-    host_port = address.removeprefix("ray://")
-    host, _, port = host_port.rpartition(":")
-    if not host or not port.isdigit():
-        host, port = host_port, "10001" if address.startswith("ray://") else "6379"
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as err:
-        raise InvalidInputError(f"cannot reach Ray at {address}: {err.strerror or err}") from None

@@ -37,9 +37,10 @@ from cytosynth.synth.metrics import (
     split_of,
 )
 
+from .job import USER_ERRORS
+
 IN_FLIGHT_PER_REPLICA = 2
 MAX_SLICE_ATTEMPTS = 3  # a slice whose replica dies this many times fails the job
-USER_ERRORS = (InvalidInputError, storage.StorageError)
 WHOLE_IMAGE = ""  # feature group of whole images; per-class crops are grouped by class name
 
 
@@ -226,19 +227,18 @@ def _run_on_ray(
 ) -> list[dict[str, SetStatistics]]:
     import ray
 
-    # Ray session helpers shared with distributed generation (same local-Ray and address conventions).
-    from .distributed import _check_local_gpus, _connect, _forwarded_env, _probe
+    from .ray_session import check_local_gpus, connect, forwarded_env, probe
 
     if ray_address:
-        _probe(ray_address)
+        probe(ray_address)
     # A local Ray gets CPUs for every replica's threads (with GPUs it takes the machine's CPUs).
-    started_ray = _connect(ray_address, workers * settings.threads, gpus_per_replica)
+    started_ray = connect(ray_address, workers * settings.threads, gpus_per_replica)
     try:
         if started_ray and ray_address is None:
-            _check_local_gpus(gpus_per_replica)
+            check_local_gpus(gpus_per_replica)
         actor_options: dict[str, Any] = {"num_gpus": gpus_per_replica, "num_cpus": settings.threads, "max_restarts": 0}
         if ray_address is None:
-            actor_options["runtime_env"] = {"env_vars": _forwarded_env()}
+            actor_options["runtime_env"] = {"env_vars": forwarded_env()}
         actor_class = ray.remote(**actor_options)(FeatureReplica)
         device = "cuda" if gpus_per_replica > 0 else "cpu"
         extractor_ref = ray.put(extractor)  # shipped once through the object store, not once per replica

@@ -11,9 +11,15 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from cytosynth.storage.errors import StorageError
+from cytosynth.synth.errors import InvalidInputError
+
 NORMAL_SOURCES = ("diffusion", "phantom", "real")
 PRECISIONS = ("auto", "fp32", "bf16")  # of the diffusion models; see cluster.synthesis.model_dtype
 REPLICA_TIMEOUT = 30 * 60.0  # default --replica-timeout: seconds a Ray pool may have no replica up
+# Errors of the user's input, wherever they are raised (driver, replica, training worker): the
+# CLI prints them as one line and exits 2.
+USER_ERRORS = (InvalidInputError, StorageError)
 
 
 class JobStoppedError(RuntimeError):

@@ -98,13 +98,13 @@ from cytosynth import storage
 from cytosynth.storage.job import SUCCESS_NAME
 from cytosynth.synth import InvalidInputError
 
+from .job import USER_ERRORS
 from .train_config import OPTIMIZERS, PRECISIONS, TrainConfig
 
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 METRICS_NAME = "metrics.jsonl"
 SAMPLES_DIR = "samples"
-USER_ERRORS = (InvalidInputError, storage.StorageError)
 
 
 class TrainingTask(Protocol):
@@ -145,9 +145,9 @@ def train(config: TrainConfig, task: TrainingTask) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    from .distributed import _connect, _forwarded_env
+    from .ray_session import connect, forwarded_env
 
-    started_ray = _connect(config.ray_address, config.workers, 1.0 if config.use_gpu else 0.0)
+    started_ray = connect(config.ray_address, config.workers, 1.0 if config.use_gpu else 0.0)
     try:
         progress = Queue(actor_options={"num_cpus": 0})
         trainer = TorchTrainer(
@@ -157,7 +157,7 @@ def train(config: TrainConfig, task: TrainingTask) -> dict[str, Any]:
                 "task": task,
                 "progress": progress,
                 # Local workers reach the same storage as the driver (endpoint, credentials).
-                "env": _forwarded_env() if config.ray_address is None else {},
+                "env": forwarded_env() if config.ray_address is None else {},
             },
             scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
             run_config=RunConfig(name=f"cytosynth-{task.name}-{os.getpid()}", failure_config=FailureConfig(0)),

@@ -20,15 +20,13 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 from cytosynth import storage
-from cytosynth.cluster.job import JobStoppedError
+from cytosynth.cluster.job import USER_ERRORS, JobStoppedError
 from cytosynth.storage.errors import redact_text, url_secrets
-from cytosynth.synth import InvalidInputError
 
 from .common import quiet_libraries
 
 # Modules under cytosynth.jobs with a `register(commands)` function; each sets `run` on its parsers.
 JOB_MODULES = ("generate", "verify", "detection", "fid", "finetune_normal", "finetune_abnormal", "train_detector", "export")
-USER_ERRORS = (InvalidInputError, storage.StorageError)
 EXIT_USER_ERROR, EXIT_UNEXPECTED, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 1, 130, 143
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by its surroundings (its Ray died, no replica in time); re-run resumes
 _MAX_LINE_CHARS = 500

@@ -235,8 +235,8 @@ def _load_local_bundle(
 ) -> ModelBundle:
     """`load_bundle` once every part is a local path (the arguments name what the user gave)."""
     for name in SD_COMPONENTS:
-        _require(root / name, f"model bundle {model_dir}: missing the {name}/ folder of a diffusers SD1.5 model")
-    _require(acs_path / "config.json", f"model bundle {model_dir}: missing the Abnormal Cell Synthesizer folder {acs_path}")
+        require_path(root / name, f"model bundle {model_dir}: missing the {name}/ folder of a diffusers SD1.5 model")
+    require_path(acs_path / "config.json", f"model bundle {model_dir}: missing the Abnormal Cell Synthesizer folder {acs_path}")
 
     def load(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -313,7 +313,8 @@ def _quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(level)
 
 
-def _require(path: Path, message: str) -> None:
+def require_path(path: Path, message: str) -> None:
+    """InvalidInputError(message) unless `path` exists: a bundle's missing part named in one line."""
     if not path.exists():
         raise InvalidInputError(message)
 

@@ -22,7 +22,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .errors import InvalidInputError
-from .models import localize, _require, random_bundle
+from .models import localize, random_bundle, require_path
 
 SD_BASE_COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 
@@ -52,7 +52,7 @@ def load_sd_components(model_dir: str | None, preset: str = "tiny") -> SDCompone
         )
     root = localize(model_dir)
     for name in SD_BASE_COMPONENTS:
-        _require(root / name, f"model {model_dir}: missing the {name}/ folder of a diffusers SD1.5 model")
+        require_path(root / name, f"model {model_dir}: missing the {name}/ folder of a diffusers SD1.5 model")
     try:
         return SDComponents(
             vae=AutoencoderKL.from_pretrained(root, subfolder="vae", use_safetensors=True),

@@ -209,6 +209,7 @@ def test_the_edit_starts_from_z0_noised_to_the_first_timestep(bundle):
     assert not torch.allclose(first_input[:1, :4], noise, atol=1e-3)  # z0 shows through
 
 
+@pytest.mark.slow
 def test_training_drops_the_prompt_and_the_grounding_token_at_their_rates(bundle):
     boxes = [[200, 220, 260, 300]] * 200
     batch = collate_crops(cell_crops(noise_tile(8), boxes[:1], ["HSIL"]) * 200)

@@ -181,32 +181,56 @@ def test_pool_grows_while_shards_wait_and_releases_replicas_with_no_shard_left(w
     assert pool_changes(waiting, replicas, starting, idle, max_size=4) == expected
 
 
+HELD_SHARD = 3
+
+
+def held_worker_factory(job: GenerateConfig, gate: Path):
+    """The job's own ShardWorker, except that the first attempt at HELD_SHARD writes its pid to
+    `gate` and waits there: the test then knows a replica is busy with a shard, on a slow machine
+    or a fast one, and kills it. The retry (attempt 2, on a fresh replica) runs as normal."""
+
+    def make(**kwargs):
+        from cytosynth.cluster.distributed import load_shard_worker_in_replica
+
+        worker = load_shard_worker_in_replica(job, batch_size=RUNTIME.batch_size, precision=RUNTIME.precision, **kwargs)
+        run = worker.run
+
+        def run_or_hold(shard, layout, attempt):
+            if shard == HELD_SHARD and attempt == 1:
+                gate.write_text(str(os.getpid()))
+                time.sleep(300)  # killed long before; the job fails if not
+                raise RuntimeError("the held replica was never killed")
+            return run(shard, layout, attempt)
+
+        worker.run = run_or_hold
+        return worker
+
+    return make
+
+
 @pytest.mark.slow
-def test_replica_killed_mid_job(reference, tmp_path):
-    out = str(tmp_path / "out")
+def test_a_replica_killed_with_kill_9_while_busy_costs_only_its_shards(reference, tmp_path):
+    out, gate = str(tmp_path / "out"), tmp_path / "held-replica.pid"
     killed: list[int] = []
 
-    def kill_one_after_first_commit() -> None:
-        deadline = time.time() + 120
-        while time.time() < deadline and not storage.committed_shards(out):
+    def kill_the_held_replica() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline and not gate.exists():
             time.sleep(0.05)
-        while time.time() < deadline and not killed:
-            busy = [p for p in actor_processes("ShardReplica") if ".run" in p[1]]
-            if busy:
-                pid = busy[0][0]
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                return
-            time.sleep(0.02)
+        time.sleep(0.2)  # the pid is written whole
+        if gate.exists():
+            killed.append(int(gate.read_text()))
+            os.kill(killed[0], signal.SIGKILL)
 
-    killer = threading.Thread(target=kill_one_after_first_commit, daemon=True)
+    killer = threading.Thread(target=kill_the_held_replica, daemon=True)
     killer.start()
-    summary = run_distributed(config(out), RUNTIME, workers=3)
+    summary = run_distributed(config(out), RUNTIME, workers=3, make_worker=held_worker_factory(config(out), gate))
     killer.join(timeout=5)
-    assert killed, "no replica was running a shard after the first commit"
+    assert killed, "no replica took the held shard"
     assert summary["tiles"] == NUM_TILES
     check_exactly_once(out)
     assert shard_bytes(out) == reference
+    assert {s["attempt"] for s in storage.iter_shard_stats(out) if s["shard"] == HELD_SHARD} == {2}
 
 
 def test_unreachable_ray_address(tmp_path, capsys):

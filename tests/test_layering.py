@@ -146,10 +146,7 @@ def test_jobs_read_no_private_attribute_of_an_imported_package():
 # Modules that share private helpers with a sibling (issue 16, items 1 and 2): the restructure
 # gives each a public home. strict: the mark must go the day a package is clean.
 _PRIVATE_SHARING = {
-    "synth": "synth/training.py imports models._require",
     "storage": "storage/annotated.py imports loader._read_coco (COCO parsed in two places)",
-    "cluster": "cluster/features.py and cluster/training.py import distributed._connect, _probe, "
-               "_check_local_gpus, _forwarded_env (Ray session set-up has no public module)",
 }
 
 

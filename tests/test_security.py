@@ -136,13 +136,13 @@ def test_a_checkpoint_marker_naming_a_file_outside_its_folder_is_refused(tmp_pat
 
 
 def test_replicas_runtime_env_carries_storage_settings_but_never_credentials(monkeypatch):
-    from cytosynth.cluster.distributed import _forwarded_env
+    from cytosynth.cluster.ray_session import forwarded_env
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_SESSION_TOKEN", "tok-" + SECRET)
-    env = _forwarded_env()
+    env = forwarded_env()
     assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env)
     assert SECRET not in json.dumps(env) and KEY not in json.dumps(env)
