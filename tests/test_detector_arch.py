@@ -178,12 +178,12 @@ def test_the_record_names_the_backbone_by_fingerprint_not_by_url(captured, backb
 def test_resuming_with_another_arch_or_backbone_is_refused(backbone, shards, tmp_path, monkeypatch, capsys):
     """job.json records arch and backbone: a re-run into the same --out with either changed is
     another model's run, refused before any training (Ray is stopped right after job.json)."""
-    from cytosynth.cluster import distributed
+    from cytosynth.cluster import ray_session
 
     def no_ray(*_args, **_kwargs):
         raise KeyboardInterrupt  # cli: "interrupted", exit 130, after job.json was written
 
-    monkeypatch.setattr(distributed, "_connect", no_ray)
+    monkeypatch.setattr(ray_session, "connect", no_ray)
     out = str(tmp_path / "out")
     common = ["train-detector", "--real", shards, "--labels", "nilm", "--steps", "1", "--out", out, *TRAINING]
     assert cli.main([*common, "--backbone-weights", backbone["path"]]) == 130
