@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 from cytosynth import storage
 from cytosynth.synth import InvalidInputError
 
-from .job import REPLICA_TIMEOUT, USER_ERRORS, GenerateConfig, JobLayout, JobStoppedError
-from .ray_session import check_local_gpus, check_own_ray, connect, first_line, forwarded_env, kill_actor, probe
+from .job import REPLICA_TIMEOUT, USER_ERRORS, GenerateConfig, JobLayout, JobStoppedError, first_line, raised_error
+from .ray_session import check_local_gpus, check_own_ray, connect, forwarded_env, kill_actor, probe
 from .replica import ShardReplica, WorkerFactory
 from .runner import Runtime, RunTally, finalize_job, prepare_job, validate_config, validate_options, validate_runtime
 
@@ -199,7 +199,7 @@ class ShardScheduler:
         self._show()
 
     def _failure(self, key: int, shard: int | None, attempt: int, err: Exception) -> Exception:
-        cause = err.cause if isinstance(getattr(err, "cause", None), BaseException) else err
+        cause = raised_error(err)
         if isinstance(cause, USER_ERRORS):
             return cause  # the user's input: one clear line, as in a local run
         where = self.replicas[key].describe()

@@ -2,7 +2,7 @@
 
 Each replica (a Ray actor reserving ``gpus_per_replica`` GPUs and ``threads`` CPUs) loads the
 feature extractor once, takes slices (a run of image files or one shard) from the driver, at most
-``IN_FLIGHT_PER_REPLICA`` queued at a time, and folds their features into its own running
+``SLICES_IN_FLIGHT`` queued at a time, and folds their features into its own running
 ``SetStatistics``. Only those statistics leave the replica, once, at the end: per set a DxD
 float64 matrix and a D vector (plus, with KID, at most ``kid_sample`` features; with IS, per split
 a C vector). The driver merges them, so no process ever holds a set's features.
@@ -37,9 +37,9 @@ from cytosynth.synth.metrics import (
     split_of,
 )
 
-from .job import USER_ERRORS
+from .job import USER_ERRORS, first_line, raised_error
 
-IN_FLIGHT_PER_REPLICA = 2
+SLICES_IN_FLIGHT = 2  # per replica: one featurising while the next one's bytes arrive
 MAX_SLICE_ATTEMPTS = 3  # a slice whose replica dies this many times fails the job
 WHOLE_IMAGE = ""  # feature group of whole images; per-class crops are grouped by class name
 
@@ -303,7 +303,7 @@ class _ReplicaPool:
     def _fill(self) -> None:
         for key, replica in self.replicas.items():
             in_flight = sum(1 for _, k in self.pending.values() if k == key)
-            while in_flight < IN_FLIGHT_PER_REPLICA and self.queue:
+            while in_flight < SLICES_IN_FLIGHT and self.queue:
                 work = self.queue.popleft()
                 self.pending[replica.add.remote(work)] = (work, key)
                 in_flight += 1
@@ -330,7 +330,7 @@ class _ReplicaPool:
         try:
             return self.ray.get(ref)
         except self.ray.exceptions.RayTaskError as err:
-            cause = getattr(err, "cause", None)
+            cause = raised_error(err)
             if isinstance(cause, USER_ERRORS):
                 raise cause from None
-            raise RuntimeError(f"feature replica failed: {type(cause or err).__name__}: {cause or err}") from None
+            raise RuntimeError(f"feature replica failed: {type(cause).__name__}: {first_line(cause)}") from None

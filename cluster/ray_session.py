@@ -18,7 +18,7 @@ import ray
 from cytosynth import storage
 from cytosynth.synth import InvalidInputError
 
-from .job import JobStoppedError
+from .job import JobStoppedError, first_line
 
 # The processes of a Ray this job started without which no replica can run (a dead log monitor
 # or agent does not stop the job).
@@ -38,11 +38,6 @@ def kill_actor(handle: Any) -> None:
         ray.kill(handle, no_restart=True)
     except ray.exceptions.RaySystemError:
         pass
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def forwarded_env() -> dict[str, str]:

@@ -22,6 +22,7 @@ from cytosynth.synth import (
     SynthesisSettings,
     TileSample,
     build_synthesizer,
+    default_device,
     load_bundle,
     random_bundle,
     tile_seed,
@@ -96,10 +97,6 @@ def load_models(config: GenerateConfig) -> ModelBundle:
     raise InvalidInputError(
         f"preset {config.preset} needs --model-dir with real weights (or --random-weights for benchmarks)"
     )
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def model_dtype(precision: str, device: str) -> torch.dtype:

@@ -7,8 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .job import PRECISIONS  # noqa: F401  (the training jobs' vocabulary too)
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
-PRECISIONS = ("auto", "fp32", "bf16")
 SELECT_BY = ("fid",)  # finetune-normal's model selection (cluster.selection)
 # train-detector (cluster.train_detector)
 NUM_CLASSES = {"abnormal": 5, "nilm": 2}  # background included, as torchvision counts

@@ -98,7 +98,7 @@ from cytosynth import storage
 from cytosynth.storage.job import SUCCESS_NAME
 from cytosynth.synth import InvalidInputError
 
-from .job import USER_ERRORS
+from .job import USER_ERRORS, raised_error
 from .train_config import OPTIMIZERS, PRECISIONS, TrainConfig
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -210,22 +210,11 @@ def _worker_cause(err: BaseException) -> tuple[int | str, BaseException, BaseExc
     Ray Train wraps what a worker raised (UserExceptionWithTraceback holds it as `_base_exc`,
     a RayTaskError as `cause`) and says only "[Rank 0 Error Snippet]" in its own message."""
     failures = sorted(getattr(err, "worker_failures", {}).items())
-    causes = [(rank, failure, _innermost(failure)) for rank, failure in failures]
+    causes = [(rank, failure, raised_error(failure)) for rank, failure in failures]
     for found in causes:
         if isinstance(found[2], USER_ERRORS):
             return found
     return causes[0] if causes else ("?", err, err)
-
-
-def _innermost(err: BaseException) -> BaseException:
-    seen, current = set(), err
-    while id(current) not in seen:
-        seen.add(id(current))
-        inner = getattr(current, "_base_exc", None) or getattr(current, "cause", None) or current.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        current = inner
-    return current
 
 
 def _described(err: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""Helpers every job shares: the default device, quiet libraries."""
+"""Helpers every job shares: whether a GPU is there (without torch), quiet libraries."""
 
 from __future__ import annotations
 
@@ -7,12 +7,6 @@ import logging
 import os
 import sys
 import warnings
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def has_cuda_device() -> bool:

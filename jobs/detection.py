@@ -14,12 +14,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cytosynth import storage
+from cytosynth import storage, synth
 from cytosynth.synth import InvalidInputError
 from cytosynth.synth.errors import named_as_urls
 
 from . import train_detector
-from .common import default_device
 from .train_options import absolute
 
 LABEL_SETS = ("abnormal", "nilm")  # storage.LABEL_SETS, spelled out: it would import torch at CLI start
@@ -70,7 +69,7 @@ def evaluate(detector: str, test_set: EvalSet, *, image_size: int, device: str |
     where available)."""
     from cytosynth.synth.evaluation import evaluate_detector, load_detection_model, object_classes  # torch
 
-    device = device or default_device()
+    device = device or synth.default_device()
     categories = storage.detection_categories(test_set.labels)
     samples, total = test_set.samples()
     with local_file(detector) as path:

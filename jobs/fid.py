@@ -6,7 +6,7 @@ import argparse
 import math
 from typing import TYPE_CHECKING, Any
 
-from cytosynth import storage
+from cytosynth import storage, synth
 from cytosynth.storage.imagesets import list_image_units
 from cytosynth.storage.jsonio import json_bytes
 from cytosynth.synth import ABNORMAL_CLASSES, InvalidInputError
@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from cytosynth.cluster.features import ExtractorFile
     from cytosynth.synth.metrics import SetStatistics
 
-from .common import default_device
 
 PREPROCESSING = "clean-fid clean: PIL bicubic resize to 299x299 per channel in float32, no re-quantisation"
 CROP_SIZE = 256  # per-class crops: the editor's crop, centred on each box
@@ -61,7 +60,7 @@ def run_fid(args: argparse.Namespace) -> int:
     from cytosynth.synth.metrics import compare_sets, statistics_to_npz
 
     _check_args(args)
-    device = args.device or default_device()
+    device = args.device or synth.default_device()
     extractor = _read_extractor(args)
     loaded = load_feature_extractor(extractor.data, extractor.kind, extractor.name)  # fail fast, before Ray
     if args.inception_score and not loaded.num_classes:

@@ -7,9 +7,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from cytosynth import synth
 from cytosynth.cluster.train_config import OPTIMIZERS, PRECISIONS, TrainConfig
 
-from .common import default_device
 
 
 def add_train_arguments(
@@ -52,7 +52,7 @@ def absolute(url: str | None) -> str | None:
 
 def uses_gpu(args: argparse.Namespace) -> bool:
     """--device cuda, or no --device on a machine with CUDA (the default, decided only when a job runs)."""
-    return (args.device or default_device()) == "cuda"
+    return (args.device or synth.default_device()) == "cuda"
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

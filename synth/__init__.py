@@ -15,6 +15,7 @@ _MODULES = {
     ".abnormal": ("AbnormalCellSynthesizer",),
     ".classes": ("ABNORMAL_CLASSES", "CATEGORY_IDS"),
     ".detector": ("CellDetector", "ClassicalCellDetector", "FasterRCNNCellDetector", "load_detector"),
+    ".devices": ("default_device",),
     ".errors": ("InvalidInputError",),
     ".models": ("ModelBundle", "load_bundle", "random_bundle", "save_bundle"),
     ".normal": ("NormalTileGenerator",),
