@@ -2,7 +2,7 @@
 a field (its default included), and once more as its option's help in the job's parser.
 
     config = from_args(GenerateConfig, args, plan=read_plan(args.plan))
-    gen.add_argument("--steps", type=int, default=GENERATE.steps, help="DDIM steps (paper: 25)")
+    gen.add_argument("--steps", type=int, default=CONFIG.steps, help="DDIM steps (paper: 25)")
 """
 
 from __future__ import annotations
