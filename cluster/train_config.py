@@ -50,3 +50,30 @@ class TrainConfig:
         """
         keys = ("batch_size", "workers", "lr", "optimizer", "weight_decay", "max_grad_norm", "seed")
         return {**{k: getattr(self, k) for k in keys}, "global_batch_size": self.batch_size * self.workers}
+
+
+@dataclass(frozen=True)
+class DetectorTrainConfig(TrainConfig):
+    """Everything one train-detector run needs (cluster.train_detector.train_detector): the
+    harness settings with the paper's Table II defaults, the data and the model.
+
+    `epochs` sets `steps` from the real set's size (shard stats): epochs x samples / (batch_size x
+    workers); `steps` instead gives the count itself; neither: the paper's 20 epochs. `lr` None:
+    the paper's for `arch` (DEFAULT_LR). Here, not beside the task, so that the CLI's parser takes
+    its defaults without importing torch."""
+
+    steps: int | None = None  # None: from epochs
+    batch_size: int = 2
+    lr: float | None = None  # None: DEFAULT_LR[arch]
+    optimizer: str = "sgd"
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 0.0  # no clipping (torchvision's detection recipe)
+    real: str | None = None  # shards: a job output, a .tar, a brace pattern or a glob; or a list
+    synthetic: str | None = None
+    synthetic_fraction: float = 0.0  # share of synthetic samples in each epoch, in [0, 1]
+    labels: str = "abnormal"  # "abnormal" (downstream detectors) | "nilm" (generate's cell detector)
+    arch: str = "fasterrcnn"  # "fasterrcnn" | "retinanet" (torchvision *_resnet50_fpn)
+    backbone_weights: str | None = None  # torchvision ResNet-50 ImageNet state dict (safetensors); None: scratch
+    epochs: float | None = None
+    image_size: int = 1024  # the detector resizes to this side (tiles are used at full resolution)
+    loader_workers: int = 2  # DataLoader processes per Ray Train worker

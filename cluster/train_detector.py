@@ -21,7 +21,7 @@ import json
 import math
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -33,46 +33,12 @@ from cytosynth.synth import InvalidInputError
 from cytosynth.synth.detector import build_detector, check_arch, read_backbone_weights, save_detector
 from cytosynth.synth.models import DETECTOR_FILE
 
-from .train_config import DEFAULT_LR, NUM_CLASSES, PAPER_EPOCHS
-from .training import TrainConfig, train
+from .train_config import DEFAULT_LR, NUM_CLASSES, PAPER_EPOCHS, DetectorTrainConfig
+from .training import train
 
 SAMPLE_TILES = 4
 SAMPLE_PX = 256
 SCORE_THRESHOLD = 0.5  # boxes drawn on the progress grid, as generate's detector keeps them
-
-
-@dataclass(frozen=True)
-class DetectorTrainConfig:
-    """Everything one detector training run needs. `epochs` sets `steps` from the real set's size
-    (shard stats): epochs x samples / (batch_size x workers); `steps` instead gives the count
-    itself; neither: the paper's 20 epochs. `lr` None: the paper's for `arch` (DEFAULT_LR)."""
-
-    out: str
-    real: str | None = None  # shards: a job output, a .tar, a brace pattern or a glob; or a list
-    synthetic: str | None = None
-    synthetic_fraction: float = 0.0  # share of synthetic samples in each epoch, in [0, 1]
-    labels: str = "abnormal"  # "abnormal" (downstream detectors) | "nilm" (generate's cell detector)
-    arch: str = "fasterrcnn"  # "fasterrcnn" | "retinanet" (torchvision *_resnet50_fpn)
-    backbone_weights: str | None = None  # torchvision ResNet-50 ImageNet state dict (safetensors); None: scratch
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 2
-    lr: float | None = None
-    optimizer: str = "sgd"
-    weight_decay: float = 1e-4
-    max_grad_norm: float = 0.0  # no clipping (torchvision's detection recipe)
-    workers: int = 1
-    use_gpu: bool = False
-    zero_stage: int = 2
-    image_size: int = 1024  # the detector resizes to this side (tiles are used at full resolution)
-    loader_workers: int = 2  # DataLoader processes per Ray Train worker
-    checkpoint_every: int = 500
-    sample_every: int = 500
-    log_every: int = 10
-    seed: int = 0
-    resume: bool = True
-    ray_address: str | None = None
-    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -246,28 +212,10 @@ def detector_steps(config: DetectorTrainConfig) -> int:
 def train_detector(config: DetectorTrainConfig) -> dict[str, Any]:
     """Train (or resume) a detector; returns the summary (`artifact`: the safetensors URL)."""
     check_arch(config.arch)
-    task = DetectorTask(
-        config.real, config.synthetic, config.synthetic_fraction, config.labels, config.image_size,
-        config.loader_workers, config.arch, config.backbone_weights, backbone_fingerprint(config.backbone_weights),
-    )
+    # The task's settings are the config's fields of the same names.
+    settings = {f.name: getattr(config, f.name) for f in fields(DetectorTask) if hasattr(config, f.name)}
+    task = DetectorTask(**settings, backbone_sha256=backbone_fingerprint(config.backbone_weights))
     task.validate()  # before counting steps from the same shards
-    training = TrainConfig(
-        out=config.out,
-        steps=detector_steps(config),
-        batch_size=config.batch_size,
-        lr=DEFAULT_LR[config.arch] if config.lr is None else config.lr,
-        optimizer=config.optimizer,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        workers=config.workers,
-        use_gpu=config.use_gpu,
-        zero_stage=config.zero_stage,
-        checkpoint_every=config.checkpoint_every,
-        sample_every=config.sample_every,
-        log_every=config.log_every,
-        seed=config.seed,
-        resume=config.resume,
-        ray_address=config.ray_address,
-        progress=config.progress,
-    )
-    return train(training, task)
+    lr = DEFAULT_LR[config.arch] if config.lr is None else config.lr
+    # A DetectorTrainConfig is the harness's TrainConfig once its steps and lr are known.
+    return train(replace(config, steps=detector_steps(config), lr=lr), task)

@@ -11,7 +11,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cytosynth import storage, synth
@@ -19,7 +19,7 @@ from cytosynth.synth import InvalidInputError
 from cytosynth.synth.errors import named_as_urls
 
 from . import train_detector
-from .train_options import absolute
+from .options import absolute
 
 LABEL_SETS = ("abnormal", "nilm")  # storage.LABEL_SETS, spelled out: it would import torch at CLI start
 STUDY_JSON, STUDY_CHART = "augmentation_study.json", "augmentation_study.png"
@@ -192,16 +192,14 @@ def augmentation_study(args: argparse.Namespace) -> int:
         raise InvalidInputError("augmentation-study needs --real and --synthetic shards")
     if not 0 < args.synthetic_fraction < 1:
         raise InvalidInputError(f"--synthetic-fraction must be strictly between 0 and 1, got {args.synthetic_fraction}")
-    from cytosynth.cluster.training import read_summary  # torch
-
+    config = train_detector.detector_config(args)
     test_set = EvalSet(args.test, args.test_coco, args.test_images, args.labels)
     test_set.samples()  # a missing held-out set fails now, not after two trainings
     rows, report = [], []
     for folder, label, overrides in study_arms(args):
-        out = storage.join(args.out, folder)
         # The train-detector job itself, with this arm's data: same model, optimizer and steps.
-        train_detector.run_train_detector(argparse.Namespace(**{**vars(args), "out": out, **overrides}))
-        artifact = read_summary(absolute(out))["artifact"]
+        arm = replace(config, out=absolute(storage.join(args.out, folder)), **overrides)
+        artifact = train_detector.train(arm)["artifact"]
         metrics = evaluate(artifact, test_set, image_size=args.image_size, device=args.device,
                            batch_size=args.batch_size, progress=not args.quiet)
         rows.append((label, metrics))

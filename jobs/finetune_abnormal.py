@@ -7,7 +7,8 @@ import argparse
 from cytosynth.synth import PRESETS
 from cytosynth.synth.cfg_dropout import GROUNDING_DROPOUT, PROMPT_DROPOUT
 
-from .train_options import absolute, add_train_arguments, note_random_base, print_summary, train_config
+from .options import from_args
+from .train_options import add_train_arguments, note_random_base, print_summary, train_config
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -41,18 +42,7 @@ def finetune_abnormal(args: argparse.Namespace) -> int:
     from cytosynth.cluster.finetune_abnormal import AbnormalCellTask  # torch, diffusers
     from cytosynth.cluster.training import train
 
-    task = AbnormalCellTask(
-        data=absolute(args.data),
-        coco=absolute(args.coco),
-        images=absolute(args.images),
-        model_dir=absolute(args.model_dir),
-        preset=args.preset,
-        shuffle_buffer=args.shuffle_buffer,
-        sample_count=args.sample_count,
-        sample_steps=args.sample_steps,
-        prompt_dropout=args.prompt_dropout,
-        grounding_dropout=args.grounding_dropout,
-    )
+    task = from_args(AbnormalCellTask, args, paths=("data", "coco", "images", "model_dir"))
     summary = train(train_config(args), task)
     print_summary(summary)
     note_random_base(args)

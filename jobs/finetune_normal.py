@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 from cytosynth.cluster.train_config import SELECT_BY
 from cytosynth.synth import PRESETS, InvalidInputError
 
-from .train_options import absolute, add_train_arguments, note_random_base, print_summary, train_config
+from .options import absolute, from_args
+from .train_options import add_train_arguments, note_random_base, print_summary, train_config
 
 if TYPE_CHECKING:
     from cytosynth.cluster.selection import FidSelection
@@ -38,16 +39,7 @@ def finetune_normal(args: argparse.Namespace) -> int:
     from cytosynth.cluster.finetune_normal import NormalLoraTask  # torch, diffusers
     from cytosynth.cluster.training import train
 
-    task = NormalLoraTask(
-        data=absolute(args.data),
-        model_dir=absolute(args.model_dir),
-        preset=args.preset,
-        tile_size=args.tile_size,
-        rank=args.rank,
-        sample_count=args.sample_count,
-        sample_steps=args.sample_steps,
-        selection=_selection(args),
-    )
+    task = from_args(NormalLoraTask, args, paths=("data", "model_dir"), selection=_selection(args))
     summary = train(train_config(args), task)
     print_summary(summary)
     note_random_base(args)

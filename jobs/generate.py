@@ -11,6 +11,9 @@ from cytosynth.cluster.worker import STAGES
 from cytosynth.synth import ABNORMAL_CLASSES, PRESETS, InvalidInputError
 
 from .common import has_cuda_device
+from .options import field_defaults, from_args
+
+CONFIG, RUNTIME = field_defaults(GenerateConfig), field_defaults(Runtime)  # the options' defaults
 
 
 def _cells(text: str) -> tuple[int, int]:
@@ -52,28 +55,28 @@ def register(commands: argparse._SubParsersAction) -> None:
     gen = commands.add_parser("generate", help="synthesize annotated tiles into WebDataset shards")
     gen.add_argument("--out", required=True, help="output URL: a folder, s3://bucket/prefix or memory://...")
     gen.add_argument("--num-tiles", type=int, help="tiles to generate (default with --normal-source real: all)")
-    gen.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model architecture: tiny (random-init miniature built in code, for tests), mini (the shipped "
+    gen.add_argument("--preset", choices=sorted(PRESETS), default=CONFIG.preset, help="model architecture: tiny (random-init miniature built in code, for tests), mini (the shipped "
                      "miniature bundle models/mini, needs --model-dir) or sd15 (needs --model-dir, or --random-weights)")
     gen.add_argument("--model-dir", help="model bundle folder or URL (SD1.5 diffusers folder + normal_lora/ + acs_unet/)")
     gen.add_argument("--random-weights", action="store_true", help="the --preset architecture with random weights, no --model-dir (benchmarks: costs what real weights cost)")
     gen.add_argument("--lora", help="normal LoRA safetensors (default: <model-dir>/normal_lora/)")
     gen.add_argument("--acs-unet", help="Abnormal Cell Synthesizer UNet folder (default: <model-dir>/acs_unet/)")
     gen.add_argument("--detector", help="Faster R-CNN state dict (safetensors); default: the classical detector")
-    gen.add_argument("--normal-source", choices=NORMAL_SOURCES, default="diffusion", help="where the normal tiles come from: diffusion (stage 1), phantom (drawn Pap-like tiles, demos), real (--real-tiles, real-to-synthetic)")
+    gen.add_argument("--normal-source", choices=NORMAL_SOURCES, default=CONFIG.normal_source, help="where the normal tiles come from: diffusion (stage 1), phantom (drawn Pap-like tiles, demos), real (--real-tiles, real-to-synthetic)")
     gen.add_argument("--real-tiles", help="folder or shards of real normal tiles (--normal-source real)")
-    gen.add_argument("--cells", type=_cells, default=(1, 8), help="abnormal cells per tile, MIN-MAX (default 1-8)")
+    gen.add_argument("--cells", type=_cells, default=CONFIG.cells, help="abnormal cells per tile, MIN-MAX (default 1-8)")
     gen.add_argument("--class-weights", type=_class_weights, help="relative class frequencies, e.g. ASC-US=1,HSIL=3; classes not listed get weight 0 (default: uniform)")
-    gen.add_argument("--seed", type=int, default=0, metavar="S", help="job seed: tile i's seed derives from (S, i) alone")
-    gen.add_argument("--tiles-per-shard", type=int, default=64, metavar="K", help="tiles per shard: the unit of work, commit and resume")
+    gen.add_argument("--seed", type=int, default=CONFIG.seed, metavar="S", help="job seed: tile i's seed derives from (S, i) alone")
+    gen.add_argument("--tiles-per-shard", type=int, default=CONFIG.tiles_per_shard, metavar="K", help="tiles per shard: the unit of work, commit and resume")
     gen.add_argument("--plan", help="JSON plan of cells per tile (see README)")
-    gen.add_argument("--image-format", choices=storage.IMAGE_FORMATS, default="png", help="png and webp-lossless keep every pixel; jpg and webp (quality 95) are lossy, smaller")
-    gen.add_argument("--tile-size", type=int, default=1024, metavar="PX", help="tile side in pixels (paper: 1024; at least 256, the editor's crop)")
-    gen.add_argument("--steps", type=int, default=25, help="DDIM steps (paper: 25)")
-    gen.add_argument("--guidance", type=float, default=5.0, help="CFG scale (paper: 5.0)")
+    gen.add_argument("--image-format", choices=storage.IMAGE_FORMATS, default=CONFIG.image_format, help="png and webp-lossless keep every pixel; jpg and webp (quality 95) are lossy, smaller")
+    gen.add_argument("--tile-size", type=int, default=CONFIG.tile_size, metavar="PX", help="tile side in pixels (paper: 1024; at least 256, the editor's crop)")
+    gen.add_argument("--steps", type=int, default=CONFIG.steps, help="DDIM steps (paper: 25)")
+    gen.add_argument("--guidance", type=float, default=CONFIG.guidance, help="CFG scale (paper: 5.0)")
     gen.add_argument("--device", help="torch device the models compute on, e.g. cuda, cuda:1, cpu (default: "
                      "cuda where available; under Ray, cuda on replicas that reserved GPUs, else cpu)")
-    gen.add_argument("--batch-size", type=int, default=4, help="tiles per model call")
-    gen.add_argument("--precision", choices=PRECISIONS, default="auto", help="diffusion models' precision "
+    gen.add_argument("--batch-size", type=int, default=RUNTIME.batch_size, help="tiles per model call")
+    gen.add_argument("--precision", choices=PRECISIONS, default=RUNTIME.precision, help="diffusion models' precision "
                      "(default auto: bf16 on CUDA, fp32 on CPU, where runs are byte-reproducible)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--verify", action="store_true", help="on resume, hash every committed shard's tar against its "
@@ -107,28 +110,8 @@ def read_plan(path: str | None) -> str | None:
 
 
 def generate(args: argparse.Namespace) -> int:
-    config = GenerateConfig(
-        out=args.out,
-        num_tiles=args.num_tiles,
-        preset=args.preset,
-        model_dir=args.model_dir,
-        random_weights=args.random_weights,
-        lora=args.lora,
-        acs_unet=args.acs_unet,
-        detector=args.detector,
-        normal_source=args.normal_source,
-        real_tiles=args.real_tiles,
-        cells=args.cells,
-        class_weights=args.class_weights,
-        seed=args.seed,
-        tiles_per_shard=args.tiles_per_shard,
-        plan=read_plan(args.plan),
-        image_format=args.image_format,
-        tile_size=args.tile_size,
-        steps=args.steps,
-        guidance=args.guidance,
-    )
-    runtime = Runtime(args.device, args.batch_size, progress=not args.quiet, precision=args.precision, verify=args.verify)
+    config = from_args(GenerateConfig, args, plan=read_plan(args.plan))  # the plan's text, not its path
+    runtime = from_args(Runtime, args)
     if args.workers != (0, 0) or args.ray_address:
         from cytosynth.cluster.distributed import run_distributed  # Ray only when asked for
 

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
 
 from cytosynth import synth
 from cytosynth.cluster.train_config import OPTIMIZERS, PRECISIONS, TrainConfig
 
+from .options import field_defaults, from_args
+
+C = TypeVar("C", bound=TrainConfig)
 
 
 def add_train_arguments(
-    parser: argparse.ArgumentParser, helps: Mapping[str, str] | None = None, **defaults: Any
+    parser: argparse.ArgumentParser, helps: Mapping[str, str] | None = None, config: type[TrainConfig] = TrainConfig,
+    **defaults: Any,
 ) -> None:
-    """--out, --steps, --batch-size, ... on `parser`; `defaults` set a job's own (e.g. lr=2e-4),
-    `helps` its own help texts (e.g. {"steps": ...} for a job whose default is not a step count)."""
+    """--out, --steps, --batch-size, ... on `parser`, with the defaults of `config` (TrainConfig, or
+    a job's own subclass) or a job's own `defaults` (e.g. lr=2e-4); `helps` its own help texts
+    (e.g. {"steps": ...} for a job whose default is not a step count)."""
     helps = helps or {}
-    d = {**{f: TrainConfig.__dataclass_fields__[f].default for f in TrainConfig.__dataclass_fields__}, **defaults}
+    d = {**vars(field_defaults(config)), **defaults}
     group = parser.add_argument_group("training")
     group.add_argument("--out", required=True, help="output URL: the artifact, job.json, metrics.jsonl, checkpoints/, samples/")
     steps_help = helps.get("steps", f"optimizer steps (default {d['steps']})")
@@ -45,37 +49,14 @@ def add_train_arguments(
     group.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def absolute(url: str | None) -> str | None:
-    """Local paths made absolute: Ray workers do not run in the driver's working directory."""
-    return url if url is None or "://" in url else os.path.abspath(url)
-
-
 def uses_gpu(args: argparse.Namespace) -> bool:
     """--device cuda, or no --device on a machine with CUDA (the default, decided only when a job runs)."""
     return (args.device or synth.default_device()) == "cuda"
 
 
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        out=absolute(args.out),
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm,
-        workers=args.workers,
-        use_gpu=uses_gpu(args),
-        precision=args.precision,
-        zero_stage=args.zero_stage,
-        checkpoint_every=args.checkpoint_every,
-        sample_every=args.sample_every,
-        log_every=args.log_every,
-        seed=args.seed,
-        resume=not args.no_resume,
-        ray_address=args.ray_address,
-        progress=not args.quiet,
-    )
+def train_config(args: argparse.Namespace, config: type[C] = TrainConfig, paths: Iterable[str] = ()) -> C:
+    """The harness config (or `config`, a TrainConfig with a job's own fields and `paths`) from the options."""
+    return from_args(config, args, paths=("out", *paths), use_gpu=uses_gpu(args))
 
 
 def note_random_base(args: argparse.Namespace) -> None:
