@@ -93,7 +93,7 @@ class NormalLoraTask:
             for part in SD_COMPONENTS:
                 if not storage.exists(storage.join(self.model_dir, part)):
                     raise InvalidInputError(f"model {self.model_dir}: missing the {part}/ folder of a diffusers SD1.5 model")
-        sources = storage.list_real_tiles(self.data)
+        sources = storage.list_image_set(self.data)
         for where, tile in itertools.islice(_tiles_in_order(sources), TILES_CHECKED_UP_FRONT):
             self.check_tile(where, tile)
         if self.selection is not None:
@@ -111,7 +111,7 @@ class NormalLoraTask:
 
     def batches(self, rank: int, world_size: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
         """uint8 (B, H, W, 3) batches of this worker's tiles, endlessly."""
-        tiles = _worker_tiles(storage.list_real_tiles(self.data), rank, world_size, seed, self.data)
+        tiles = _worker_tiles(storage.list_image_set(self.data), rank, world_size, seed, self.data)
         while True:
             batch = []
             for where, tile in itertools.islice(tiles, batch_size):
@@ -152,17 +152,17 @@ class NormalLoraTask:
         return url
 
 
-def _tiles_in_order(sources: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """(where, tile) for every tile of a folder's image URLs or a shard list, in order."""
-    if sources[0].endswith(".tar"):
-        for sample in storage.read_samples(sources):
-            yield f"{sample['key']} of {sources[0].rsplit('/', 1)[0]}", sample["image"]
+def _tiles_in_order(sources: storage.ImageSet) -> Iterator[tuple[str, np.ndarray]]:
+    """(where, tile) for every tile of a set (or of a part of it), in order."""
+    if sources.from_shards:
+        for sample in storage.read_samples(list(sources.shards)):
+            yield f"{sample['key']} of {sources.shards[0].rsplit('/', 1)[0]}", sample["image"]
     else:
-        for url in sources:
-            yield url, storage.read_real_tile(url)
+        for url in sources.files:
+            yield url, storage.read_image(url)
 
 
-def _worker_tiles(sources: list[str], rank: int, world_size: int, seed: int, data: str) -> Iterator[tuple[str, np.ndarray]]:
+def _worker_tiles(found: storage.ImageSet, rank: int, world_size: int, seed: int, data: str) -> Iterator[tuple[str, np.ndarray]]:
     """This worker's share of the tiles, epoch after epoch, each epoch in a fresh order.
 
     Images are dealt round-robin; shards go whole where they divide evenly and the remainder is
@@ -170,16 +170,18 @@ def _worker_tiles(sources: list[str], rank: int, world_size: int, seed: int, dat
     is seen once per epoch.
     """
     for epoch in itertools.count():
+        sources = found.shards or found.files
         order = np.random.default_rng([seed, epoch]).permutation(len(sources))
-        shuffled = [sources[i] for i in order]
-        if shuffled[0].endswith(".tar"):
+        shuffled = tuple(sources[i] for i in order)
+        if found.from_shards:
             whole, shared = storage.split_shards(shuffled, rank, world_size)
             mine = itertools.chain(
-                _tiles_in_order(whole) if whole else (),
-                (t for i, t in enumerate(_tiles_in_order(shared) if shared else ()) if i % world_size == rank),
+                _tiles_in_order(storage.ImageSet(found.url, shards=tuple(whole))),
+                (t for i, t in enumerate(_tiles_in_order(storage.ImageSet(found.url, shards=tuple(shared))))
+                 if i % world_size == rank),
             )
         else:
-            mine = _tiles_in_order(shuffled[rank::world_size]) if rank < len(shuffled) else iter(())
+            mine = _tiles_in_order(storage.ImageSet(found.url, files=shuffled[rank::world_size]))
         empty = True
         for item in mine:
             empty = False

@@ -44,8 +44,9 @@ class RealTileSource:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.urls = storage.list_real_tiles(url)
-        self.from_shards = self.urls[0].endswith(".tar")
+        found = storage.list_image_set(url)
+        self.from_shards = found.from_shards
+        self.urls = list(found.shards or found.files)
         self._count = sum(1 for _ in self._shard_images()) if self.from_shards else len(self.urls)
 
     def __len__(self) -> int:
@@ -66,15 +67,15 @@ class RealTileSource:
                 yield f"{i} of {self.url}", (image.shape[1], image.shape[0])
         else:
             for url in self.urls:
-                image = storage.read_real_tile(url)
+                image = storage.read_image(url)
                 yield url, (image.shape[1], image.shape[0])
 
     def _shard_images(self) -> Iterator[np.ndarray]:
-        return storage.iter_shard_images(self.urls)
+        return (sample["image"] for sample in storage.read_samples(self.urls))
 
     def __call__(self, indices: Sequence[int], seeds: Sequence[int]) -> list[np.ndarray]:
         if not self.from_shards:
-            return [storage.read_real_tile(self.urls[i]) for i in indices]
+            return [storage.read_image(self.urls[i]) for i in indices]
         # Shards are streamed, not indexed: skip to the batch (real sets are thousands, not millions).
         return list(itertools.islice(self._shard_images(), indices[0], indices[0] + len(indices)))
 

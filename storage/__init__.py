@@ -37,7 +37,7 @@ from .job import (
 from .manifest import MANIFEST_NAME, MANIFEST_SCHEMA, manifest_rows, read_manifest, write_manifest
 from .objects import create_bytes, delete, exists, get_bytes, list_names, put_bytes
 from .preview import CLASS_COLORS, contact_sheet, write_preview
-from .realtiles import IMAGE_SUFFIXES, iter_shard_images, list_real_tiles, read_real_tile, real_tile_size
+from .imagesets import IMAGE_SUFFIXES, ImageSet, list_image_set, read_image
 from .reader import committed_shard_urls, decode_sample, open_shard, open_shards, read_samples, shard_urls
 from .retry import DEFAULT_RETRY, Retry, is_transient, retrying
 from .shards import (
@@ -77,7 +77,7 @@ def __getattr__(name: str):
 __all__ = [*_LOADER_NAMES, *_PIPELINE_NAMES, "check_marker_config", "config_sha256", "create_bytes", "damaged_shards",
     "delete", "job_config_sha256", "manifest_problem", "shard_problem", "tar_sha256", "tar_sizes", "uncommit", "ANNOTATIONS_NAME", "LABEL_SETS", "NORMAL_CATEGORY_ID", "coco_categories",
     "export_coco", "label_categories", "labelled_boxes",
-    "IMAGE_SUFFIXES", "iter_shard_images", "list_real_tiles", "read_real_tile", "real_tile_size",
+    "IMAGE_SUFFIXES", "ImageSet", "list_image_set", "read_image",
     "CATEGORIES", "CATEGORY_IDS", "CLASSES", "CLASS_COLORS", "DEFAULT_RETRY", "IMAGE_FORMATS",
     "LOSSLESS_FORMATS", "MANIFEST_FIELDS", "MANIFEST_NAME", "MANIFEST_SCHEMA", "NORMAL_LABEL", "SHARDS_DIR", "STATS_DIR",
     "Retry", "ShardWriter", "StorageError", "category_id", "check_not_foreign", "committed_shard_urls", "committed_shards", "contact_sheet", "decode_image", "decode_sample",

@@ -24,17 +24,18 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .classes import CATEGORY_IDS
+from .classes import CLASSES
+from .coco import read_coco_images
 from .errors import StorageError, describe
 from .jsonio import parse_json
-from .loader import _read_coco, split_shards
+from .loader import resolve_shards, split_shards
 from .objects import exists, get_bytes
-from .reader import decode_sample, open_shard, shard_urls
-from .realtiles import read_real_tile
+from .imagesets import read_image
+from .reader import decode_sample, open_shard
 from .retry import retrying
 from .shards import marker_url
 from .tars import iter_tar_samples
-from .urls import filesystem, join
+from .urls import filesystem
 
 __all__ = ["coco_index", "entries_for_rank", "read_tiles", "shard_index"]
 
@@ -46,12 +47,8 @@ Options = Mapping[str, Any] | None
 
 def shard_index(source: str | Sequence[str], *, storage_options: Options = None) -> list[dict[str, Any]]:
     """Entries of the tiles with abnormal boxes in a shard set (anything ``shard_urls`` takes)."""
-    urls = [source] if isinstance(source, str) else list(source)
-    shards = [s for url in urls for s in shard_urls(url, storage_options=storage_options)]
-    if not shards:
-        raise StorageError(f"no committed shards found at {', '.join(urls)}")
     entries = []
-    for shard in shards:
+    for shard in resolve_shards(source, storage_options=storage_options):
         for row in _shard_annotations(shard, storage_options):
             if row.get("boxes"):
                 entries.append({
@@ -94,43 +91,31 @@ def coco_index(
     boxes are rounded outwards to whole pixels. Images live at ``images_url`` (default: the JSON's
     folder) + ``file_name``; every one that has boxes must exist and have the size the file says.
     """
-    coco = _read_coco(annotations_url, storage_options)
-    if images_url is None:
-        folder, slash, _ = annotations_url.rpartition("/")
-        images_url = folder if slash else "."
-    known = {name.upper(): name for name in CATEGORY_IDS}
-    names = {c["id"]: known.get(str(c["name"]).upper()) for c in coco["categories"]}
-    if not any(names.values()):
-        raise StorageError(f"{annotations_url}: no category named {', '.join(CATEGORY_IDS)}")
-    cells: dict[Any, list[tuple[list[int], str]]] = {}
-    for ann in coco["annotations"]:
-        name = names.get(ann["category_id"])
-        if name is not None and not ann.get("iscrowd", 0):
-            cells.setdefault(ann["image_id"], []).append((_pixel_box(ann, annotations_url), name))
+    images = read_coco_images(annotations_url, images_url, CLASSES, storage_options=storage_options)
     entries = [
         {
-            "source": join(images_url, info["file_name"]),
+            "source": image.url,
             "key": None,
-            "width": int(info["width"]),
-            "height": int(info["height"]),
-            "boxes": [box for box, _ in cells[info["id"]]],
-            "labels": [name for _, name in cells[info["id"]]],
+            "width": image.width,
+            "height": image.height,
+            "boxes": [_pixel_box(box, annotations_url) for box in image.boxes],
+            "labels": image.labels,
         }
-        for info in coco["images"]
-        if info["id"] in cells
+        for image in images
+        if image.boxes
     ]
+    if not entries:
+        raise StorageError(f"{annotations_url}: no annotated abnormal cell (categories are matched by name to {', '.join(CLASSES)})")
     _check_image_sizes(entries, annotations_url, storage_options)
     return entries
 
 
-def _pixel_box(ann: Mapping[str, Any], url: str) -> list[int]:
-    try:
-        x, y, w, h = (float(v) for v in ann["bbox"])
-    except (TypeError, ValueError):
-        raise StorageError(f"{url}: annotation {ann.get('id')} has a malformed bbox {ann['bbox']!r:.60}") from None
-    if not (w > 0 and h > 0):
-        raise StorageError(f"{url}: annotation {ann.get('id')} has an empty bbox {ann['bbox']!r:.60}")
-    return [math.floor(x), math.floor(y), math.ceil(x + w), math.ceil(y + h)]
+def _pixel_box(box: Sequence[float], url: str) -> list[int]:
+    """Rounded outwards to whole pixels: the crop must hold the whole cell. An empty box has no cell."""
+    x0, y0, x1, y1 = box
+    if not (x1 > x0 and y1 > y0):
+        raise StorageError(f"{url}: an annotation has an empty bbox {[x0, y0, x1 - x0, y1 - y0]}")
+    return [math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)]
 
 
 def _check_image_sizes(entries: list[dict[str, Any]], annotations_url: str, storage_options: Options) -> None:
@@ -186,7 +171,7 @@ def read_tiles(entries: Iterable[dict[str, Any]], *, storage_options: Options = 
         if run[0]["key"] is not None:
             pairs = _shard_images(source, run, storage_options)
         else:
-            pairs = ((e, read_real_tile(source, storage_options=storage_options)) for e in run)
+            pairs = ((e, read_image(source, storage_options=storage_options)) for e in run)
         for entry, image in pairs:
             if image.shape[:2] != (entry["height"], entry["width"]):
                 raise StorageError(

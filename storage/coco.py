@@ -1,9 +1,11 @@
-"""COCO detection JSON of a dataset: from the shard stats (``write_coco``), or exported with the
-images beside it (``export_coco``, what ``cytosynth export-coco`` runs) so ``file_name`` resolves."""
+"""COCO detection JSON, both ways: written from the shard stats (``write_coco``) or exported with
+the images beside it (``export_coco``, what ``cytosynth export-coco`` runs) so ``file_name``
+resolves; and read (``read_coco_images``), the one place a user's COCO set is parsed."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
 
 from .annotations import sample_key
 from .classes import CATEGORY_IDS, CLASSES, NORMAL_LABEL, label_categories, labelled_boxes
@@ -11,13 +13,16 @@ from .errors import StorageError, describe
 from .images import image_extension
 from .jsonio import json_bytes, parse_json
 from .manifest import shard_rows
-from .objects import put_bytes
+from .objects import get_bytes, put_bytes
 from .reader import IMAGE_EXTENSIONS, committed_shard_urls, open_shard
 from .shards import iter_shard_stats
 from .tars import iter_tar_samples
 from .urls import join
 
-__all__ = ["ANNOTATIONS_NAME", "CATEGORIES", "CATEGORY_IDS", "coco_categories", "export_coco", "to_coco", "write_coco"]
+__all__ = [
+    "ANNOTATIONS_NAME", "CATEGORIES", "CATEGORY_IDS", "CocoImage", "coco_categories", "export_coco", "read_coco_images",
+    "to_coco", "write_coco",
+]
 
 CATEGORIES: list[dict[str, Any]] = [
     {"id": CATEGORY_IDS[name], "name": name, "supercategory": "abnormal"} for name in CLASSES
@@ -118,3 +123,77 @@ def _shard_members(shard: str, storage_options: Mapping[str, Any] | None):
         raise
     except (OSError, ValueError) as exc:
         raise StorageError(f"cannot read shard {shard}: {describe(exc)}") from None
+
+
+@dataclass
+class CocoImage:
+    """One image of a COCO set: its URL, id and stated size, and its cells of the asked classes
+    (boxes xyxy in float pixels, as the file gives them)."""
+
+    url: str
+    id: Any
+    width: int
+    height: int
+    boxes: list[list[float]] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+
+
+def read_coco_images(
+    annotations_url: str,
+    images_url: str | None = None,
+    classes: Sequence[str] = (*CLASSES, NORMAL_LABEL),
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[CocoImage]:
+    """Every image of a COCO detection file, in the file's order, with its cells of ``classes``.
+
+    Categories are matched by name, case-insensitively; others (bacteria, other cell types) are
+    ignored, as the paper filters public sets, and so are crowd regions. Images live at
+    ``images_url`` (default: the JSON's folder) + ``file_name``. A missing or malformed file, or
+    a malformed bbox, is a one-line StorageError naming it; no image is read here.
+    """
+    coco = _read_coco_json(annotations_url, storage_options)
+    if images_url is None:
+        folder, slash, _ = annotations_url.rpartition("/")
+        images_url = folder if slash else "."
+    known = {name.upper(): name for name in classes}
+    names = {c["id"]: known.get(str(c["name"]).upper()) for c in coco["categories"]}
+    images = {
+        info["id"]: CocoImage(join(images_url, info["file_name"]), info["id"], int(info["width"]), int(info["height"]))
+        for info in coco["images"]
+    }
+    for ann in coco["annotations"]:
+        name = names.get(ann["category_id"])
+        image = images.get(ann["image_id"])
+        if name is None or image is None or ann.get("iscrowd", 0):
+            continue
+        try:
+            x, y, w, h = (float(v) for v in ann["bbox"])
+        except (TypeError, ValueError):
+            raise StorageError(f"{annotations_url}: annotation {ann.get('id')} has a malformed bbox {ann['bbox']!r:.60}") from None
+        image.boxes.append([x, y, x + w, y + h])
+        image.labels.append(name)
+    return list(images.values())
+
+
+def _read_coco_json(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    try:
+        coco = parse_json(get_bytes(url, storage_options=storage_options), url)
+        for name in ("images", "annotations", "categories"):
+            if not isinstance(coco.get(name), list):
+                raise ValueError(f"no {name!r} list")
+        _require(coco["images"], ("id", "file_name", "width", "height"), "image")
+        _require(coco["annotations"], ("image_id", "category_id", "bbox"), "annotation")
+        _require(coco["categories"], ("id", "name"), "category")
+    except StorageError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise StorageError(f"{url} is not a COCO detection file: {describe(exc)}") from None
+    return coco
+
+
+def _require(items: list[Any], keys: tuple[str, ...], what: str) -> None:
+    for item in items:
+        missing = [k for k in keys if k not in item]
+        if missing:
+            raise ValueError(f"{what} {item!r:.80} lacks {', '.join(missing)}")

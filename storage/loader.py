@@ -68,15 +68,15 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .classes import CATEGORY_IDS, LABEL_SETS, NORMAL_LABEL, check_label_set, label_categories, labelled_boxes
+from .classes import LABEL_SETS, NORMAL_LABEL, check_label_set, label_categories, labelled_boxes
+from .coco import read_coco_images
 from .errors import StorageError, describe, storage_error
 from .jsonio import parse_json
 from .objects import get_bytes
 from .reader import decode_sample, open_shard, shard_urls
-from .realtiles import read_real_tile
+from .imagesets import read_image
 from .shards import marker_url
 from .tars import iter_tar_samples
-from .urls import join
 
 __all__ = [
     "LABEL_SETS", "ShardDetectionDataset", "coco_detection_samples", "collate_detection", "count_samples",
@@ -196,63 +196,25 @@ def coco_detection_samples(
     StorageError here; an unreadable or wrongly sized image one when its turn comes.
     """
     _check_label_set(labels)
-    coco = _read_coco(annotations_url, storage_options)
-    if images_url is None:
-        folder, slash, _ = annotations_url.rpartition("/")
-        images_url = folder if slash else "."
-    known = {name.upper(): name for name in (*CATEGORY_IDS, NORMAL_LABEL)}
-    names = {c["id"]: known.get(str(c["name"]).upper()) for c in coco["categories"]}
-    cells: dict[Any, list[tuple[list[float], str]]] = {}
-    for ann in coco["annotations"]:
-        name = names.get(ann["category_id"])
-        if name is not None and not ann.get("iscrowd", 0):
-            try:
-                x, y, w, h = (float(v) for v in ann["bbox"])
-            except (TypeError, ValueError):
-                raise StorageError(f"{annotations_url}: annotation {ann.get('id')} has a malformed bbox") from None
-            cells.setdefault(ann["image_id"], []).append(([x, y, x + w, y + h], name))
+    images = read_coco_images(annotations_url, images_url, storage_options=storage_options)
 
     def samples() -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        for info in coco["images"]:
-            url = join(images_url, info["file_name"])
-            image = read_real_tile(url, storage_options=storage_options)
-            if image.shape[:2] != (info["height"], info["width"]):
+        for info in images:
+            image = read_image(info.url, storage_options=storage_options)
+            if image.shape[:2] != (info.height, info.width):
                 raise StorageError(
-                    f"{url} is {image.shape[1]}x{image.shape[0]} but {annotations_url} says {info['width']}x{info['height']}"
+                    f"{info.url} is {image.shape[1]}x{image.shape[0]} but {annotations_url} says {info.width}x{info.height}"
                 )
-            found = cells.get(info["id"], [])
+            cells = list(zip(info.boxes, info.labels))
             annotation = {
-                "tile_index": info["id"],
-                "boxes": [box for box, name in found if name != NORMAL_LABEL],
-                "labels": [name for _, name in found if name != NORMAL_LABEL],
-                "normal_boxes": [box for box, name in found if name == NORMAL_LABEL],
+                "tile_index": info.id,
+                "boxes": [box for box, name in cells if name != NORMAL_LABEL],
+                "labels": [name for _, name in cells if name != NORMAL_LABEL],
+                "normal_boxes": [box for box, name in cells if name == NORMAL_LABEL],
             }
             yield to_detection_input({"image": image, "json": annotation}, labels)
 
     return samples()
-
-
-def _read_coco(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    try:
-        coco = parse_json(get_bytes(url, storage_options=storage_options), url)
-        for field in ("images", "annotations", "categories"):
-            if not isinstance(coco.get(field), list):
-                raise ValueError(f"no {field!r} list")
-        _require(coco["images"], ("id", "file_name", "width", "height"), "image")
-        _require(coco["annotations"], ("image_id", "category_id", "bbox"), "annotation")
-        _require(coco["categories"], ("id", "name"), "category")
-    except StorageError:
-        raise
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise StorageError(f"{url} is not a COCO detection file: {describe(exc)}") from None
-    return coco
-
-
-def _require(items: list[Any], keys: tuple[str, ...], what: str) -> None:
-    for item in items:
-        missing = [k for k in keys if k not in item]
-        if missing:
-            raise ValueError(f"{what} {item!r:.80} lacks {', '.join(missing)}")
 
 
 class ShardDetectionDataset(IterableDataset):

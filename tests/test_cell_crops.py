@@ -327,7 +327,7 @@ def test_coco_index_keeps_abnormal_categories_by_name_and_rounds_boxes_outwards(
     [
         (lambda f, i, a: (f / "annotations.json").write_text(""), "is not a COCO detection file"),
         (lambda f, i, a: (f / "annotations.json").write_text("{\"images\": ["), "is not a COCO detection file"),
-        (lambda f, i, a: write_coco(f, i, a, categories=[{"id": 1, "name": "cat"}]), "no category named ASC-US"),
+        (lambda f, i, a: write_coco(f, i, a, categories=[{"id": 1, "name": "cat"}]), "no annotated abnormal cell"),
         (lambda f, i, a: write_coco(f, i, [{**a[0], "bbox": ["x", 1, 2, 3]}]), "malformed bbox"),
         (lambda f, i, a: write_coco(f, [{**i[0], "file_name": "img/gone.png"}], a), "gone.png"),
         (lambda f, i, a: write_coco(f, [{**i[0], "width": 512}], a), "a.png is 300x260 but .* says 512x260"),

@@ -187,8 +187,8 @@ def test_generate_uses_the_lora(trained, bundle_dir, tmp_path):
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("missing", "no real tiles (images or shards) found"),
-        ("empty", "no real tiles (images or shards) found"),
+        ("missing", "no images at"),
+        ("empty", "no images at"),
         ("wrong-size", f"is {TILE}x{TILE}, expected 128x128 (--tile-size)"),
         ("no-unet", "missing the unet/ folder"),
     ],

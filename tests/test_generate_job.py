@@ -471,7 +471,7 @@ def test_real_tile_that_is_not_an_image_is_rejected(tmp_path, capsys):
 def test_empty_real_tile_folder_is_rejected(tmp_path, capsys):
     real = _real_tiles(tmp_path / "real")
     rc = generate(tmp_path / "out", "--normal-source", "real", "--real-tiles", real, num_tiles=None)
-    assert_rejected(rc, capsys, tmp_path / "out", "no real tiles")
+    assert_rejected(rc, capsys, tmp_path / "out", "no images at")
 
 
 def test_unreachable_s3_endpoint_is_rejected(tmp_path, capsys, monkeypatch):

@@ -143,17 +143,7 @@ def test_jobs_read_no_private_attribute_of_an_imported_package():
     assert not bad, bad
 
 
-# Modules that share private helpers with a sibling (issue 16, items 1 and 2): the restructure
-# gives each a public home. strict: the mark must go the day a package is clean.
-_PRIVATE_SHARING = {
-    "storage": "storage/annotated.py imports loader._read_coco (COCO parsed in two places)",
-}
-
-
-@pytest.mark.parametrize("package", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=_PRIVATE_SHARING[p])) if p in _PRIVATE_SHARING else p
-    for p in PACKAGES
-])
+@pytest.mark.parametrize("package", PACKAGES)
 def test_no_module_imports_a_private_name_of_another_module(package):
     bad = [(imp, private_parts(imp)) for imp in imports_of(package)
            if imp.reaches("cytosynth") and private_parts(imp)]
