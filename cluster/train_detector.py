@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import math
 import tempfile
 from collections.abc import Iterator
@@ -151,12 +150,11 @@ def count_boxes(shards: list[str], labels: str) -> int | None:
     """Boxes of a label set in `shards`, from their stats files alone; None if a stats file is missing."""
     total = 0
     for shard in shards:
-        marker = storage.marker_url(shard)  # each committed shard's stats JSON (its commit marker)
-        if marker is None:
-            return None
         try:
-            stats = json.loads(storage.get_bytes(marker))
-        except (storage.StorageError, ValueError):
+            stats = storage.marker_of(shard)
+        except storage.StorageError:
+            return None
+        if stats is None:
             return None
         total += sum(stats.get("cells", {}).values()) + (stats.get("normal_cells", 0) if labels == "nilm" else 0)
     return total

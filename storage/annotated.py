@@ -29,11 +29,10 @@ from .coco import read_coco_images
 from .errors import StorageError, describe
 from .jsonio import parse_json
 from .loader import resolve_shards, split_shards
-from .objects import exists, get_bytes
 from .imagesets import read_image
 from .reader import decode_sample, open_shard
 from .retry import retrying
-from .shards import marker_url
+from .shards import marker_of
 from .tars import iter_tar_samples
 from .urls import filesystem
 
@@ -65,10 +64,10 @@ def shard_index(source: str | Sequence[str], *, storage_options: Options = None)
 def _shard_annotations(shard: str, storage_options: Options) -> list[dict[str, Any]]:
     """The sample annotations of one shard: from its stats JSON (the commit marker, which lists
     every sample's boxes), or, for shards written without one, from the tar's json members."""
-    stats = marker_url(shard)
     try:
-        if stats and exists(stats, storage_options=storage_options):
-            return parse_json(get_bytes(stats, storage_options=storage_options), stats)["samples"]
+        stats = marker_of(shard, storage_options=storage_options)
+        if stats is not None:
+            return stats["samples"]
         with open_shard(shard, storage_options=storage_options) as stream:
             return [
                 {"key": raw["__key__"], **parse_json(raw["json"], f"{raw['__key__']}.json")}

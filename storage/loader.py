@@ -71,11 +71,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .classes import LABEL_SETS, NORMAL_LABEL, check_label_set, label_categories, labelled_boxes
 from .coco import read_coco_images
 from .errors import StorageError, describe, storage_error
-from .jsonio import parse_json
-from .objects import get_bytes
 from .reader import decode_sample, open_shard, shard_urls
 from .imagesets import read_image
-from .shards import marker_url
+from .shards import marker_of
 from .tars import iter_tar_samples
 
 __all__ = [
@@ -133,14 +131,11 @@ def count_samples(shards: Sequence[str], *, storage_options: Mapping[str, Any] |
     """Samples in ``shards`` from their stats JSON (commit markers), no tar read; None if one lacks it."""
     total = 0
     for shard in shards:
-        marker = marker_url(shard)
-        if marker is None:
-            return None
         try:
-            stats = parse_json(get_bytes(marker, storage_options=storage_options), marker)
+            stats = marker_of(shard, storage_options=storage_options)
             total += int(stats["tiles"])
-        except (StorageError, ValueError, KeyError, TypeError):
-            return None  # a bare .tar written by other tools: the count is unknown, not an error
+        except (StorageError, KeyError, TypeError, ValueError):
+            return None  # a bare .tar written by other tools (no marker): the count is unknown, not an error
     return total
 
 

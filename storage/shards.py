@@ -25,7 +25,7 @@ from .classes import CLASSES
 from .errors import StorageError, redact_url
 from .images import IMAGE_FORMATS, check_image, encode_image, image_extension
 from .jsonio import json_bytes, parse_json
-from .objects import get_bytes, list_names, map_ordered, put_bytes
+from .objects import exists, get_bytes, list_names, map_ordered, put_bytes
 from .retry import DEFAULT_RETRY, Retry
 from .tars import tar_bytes
 from .urls import join
@@ -69,6 +69,19 @@ def marker_url(tar_url: str) -> str | None:
     if not (match and shards == SHARDS_DIR and out_url):
         return None
     return stats_url(out_url, int(match.group(1)))
+
+
+def marker_of(tar_url: str, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The stats JSON (commit marker) of the shard at ``tar_url``, read by the tar's URL, as the
+    readers of a shard set have it; None for a tar without one (written by other tools). A marker
+    that is there but unreadable is a one-line StorageError."""
+    marker = marker_url(tar_url)
+    if marker is None or not exists(marker, storage_options=storage_options):
+        return None
+    stats = parse_json(get_bytes(marker, storage_options=storage_options), redact_url(marker))
+    if not isinstance(stats, dict):
+        raise StorageError(f"{redact_url(marker)} is not a cytosynth shard marker")
+    return stats
 
 
 class ShardWriter:

@@ -220,3 +220,18 @@ def test_rank_and_world_size_default_to_the_torch_distributed_group(sources, tmp
     from_group = [[int(i) for i in open(f"{out}.{rank}").read().split()] for rank in range(2)]
     assert from_group == epoch_ids(sources[0], ranks=2, workers=0)  # as if rank / world_size were given
     assert all(from_group) and sorted(i for ids in from_group for i in ids) == sorted(REAL_IDS)
+
+
+def test_a_shard_sets_size_comes_from_its_markers_and_a_bare_tars_is_unknown(sources, tmp_path):
+    from cytosynth.cluster.train_detector import count_boxes
+    from cytosynth.storage import count_samples, resolve_shards
+
+    real = resolve_shards(sources[0])
+    assert count_samples(real) == REAL_SHARDS * REAL_PER_SHARD
+    abnormal = sum(t % 3 for t in REAL_IDS)
+    assert count_boxes(real, "abnormal") == abnormal
+    assert count_boxes(real, "nilm") == abnormal + len(REAL_IDS)  # one normal box per tile
+    bare = tmp_path / "other-tool.tar"  # a tar named outside a cytosynth output: no marker
+    bare.write_bytes(open(real[0], "rb").read())
+    assert count_samples([*real, str(bare)]) is None
+    assert count_boxes([str(bare)], "abnormal") is None
