@@ -30,19 +30,19 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from tqdm.auto import tqdm
 
-from cytosynth import storage
 from cytosynth.synth import InvalidInputError
 
-from .job import REPLICA_TIMEOUT, USER_ERRORS, GenerateConfig, JobLayout, JobStoppedError, first_line, raised_error
+from .job import REPLICA_TIMEOUT, USER_ERRORS, GenerateConfig, JobLayout, JobStoppedError, PendingShards, first_line, raised_error
 from .ray_session import check_local_gpus, check_own_ray, connect, forwarded_env, kill_actor, probe
 from .replica import ShardReplica, WorkerFactory
-from .runner import Runtime, RunTally, finalize_job, prepare_job, validate_config, validate_options, validate_runtime
+from .runner import Runtime, run_job
 
 IN_FLIGHT_PER_REPLICA = 2
 MAX_SHARD_ATTEMPTS = 3  # a shard whose replica dies this many times fails the job
@@ -297,65 +297,75 @@ def run_distributed(
     its GCS or raylet, and anywhere when the pool has had no replica up (none placed, or none
     loaded) for `replica_timeout` seconds.
     """
-    size = _pool_size(workers)
-    validate_runtime(runtime)
-    if gpus_per_replica < 0:
-        raise InvalidInputError("--gpus-per-replica must be >= 0")
-    if not replica_timeout > 0:  # NaN too; inf waits for ever (an autoscaler that will come)
-        raise InvalidInputError(f"--replica-timeout must be a positive number of seconds, got {replica_timeout}")
-    if (runtime.device or "").startswith("cuda") and gpus_per_replica == 0:
-        raise InvalidInputError("--device cuda under Ray needs --gpus-per-replica > 0 (Ray hides GPUs it did not reserve)")
-    if ray_address:
-        probe(ray_address)  # before anything is written
-    start = time.perf_counter()
-    validate_options(config)
-    storage.ensure_writable(config.out)  # first: an unreachable store is one 'not writable' line
-    storage.check_not_foreign(config.out)
-    layout = validate_config(config)
-    make_worker = make_worker or functools.partial(
-        load_shard_worker_in_replica, config, batch_size=runtime.batch_size, precision=runtime.precision
-    )
-    started_ray = connect(ray_address, size[1], gpus_per_replica)
-    scheduler = None
-    run = RunTally()
-    try:
-        if started_ray and ray_address is None:
-            check_local_gpus(gpus_per_replica)
-        options: dict[str, Any] = {
-            "num_cpus": 1,
-            "num_gpus": gpus_per_replica,
-            "max_restarts": 0,
-            "max_concurrency": IN_FLIGHT_PER_REPLICA,  # a shard uploads while the next one synthesizes
-        }
-        env = forwarded_env() if ray_address is None else {}
-        if env:
-            options["runtime_env"] = {"env_vars": env}
-        replica_class = ray.remote(**options)(ShardReplica)
-        scheduler = ShardScheduler(
-            lambda: replica_class.remote(make_worker, runtime.device), size, layout, replica_timeout,
-            check_ray=check_own_ray if started_ray and ray_address is None else lambda: None,
-            demand=f"1 CPU and {gpus_per_replica:g} GPUs" if gpus_per_replica else "1 CPU",
+    executor = RayExecutor(runtime, _pool_size(workers), ray_address, gpus_per_replica, replica_timeout, make_worker, on_shard)
+    return run_job(config, runtime, executor)
+
+
+@dataclass
+class RayExecutor:
+    """The shards of a job on a pool of Ray replicas (`run_distributed` says what each field does)."""
+
+    runtime: Runtime
+    size: tuple[int, int]
+    ray_address: str | None = None
+    gpus_per_replica: float = 0.0
+    replica_timeout: float = REPLICA_TIMEOUT
+    make_worker: WorkerFactory | None = None
+    on_shard: Callable[[dict[str, Any]], None] | None = None
+    scheduler: ShardScheduler | None = None  # once started
+
+    def check(self) -> None:
+        if self.gpus_per_replica < 0:
+            raise InvalidInputError("--gpus-per-replica must be >= 0")
+        if not self.replica_timeout > 0:  # NaN too; inf waits for ever (an autoscaler that will come)
+            raise InvalidInputError(f"--replica-timeout must be a positive number of seconds, got {self.replica_timeout}")
+        if (self.runtime.device or "").startswith("cuda") and self.gpus_per_replica == 0:
+            raise InvalidInputError("--device cuda under Ray needs --gpus-per-replica > 0 (Ray hides GPUs it did not reserve)")
+        if self.ray_address:
+            probe(self.ray_address)  # before anything is written
+
+    @contextmanager
+    def started(self, config: GenerateConfig, layout: JobLayout) -> Iterator[dict[str, str]]:
+        """Ray connected and the pool started; yields the first replica's model fingerprints."""
+        r, gpus, local = self.runtime, self.gpus_per_replica, self.ray_address is None
+        make_worker = self.make_worker or functools.partial(
+            load_shard_worker_in_replica, config, batch_size=r.batch_size, precision=r.precision
         )
-        if runtime.progress:
-            _log(f"starting {max(size[0], 1)} of up to {size[1]} replicas; waiting for the first to load the models")
-        fingerprints = scheduler.start()
-        pending = prepare_job(config, layout, fingerprints, hash_tars=runtime.verify)
+        started_ray = connect(self.ray_address, self.size[1], gpus)
+        try:
+            if started_ray and local:
+                check_local_gpus(gpus)
+            options: dict[str, Any] = {
+                "num_cpus": 1,
+                "num_gpus": gpus,
+                "max_restarts": 0,
+                "max_concurrency": IN_FLIGHT_PER_REPLICA,  # a shard uploads while the next one synthesizes
+            }
+            env = forwarded_env() if local else {}
+            if env:
+                options["runtime_env"] = {"env_vars": env}
+            replica_class = ray.remote(**options)(ShardReplica)
+            self.scheduler = ShardScheduler(
+                lambda: replica_class.remote(make_worker, r.device), self.size, layout, self.replica_timeout,
+                check_ray=check_own_ray if started_ray and local else lambda: None,
+                demand=f"1 CPU and {gpus:g} GPUs" if gpus else "1 CPU",
+            )
+            if r.progress:
+                _log(f"starting {max(self.size[0], 1)} of up to {self.size[1]} replicas; waiting for the first to load the models")
+            yield self.scheduler.start()
+        finally:
+            if self.scheduler is not None:
+                self.scheduler.close()
+            if started_ray:
+                ray.shutdown()
 
-        def tally(stats: dict[str, Any]) -> None:
-            run.add(stats)
-            if on_shard:
-                on_shard(stats)
+    def run(self, pending: PendingShards, layout: JobLayout, bar: Any, tally: Callable[[dict[str, Any]], None]) -> None:
+        def tally_and_tell(stats: dict[str, Any]) -> None:
+            tally(stats)
+            if self.on_shard:
+                self.on_shard(stats)
 
-        with tqdm(
-            total=layout.num_tiles, initial=pending.done_tiles, unit="tile", disable=not runtime.progress, desc="generate"
-        ) as bar:
-            scheduler.run(pending, len(pending), bar, tally)
-    finally:
-        if scheduler is not None:
-            scheduler.close()
-        if started_ray:
-            ray.shutdown()
-    return finalize_job(config, layout, time.perf_counter() - start, run)
+        self.scheduler.run(pending, len(pending), bar, tally_and_tell)
 
 
 def load_shard_worker_in_replica(config: GenerateConfig, **kwargs: Any) -> Any:

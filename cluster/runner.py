@@ -1,7 +1,8 @@
-"""Job runners: validate, write job.json, run the missing shards, then finalize the dataset.
+"""The generate job: validate, write job.json, run the missing shards, then finalize the dataset.
 
-`run_local` runs every shard in this process. Whatever runs the shards, a job starts with
-`prepare_job` and ends with `finalize_job`, so resume and the output contract are the same.
+`run_job` is the one skeleton; a `ShardExecutor` is what runs the shards: `LocalExecutor` in this
+process (`run_local`), `cluster.distributed.RayExecutor` on a pool of Ray replicas. So checks,
+resume and the output contract are the same wherever the shards run.
 Neither holds per-tile state for the whole job: shards are listed lazily, shard stats are tallied
 as they arrive, and the manifest is streamed from the committed shards.
 """
@@ -13,9 +14,10 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
@@ -196,22 +198,63 @@ class DatasetTotals:
         }
 
 
-def run_local(config: GenerateConfig, runtime: Runtime = Runtime()) -> dict[str, Any]:
-    """Run a whole job in this process (one model replica), resuming where a previous run stopped."""
-    from .synthesis import load_shard_worker  # torch, diffusers: only where the models run
+class ShardExecutor(Protocol):
+    """Runs a job's shards: its own checks, its models started, then every pending shard."""
 
+    def check(self) -> None:
+        """What is wrong with how to run, whatever the data: one line, before anything is written."""
+
+    def started(self, config: GenerateConfig, layout: JobLayout) -> AbstractContextManager[dict[str, str]]:
+        """Load the models (and start what runs them) for the block; yields their fingerprints."""
+
+    def run(self, pending: PendingShards, layout: JobLayout, bar: tqdm, tally: Callable[[dict[str, Any]], None]) -> None:
+        """Synthesize and commit every pending shard, passing each one's stats to `tally`."""
+
+
+def run_job(config: GenerateConfig, runtime: Runtime, executor: ShardExecutor) -> dict[str, Any]:
+    """Run a whole job, resuming where a previous run stopped: every check before anything is
+    written, the models before job.json (it records their fingerprints), the shards, then
+    manifest, preview and `_SUCCESS`."""
     start = time.perf_counter()
     validate_runtime(runtime)
+    executor.check()
     validate_options(config)  # the cheap checks first: nothing below may write before they pass
     storage.ensure_writable(config.out)  # first: an unreachable store is one 'not writable' line
     storage.check_not_foreign(config.out)
     layout = validate_config(config)  # checks inputs before the (possibly slow) model load
-    worker = load_shard_worker(config, runtime.device, runtime.batch_size, precision=runtime.precision)
-    pending = prepare_job(config, layout, worker.fingerprints, hash_tars=runtime.verify)
     run = RunTally()
-    with tqdm(
-        total=layout.num_tiles, initial=pending.done_tiles, unit="tile", disable=not runtime.progress, desc="generate"
-    ) as bar:
-        for shard in pending:
-            run.add(worker.run(shard, layout, on_tiles=bar.update))
+    with executor.started(config, layout) as fingerprints:
+        pending = prepare_job(config, layout, fingerprints, hash_tars=runtime.verify)
+        with tqdm(
+            total=layout.num_tiles, initial=pending.done_tiles, unit="tile", disable=not runtime.progress, desc="generate"
+        ) as bar:
+            executor.run(pending, layout, bar, run.add)
     return finalize_job(config, layout, time.perf_counter() - start, run)
+
+
+@dataclass
+class LocalExecutor:
+    """Every shard in this process, on one model replica."""
+
+    runtime: Runtime
+    worker: Any = None  # the ShardWorker, once started
+
+    def check(self) -> None:
+        pass
+
+    @contextmanager
+    def started(self, config: GenerateConfig, layout: JobLayout) -> Iterator[dict[str, str]]:
+        from .synthesis import load_shard_worker  # torch, diffusers: only where the models run
+
+        r = self.runtime
+        self.worker = load_shard_worker(config, r.device, r.batch_size, precision=r.precision)
+        yield self.worker.fingerprints
+
+    def run(self, pending: PendingShards, layout: JobLayout, bar: tqdm, tally: Callable[[dict[str, Any]], None]) -> None:
+        for shard in pending:
+            tally(self.worker.run(shard, layout, on_tiles=bar.update))
+
+
+def run_local(config: GenerateConfig, runtime: Runtime = Runtime()) -> dict[str, Any]:
+    """Run a whole job in this process (one model replica), resuming where a previous run stopped."""
+    return run_job(config, runtime, LocalExecutor(runtime))

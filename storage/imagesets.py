@@ -16,17 +16,16 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import UnidentifiedImageError
 
 from .errors import StorageError, describe, redact_url
-from .images import decode_image
+from .images import UNREADABLE_IMAGE, decode_image
 from .objects import get_bytes, list_names
 from .reader import read_samples, shard_urls
 from .urls import join
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
 FILES_PER_UNIT = 64  # image files per slice: enough to fill a batch, small enough to balance replicas
-_UNREADABLE = (tarfile.TarError, UnidentifiedImageError, ValueError, OSError)
+_UNREADABLE = (tarfile.TarError, *UNREADABLE_IMAGE)
 
 
 @dataclass(frozen=True)
