@@ -24,7 +24,7 @@ from PIL import Image
 from cytosynth import storage
 from cytosynth.synth.phantom_classes import CELL_CLASSES
 from cytosynth.synth.paste import crop_origin, edit_region
-from cytosynth.synth.pipeline import SynthesisSettings
+from cytosynth.synth.settings import SynthesisSettings
 
 from mini_classifier import accuracy, predict
 import mini_data

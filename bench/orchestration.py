@@ -40,6 +40,7 @@ import ray
 
 from cytosynth.cluster.distributed import run_distributed
 from cytosynth.cluster.job import GenerateConfig
+from cytosynth.synth.settings import SynthesisSettings
 from cytosynth.cluster.runner import Runtime
 from cytosynth.cluster.worker import ShardWorker
 
@@ -73,7 +74,7 @@ def run_job(out: str, num_tiles: int, tiles_per_shard: int, replicas: int, laten
     (epoch seconds, like the stats' timestamps) and its wall seconds.
     With `stop_after`, the job is abandoned once that many shards are committed."""
     config = GenerateConfig(out=out, num_tiles=num_tiles, tiles_per_shard=tiles_per_shard, normal_source="phantom",
-                            tile_size=256)
+                            synthesis=SynthesisSettings(tile_size=256))
     shards: list[dict[str, Any]] = []
 
     def on_shard(stats: dict[str, Any]) -> None:

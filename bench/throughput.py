@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cytosynth.cluster.job import GenerateConfig, JobLayout
 from cytosynth.cluster.synthesis import load_models, load_shard_worker, model_dtype
 from cytosynth.jobs.common import quiet_libraries
-from cytosynth.synth import ABNORMAL_CLASSES, draw_phantom_tile
+from cytosynth.synth import ABNORMAL_CLASSES, SynthesisSettings, draw_phantom_tile
 from cytosynth.synth.abnormal import CELL_PROMPT, AbnormalCellSynthesizer
 from cytosynth.synth.cell_crops import CROP_SIZE
 from cytosynth.synth.normal import NORMAL_PROMPT, NormalTileGenerator
@@ -132,16 +132,17 @@ def time_baseline(bundle, config: GenerateConfig, device: str, repeats: int) -> 
     for pipe in (tile_pipe, cell_pipe):
         pipe.set_progress_bar_config(disable=True)
     crop = Image.fromarray(draw_phantom_tile(0, CROP_SIZE)[0])
-    s = config.tile_size
+    settings = config.synthesis
+    s = settings.tile_size
 
     def tile() -> None:
-        tile_pipe(NORMAL_PROMPT, height=s, width=s, num_inference_steps=config.steps, guidance_scale=config.guidance,
+        tile_pipe(NORMAL_PROMPT, height=s, width=s, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                   output_type="np")
 
     def cell() -> None:
         label = ABNORMAL_CLASSES[0]
         cell_pipe(CELL_PROMPT.format(cls=label), height=CROP_SIZE, width=CROP_SIZE,
-                  num_inference_steps=config.steps, guidance_scale=config.guidance, gligen_phrases=[label],
+                  num_inference_steps=settings.steps, guidance_scale=settings.guidance, gligen_phrases=[label],
                   gligen_boxes=[[0.375, 0.375, 0.625, 0.625]], gligen_inpaint_image=crop,
                   gligen_scheduled_sampling_beta=1.0, output_type="np")
 
@@ -222,8 +223,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as out:
         config = GenerateConfig(out=out, num_tiles=(shards + 1) * args.batch_size, preset=args.preset,
-                                random_weights=True, tiles_per_shard=args.batch_size, tile_size=args.tile_size,
-                                steps=args.steps, guidance=args.guidance, cells=(low, high))
+                                random_weights=True, tiles_per_shard=args.batch_size,
+                                synthesis=SynthesisSettings(args.tile_size, args.steps, args.guidance, (low, high)))
         peak = matmul_peak(args.device, dtype, args.matmul_size)
         replica = time_replica(config, args.device, args.batch_size, args.precision, shards)
     # One copy of the models for the FLOP count and the baseline (the replica's copy is gone).

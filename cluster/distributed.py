@@ -297,7 +297,7 @@ def run_distributed(
     its GCS or raylet, and anywhere when the pool has had no replica up (none placed, or none
     loaded) for `replica_timeout` seconds.
     """
-    executor = RayExecutor(runtime, _pool_size(workers), ray_address, gpus_per_replica, replica_timeout, make_worker, on_shard)
+    executor = RayExecutor(runtime, workers, ray_address, gpus_per_replica, replica_timeout, make_worker, on_shard)
     return run_job(config, runtime, executor)
 
 
@@ -306,7 +306,7 @@ class RayExecutor:
     """The shards of a job on a pool of Ray replicas (`run_distributed` says what each field does)."""
 
     runtime: Runtime
-    size: tuple[int, int]
+    workers: int | tuple[int, int] = 1
     ray_address: str | None = None
     gpus_per_replica: float = 0.0
     replica_timeout: float = REPLICA_TIMEOUT
@@ -314,7 +314,16 @@ class RayExecutor:
     on_shard: Callable[[dict[str, Any]], None] | None = None
     scheduler: ShardScheduler | None = None  # once started
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """The pool's (MIN, MAX) replicas."""
+        low, high = (self.workers, self.workers) if isinstance(self.workers, int) else self.workers
+        if high < 1 or low < 0 or low > high:
+            raise InvalidInputError(f"--workers must be W >= 1 or MIN-MAX with 0 <= MIN <= MAX, MAX >= 1; got {low}-{high}")
+        return low, high
+
     def check(self) -> None:
+        self.size  # noqa: B018 (raises on a bad --workers)
         if self.gpus_per_replica < 0:
             raise InvalidInputError("--gpus-per-replica must be >= 0")
         if not self.replica_timeout > 0:  # NaN too; inf waits for ever (an autoscaler that will come)
@@ -375,13 +384,6 @@ def load_shard_worker_in_replica(config: GenerateConfig, **kwargs: Any) -> Any:
     from .synthesis import load_shard_worker
 
     return load_shard_worker(config, **kwargs)
-
-
-def _pool_size(workers: int | tuple[int, int]) -> tuple[int, int]:
-    low, high = (workers, workers) if isinstance(workers, int) else workers
-    if high < 1 or low < 0 or low > high:
-        raise InvalidInputError(f"--workers must be W >= 1 or MIN-MAX with 0 <= MIN <= MAX, MAX >= 1; got {low}-{high}")
-    return low, high
 
 
 def _log(message: str) -> None:

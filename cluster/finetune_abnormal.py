@@ -38,7 +38,7 @@ from cytosynth.synth.acs_training import GROUNDING_DROPOUT, PROMPT_DROPOUT, ACST
 from cytosynth.synth.cell_crops import CellCrop, CropBatch, cell_crops, check_annotation, crop_batches, fits_in_crop
 from cytosynth.synth.models import SD_COMPONENTS, acs_unet_from_base
 from cytosynth.synth.paste import paste_back
-from cytosynth.synth.pipeline import SynthesisSettings
+from cytosynth.synth.settings import SynthesisSettings
 from cytosynth.synth.selection import CROP_SIZE
 from cytosynth.synth.training import load_sd_components, noise_scheduler
 

@@ -7,12 +7,13 @@ can use it without pulling in torch.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from cytosynth.storage.errors import StorageError
 from cytosynth.synth.errors import InvalidInputError
+from cytosynth.synth.settings import SynthesisSettings
 
 NORMAL_SOURCES = ("diffusion", "phantom", "real")
 PRECISIONS = ("auto", "fp32", "bf16")  # of the diffusion models; see cluster.synthesis.model_dtype
@@ -66,23 +67,33 @@ class GenerateConfig:
     detector: str | None = None
     normal_source: str = "diffusion"
     real_tiles: str | None = None
-    cells: tuple[int, int] = (1, 8)
-    class_weights: dict[str, float] | None = None
     seed: int = 0
     tiles_per_shard: int = 64
     plan: str | None = None  # the plan's JSON text (a file is read by the CLI)
     image_format: str = "png"
-    tile_size: int = 1024
-    steps: int = 25
-    guidance: float = 5.0
+    synthesis: SynthesisSettings = field(default_factory=SynthesisSettings)
 
     def record(self) -> dict[str, Any]:
-        """The job.json form: the plan by hash (it can be large), no output URL (it is the key)."""
-        data = asdict(self)
-        data.pop("out")
+        """The job.json form: the plan by hash (it can be large), no output URL (it is the key),
+        the synthesis settings beside the other fields."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("out", "synthesis")}
+        data.update(self.synthesis.record())
         if self.plan is not None:
             data["plan"] = "sha256:" + hashlib.sha256(self.plan.encode()).hexdigest()[:16]
         return data
+
+    @classmethod
+    def from_record(cls, out: str, record: Mapping[str, Any], plan: str | None = None) -> GenerateConfig:
+        """The config whose `record()` is `record`, but for the plan (job.json holds its hash only).
+        Unknown keys are left out: the caller compares the records' hashes."""
+        def known(of: type) -> dict[str, Any]:
+            return {f.name: record[f.name] for f in fields(of) if f.name in record}
+
+        own = {k: v for k, v in known(cls).items() if k not in ("out", "plan", "synthesis")}
+        settings = known(SynthesisSettings)
+        if "cells" in settings:
+            settings["cells"] = tuple(settings["cells"])
+        return cls(out=out, plan=plan, synthesis=SynthesisSettings(**settings), **own)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ as they arrive, and the manifest is streamed from the committed shards.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections import Counter
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from cytosynth import storage
 from cytosynth.synth import InvalidInputError
-from cytosynth.synth.selection import MAX_CELLS_PER_TILE, plan_from_json
+from cytosynth.synth.selection import plan_from_json
 
 from .job import NORMAL_SOURCES, GenerateConfig, JobLayout, PendingShards, job_config
 from .worker import STAGES
@@ -78,26 +77,14 @@ def validate_runtime(runtime: Runtime) -> None:
 
 
 def validate_options(config: GenerateConfig) -> None:
-    """The numeric options, each in its range: a value that would fail mid-job, or quietly make a
-    poisoned dataset (no denoising, no cells, NaN guidance), is refused before job.json exists."""
+    """The options, each in its range, before job.json exists (the synthesis settings check their
+    own: `SynthesisSettings.validate`)."""
     if (config.lora or config.acs_unet) and not config.model_dir:  # they would be silently ignored
         raise InvalidInputError("--lora and --acs-unet replace parts of a --model-dir bundle; give --model-dir "
                                 "(without it the preset's random-init models are used as a whole)")
-    lo, hi = config.cells
-    if not 0 <= lo <= hi <= MAX_CELLS_PER_TILE:
-        raise InvalidInputError(f"--cells must be MIN-MAX with 0 <= MIN <= MAX <= {MAX_CELLS_PER_TILE}, got {lo}-{hi}")
     if config.seed < 0 or config.seed >= 2**63:
         raise InvalidInputError(f"--seed must be in [0, 2^63), got {config.seed}")
-    if config.steps < 1:
-        raise InvalidInputError(f"--steps must be at least 1, got {config.steps}")
-    if not math.isfinite(config.guidance):
-        raise InvalidInputError(f"--guidance must be a finite number, got {config.guidance}")
-    weights = config.class_weights
-    if weights is not None:
-        if not all(math.isfinite(w) and w >= 0 for w in weights.values()):
-            raise InvalidInputError(f"--class-weights must be finite and >= 0, got {weights}")
-        if not any(w > 0 for w in weights.values()):
-            raise InvalidInputError(f"--class-weights needs at least one weight > 0, got {weights}")
+    config.synthesis.validate()
 
 
 def validate_config(config: GenerateConfig) -> JobLayout:
@@ -109,8 +96,6 @@ def validate_config(config: GenerateConfig) -> JobLayout:
         raise InvalidInputError(f"unknown image format {config.image_format!r}; choose one of {', '.join(storage.IMAGE_FORMATS)}")
     if config.tiles_per_shard < 1:
         raise InvalidInputError("--tiles-per-shard must be at least 1")
-    if config.tile_size % 8 or config.tile_size < 256:
-        raise InvalidInputError(f"tile size must be a multiple of 8 and at least 256, got {config.tile_size}")
     num_tiles = config.num_tiles
     if config.normal_source == "real":
         if not config.real_tiles:
@@ -122,11 +107,11 @@ def validate_config(config: GenerateConfig) -> JobLayout:
             num_tiles = len(real)
         elif num_tiles > len(real):
             raise InvalidInputError(f"--num-tiles {num_tiles} but {config.real_tiles} holds {len(real)} real tiles")
-        real.check_sizes(config.tile_size)
+        real.check_sizes(config.synthesis.tile_size)
     if num_tiles is None or num_tiles < 1:
         raise InvalidInputError("--num-tiles must be at least 1")
     if config.plan:
-        plan_from_json(config.plan).validate(config.tile_size, num_tiles)
+        plan_from_json(config.plan).validate(config.synthesis.tile_size, num_tiles)
     return JobLayout(num_tiles, config.tiles_per_shard)
 
 

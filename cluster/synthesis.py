@@ -19,7 +19,6 @@ from cytosynth import storage
 from cytosynth.synth import (
     InvalidInputError,
     ModelBundle,
-    SynthesisSettings,
     TileSample,
     build_synthesizer,
     default_device,
@@ -80,10 +79,6 @@ class RealTileSource:
         return list(itertools.islice(self._shard_images(), indices[0], indices[0] + len(indices)))
 
 
-def synthesis_settings(config: GenerateConfig) -> SynthesisSettings:
-    return SynthesisSettings(config.tile_size, config.steps, config.guidance, config.cells, config.class_weights)
-
-
 def load_models(config: GenerateConfig) -> ModelBundle:
     """The bundle a config names: random weights for `tiny` (or when asked), else from disk/URL."""
     if config.model_dir:
@@ -138,7 +133,7 @@ def load_shard_worker(
     bundle = load_models(config).to(device, dtype)
     source = RealTileSource(config.real_tiles) if config.normal_source == "real" else config.normal_source
     plan = plan_from_json(config.plan) if config.plan else None
-    synthesizer = build_synthesizer(bundle, synthesis_settings(config), source, plan, device)
+    synthesizer = build_synthesizer(bundle, config.synthesis, source, plan, device)
 
     def synthesize(indices: Sequence[int], stage_seconds: MutableMapping[str, float]) -> list[TileSample]:
         with reproducible_threads(device):

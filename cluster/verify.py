@@ -9,7 +9,6 @@ made, then the manifest, preview and `_SUCCESS` are rebuilt.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -78,10 +77,7 @@ def config_for_repair(out: str, plan: str | None) -> GenerateConfig:
     text. A value redacted in job.json (a URL's credentials) cannot be used again.
     """
     recorded, layout = recorded_job(out)
-    names = {f.name for f in dataclasses.fields(GenerateConfig)} - {"out", "plan"}
-    values: dict[str, Any] = {k: v for k, v in recorded.items() if k in names}
-    values["cells"] = tuple(values.get("cells", (1, 8)))
-    redacted = sorted(k for k, v in values.items() if isinstance(v, str) and (v == REDACTED or v != redact_url(v) or "***@" in v))
+    redacted = sorted(k for k, v in recorded.items() if k != "plan" and isinstance(v, str) and (v == REDACTED or v != redact_url(v) or "***@" in v))
     if redacted:
         raise InvalidInputError(
             f"cannot repair {redact_url(out)}: job.json holds {', '.join(redacted)} redacted (credentials are never "
@@ -93,7 +89,7 @@ def config_for_repair(out: str, plan: str | None) -> GenerateConfig:
         digest = "sha256:" + hashlib.sha256(plan.encode()).hexdigest()[:16]
         if digest != recorded["plan"]:
             raise InvalidInputError(f"--plan is not the plan {redact_url(out)} was made with ({recorded['plan']})")
-    config = GenerateConfig(out=out, plan=plan if recorded.get("plan") is not None else None, **values)
+    config = GenerateConfig.from_record(out, recorded, plan if recorded.get("plan") is not None else None)
     rebuilt = job_config(config, layout, recorded.get("models", {}))
     if storage.config_sha256(rebuilt) != storage.config_sha256(recorded):
         changed = sorted(k for k in set(rebuilt) | set(recorded) if storage.redact(rebuilt.get(k)) != recorded.get(k))

@@ -6,14 +6,15 @@ import argparse
 
 from cytosynth import storage
 from cytosynth.cluster.job import NORMAL_SOURCES, PRECISIONS, REPLICA_TIMEOUT, GenerateConfig
-from cytosynth.cluster.runner import Runtime, run_local
+from cytosynth.cluster.runner import LocalExecutor, Runtime, ShardExecutor, run_job
 from cytosynth.cluster.worker import STAGES
 from cytosynth.synth import ABNORMAL_CLASSES, PRESETS, InvalidInputError
+from cytosynth.synth.settings import SynthesisSettings
 
 from .common import has_cuda_device
 from .options import field_defaults, from_args
 
-CONFIG, RUNTIME = field_defaults(GenerateConfig), field_defaults(Runtime)  # the options' defaults
+CONFIG, SETTINGS, RUNTIME = field_defaults(GenerateConfig), field_defaults(SynthesisSettings), field_defaults(Runtime)  # the options' defaults
 
 
 def _cells(text: str) -> tuple[int, int]:
@@ -64,15 +65,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--detector", help="Faster R-CNN state dict (safetensors); default: the classical detector")
     gen.add_argument("--normal-source", choices=NORMAL_SOURCES, default=CONFIG.normal_source, help="where the normal tiles come from: diffusion (stage 1), phantom (drawn Pap-like tiles, demos), real (--real-tiles, real-to-synthetic)")
     gen.add_argument("--real-tiles", help="folder or shards of real normal tiles (--normal-source real)")
-    gen.add_argument("--cells", type=_cells, default=CONFIG.cells, help="abnormal cells per tile, MIN-MAX (default 1-8)")
+    gen.add_argument("--cells", type=_cells, default=SETTINGS.cells, help="abnormal cells per tile, MIN-MAX (default 1-8)")
     gen.add_argument("--class-weights", type=_class_weights, help="relative class frequencies, e.g. ASC-US=1,HSIL=3; classes not listed get weight 0 (default: uniform)")
     gen.add_argument("--seed", type=int, default=CONFIG.seed, metavar="S", help="job seed: tile i's seed derives from (S, i) alone")
     gen.add_argument("--tiles-per-shard", type=int, default=CONFIG.tiles_per_shard, metavar="K", help="tiles per shard: the unit of work, commit and resume")
     gen.add_argument("--plan", help="JSON plan of cells per tile (see README)")
     gen.add_argument("--image-format", choices=storage.IMAGE_FORMATS, default=CONFIG.image_format, help="png and webp-lossless keep every pixel; jpg and webp (quality 95) are lossy, smaller")
-    gen.add_argument("--tile-size", type=int, default=CONFIG.tile_size, metavar="PX", help="tile side in pixels (paper: 1024; at least 256, the editor's crop)")
-    gen.add_argument("--steps", type=int, default=CONFIG.steps, help="DDIM steps (paper: 25)")
-    gen.add_argument("--guidance", type=float, default=CONFIG.guidance, help="CFG scale (paper: 5.0)")
+    gen.add_argument("--tile-size", type=int, default=SETTINGS.tile_size, metavar="PX", help="tile side in pixels (paper: 1024; at least 256, the editor's crop)")
+    gen.add_argument("--steps", type=int, default=SETTINGS.steps, help="DDIM steps (paper: 25)")
+    gen.add_argument("--guidance", type=float, default=SETTINGS.guidance, help="CFG scale (paper: 5.0)")
     gen.add_argument("--device", help="torch device the models compute on, e.g. cuda, cuda:1, cpu (default: "
                      "cuda where available; under Ray, cuda on replicas that reserved GPUs, else cpu)")
     gen.add_argument("--batch-size", type=int, default=RUNTIME.batch_size, help="tiles per model call")
@@ -112,19 +113,23 @@ def read_plan(path: str | None) -> str | None:
 def generate(args: argparse.Namespace) -> int:
     config = from_args(GenerateConfig, args, plan=read_plan(args.plan))  # the plan's text, not its path
     runtime = from_args(Runtime, args)
-    if args.workers != (0, 0) or args.ray_address:
-        from cytosynth.cluster.distributed import run_distributed  # Ray only when asked for
-
-        gpus = args.gpus_per_replica
-        if gpus is None:
-            cuda = args.device.startswith("cuda") if args.device else has_cuda_device()  # no torch on the driver
-            gpus = 1.0 if cuda else 0.0
-        workers = args.workers if args.workers != (0, 0) else (1, 1)
-        summary = run_distributed(config, runtime, workers, args.ray_address, gpus, args.replica_timeout)
-    else:
-        summary = run_local(config, runtime)
-    print(format_summary(summary))
+    print(format_summary(run_job(config, runtime, executor_for(args, runtime))))
     return 0
+
+
+def executor_for(args: argparse.Namespace, runtime: Runtime) -> ShardExecutor:
+    """What runs the shards: this process, or a pool of Ray replicas when --workers or
+    --ray-address asks for one."""
+    if args.workers == (0, 0) and not args.ray_address:
+        return LocalExecutor(runtime)
+    from cytosynth.cluster.distributed import RayExecutor  # Ray only when asked for
+
+    gpus = args.gpus_per_replica
+    if gpus is None:
+        cuda = args.device.startswith("cuda") if args.device else has_cuda_device()  # no torch on the driver
+        gpus = 1.0 if cuda else 0.0
+    workers = args.workers if args.workers != (0, 0) else (1, 1)
+    return RayExecutor(runtime, workers, args.ray_address, gpus, args.replica_timeout)
 
 
 def format_summary(summary: dict) -> str:

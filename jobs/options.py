@@ -2,7 +2,7 @@
 a field (its default included), and once more as its option's help in the job's parser.
 
     config = from_args(GenerateConfig, args, plan=read_plan(args.plan))
-    gen.add_argument("--steps", type=int, default=CONFIG.steps, help="DDIM steps (paper: 25)")
+    gen.add_argument("--steps", type=int, default=SETTINGS.steps, help="DDIM steps (paper: 25)")
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Iterable
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, is_dataclass
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
@@ -29,11 +29,14 @@ def absolute(url: str | None) -> str | None:
 def from_args(cls: type[C], args: argparse.Namespace, *, paths: Iterable[str] = (), **values: Any) -> C:
     """A `cls` whose fields come from the options of the same name (those of NEGATED inverted),
     `paths` made absolute; `values` set the rest (computed, or from options named otherwise).
+    A field that is itself a config (GenerateConfig.synthesis) is built from the same options.
     A field with no option keeps its default: tests/test_cli_configs.py checks that each field
     a user can set has its option."""
     given = {}
     for f in fields(cls):
-        if f.name in NEGATED and hasattr(args, NEGATED[f.name]):
+        if is_dataclass(f.default_factory):
+            given[f.name] = from_args(f.default_factory, args)
+        elif f.name in NEGATED and hasattr(args, NEGATED[f.name]):
             given[f.name] = not getattr(args, NEGATED[f.name])
         elif hasattr(args, f.name):
             given[f.name] = getattr(args, f.name)

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from itertools import islice
 from typing import IO, Any, Mapping, TypeVar
 
@@ -83,7 +84,7 @@ def put_bytes(
 ) -> None:
     """Write ``data`` to ``url`` so that it appears whole (replacing any existing object)."""
     fs, path = filesystem(url, **(storage_options or {}))
-    retrying(lambda: write_whole(fs, path, data), url, action="write", policy=retry)
+    retrying(partial(write_whole, fs, path, data), url, action="write", policy=retry)
 
 
 def create_bytes(

@@ -20,10 +20,11 @@ _MODULES = {
     ".models": ("ModelBundle", "load_bundle", "random_bundle", "save_bundle"),
     ".normal": ("NormalTileGenerator",),
     ".phantom": ("draw_phantom_tile",),
-    ".pipeline": ("SynthesisSettings", "TileSample", "TileSynthesizer", "build_synthesizer"),
+    ".pipeline": ("TileSample", "TileSynthesizer", "build_synthesizer"),
     ".presets": ("PRESETS", "Preset", "get_preset"),
     ".seeding": ("tile_seed",),
     ".selection": ("CellEdit", "Plan", "load_plan", "select_cells"),
+    ".settings": ("SynthesisSettings",),
 }
 _LAZY = {name: module for module, names in _MODULES.items() for name in names}
 

@@ -24,6 +24,7 @@ from .paste import crop_origin, box_in_crop, paste_back
 from .phantom import draw_phantom_tile
 from .seeding import rng_for, tile_seed
 from .selection import CROP_SIZE, CellEdit, Plan, select_cells, unedited_boxes
+from .settings import SynthesisSettings
 
 # A normal-tile source maps (tile indices, seeds) to uint8 HxWx3 tiles.
 NormalTileSource = Callable[[Sequence[int], Sequence[int]], Sequence[np.ndarray]]
@@ -42,29 +43,6 @@ def timed(stage_seconds: MutableMapping[str, float] | None, stage: str) -> Itera
     finally:
         if stage_seconds is not None:
             stage_seconds[stage] = stage_seconds.get(stage, 0.0) + time.perf_counter() - start
-
-
-@dataclass(frozen=True)
-class SynthesisSettings:
-    """The knobs of one job, with the paper's values as defaults."""
-
-    tile_size: int = 1024
-    steps: int = 25
-    guidance: float = 5.0
-    cells: tuple[int, int] = (1, 8)
-    class_weights: Mapping[str, float] | None = None
-    feather: int = 12  # px of blend margin around an edited box
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "tile_size": self.tile_size,
-            "steps": self.steps,
-            "guidance": self.guidance,
-            "cells": list(self.cells),
-            "class_weights": dict(self.class_weights) if self.class_weights else None,
-            "feather": self.feather,
-            "crop_size": CROP_SIZE,
-        }
 
 
 @dataclass

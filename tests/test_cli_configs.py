@@ -1,7 +1,7 @@
 """The config a command runs with is what its user typed (issue 16, item 3; jobs/options.py).
 
 Each command is run with every option set to a value other than its default, up to the call that
-would do the work (train, run_local, run_distributed), which is replaced by one that keeps its
+would do the work (train, or run_job with the executor chosen), which is replaced by one that keeps its
 arguments. Every field of the configs it gets must then hold the value asked for, so a field with
 no option, or an option that reaches no config, fails here. With no options, the configs are the
 dataclasses' own defaults: the parsers take theirs from the dataclasses, or agree with them.
@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import fields, replace
+from dataclasses import fields, is_dataclass, replace
 from typing import Any
 
 import numpy as np
 import pytest
 
 from cytosynth.cluster.job import GenerateConfig
-from cytosynth.cluster.runner import Runtime
+from cytosynth.cluster.distributed import RayExecutor
+from cytosynth.cluster.runner import LocalExecutor, Runtime
 from cytosynth.cluster.train_config import DetectorTrainConfig, TrainConfig
 from cytosynth.jobs import detection, generate
 from cytosynth.jobs import train_detector as train_detector_job
@@ -26,7 +27,7 @@ from cytosynth.jobs.cli import build_parser
 from cytosynth.storage import ShardWriter
 
 # Fields no option sets, on purpose.
-NO_OPTION = {"keep_checkpoints", "prompt", "name"}
+NO_OPTION = {"keep_checkpoints", "prompt", "name", "feather"}
 # Options of the training jobs whose values are local paths, made absolute for Ray workers.
 TRAINING_PATHS = {"out", "real", "synthetic", "backbone_weights", "data", "coco", "images", "model_dir"}
 # Values for the options whose text has a form of its own (generate's parsers; the plan is a file),
@@ -102,6 +103,9 @@ def assert_as_asked(config: Any, args: argparse.Namespace, paths: set[str] = fro
         if f.name in NO_OPTION or f.name in unset:
             assert value == f.default, f"{type(config).__name__}.{f.name}"
             continue
+        if is_dataclass(value) and f.name not in expected:  # a config in the config (GenerateConfig.synthesis)
+            taken |= assert_as_asked(value, args, paths, unset)
+            continue
         if f.name not in expected:
             assert f.name in ("resume", "progress", "use_gpu") or hasattr(args, f.name), \
                 f"{type(config).__name__}.{f.name}: no option sets it"
@@ -127,13 +131,11 @@ def captured(monkeypatch) -> list[tuple]:
         calls.append(arguments)
         raise Captured()
 
-    import cytosynth.cluster.distributed as distributed
     import cytosynth.cluster.training as training
 
     monkeypatch.setattr(train_detector_job, "train", keep)
     monkeypatch.setattr(training, "train", keep)
-    monkeypatch.setattr(generate, "run_local", keep)
-    monkeypatch.setattr(distributed, "run_distributed", keep)
+    monkeypatch.setattr(generate, "run_job", keep)
     return calls
 
 
@@ -176,9 +178,8 @@ def test_generate_config_runtime_and_pool_hold_every_option(captured, tmp_path):
     plan = tmp_path / "plan.json"
     plan.write_text('{"tiles": {}}', encoding="utf-8")
     args = run_to_the_work(every_option("generate", plan=str(plan)))
-    [(config, runtime, workers, ray_address, gpus, replica_timeout)] = captured
-    assert (workers, ray_address, gpus, replica_timeout) == (
-        args.workers, args.ray_address, args.gpus_per_replica, args.replica_timeout)
+    [(config, runtime, executor)] = captured
+    assert executor == RayExecutor(runtime, args.workers, args.ray_address, args.gpus_per_replica, args.replica_timeout)
     # The config holds the plan's text (it defines the dataset), paths as typed (no Ray worker reads them).
     taken = assert_as_asked(config, args, plan=plan.read_text()) | assert_as_asked(runtime, args)
     assert "device" in taken  # generate's --device is a torch device, not use_gpu
@@ -201,7 +202,7 @@ def test_without_options_each_config_is_its_dataclass_defaults(captured):
     assert captured[1] == (TrainConfig(out=out), NormalLoraTask(data=data))
     assert captured[2] == (replace(TrainConfig(out=out), steps=50000, batch_size=4, optimizer="adamw"),
                            AbnormalCellTask(data=data))
-    assert captured[3] == (GenerateConfig(out="o"), Runtime())
+    assert captured[3] == (GenerateConfig(out="o"), Runtime(), LocalExecutor(Runtime()))
 
 
 # --------------------------------------------------------------------------- augmentation-study

@@ -29,6 +29,7 @@ from cytosynth import storage  # noqa: E402
 from cytosynth.cluster.distributed import pool_changes, run_distributed  # noqa: E402
 from cytosynth.cluster.runner import Runtime, run_local  # noqa: E402
 from cytosynth.cluster.job import GenerateConfig  # noqa: E402
+from cytosynth.synth.settings import SynthesisSettings  # noqa: E402
 from cytosynth.jobs.cli import EXIT_STOPPED, EXIT_TERMINATED, main  # noqa: E402
 from conftest import FAKE_CREDENTIALS  # noqa: E402
 from ray_processes import actor_processes  # noqa: E402
@@ -39,7 +40,8 @@ RUNTIME = Runtime(device="cpu", batch_size=2, progress=False)
 
 def config(out: str) -> GenerateConfig:
     return GenerateConfig(
-        out=out, num_tiles=NUM_TILES, tiles_per_shard=1, normal_source="phantom", steps=2, tile_size=256, seed=7
+        out=out, num_tiles=NUM_TILES, tiles_per_shard=1, normal_source="phantom", seed=7,
+        synthesis=SynthesisSettings(steps=2, tile_size=256),
     )
 
 

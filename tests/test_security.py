@@ -179,7 +179,7 @@ def test_an_unexpected_error_is_one_line_and_a_private_log_with_the_redacted_tra
     def broken(*args, **kwargs):
         raise RuntimeError(f"boom at s3://{KEY}:{SECRET}@bucket/x")
 
-    monkeypatch.setattr(generate_job, "run_local", broken)
+    monkeypatch.setattr(generate_job, "run_job", broken)
     rc = main(["generate", "--out", str(tmp_path / "out"), *CHEAP])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and err.startswith("error: RuntimeError: boom") and "Traceback" not in err
