@@ -109,14 +109,26 @@ def _open(url: str, storage_options: Mapping[str, Any] | None) -> IO[bytes]:
 
 
 def _file_size(url: str, storage_options: Mapping[str, Any] | None) -> tuple[int, int]:
-    """An image file's (width, height) from its header (Pillow reads no pixel data on open)."""
+    """An image file's (width, height) from its header: its first HEADER_BLOCK bytes (one ranged
+    GET), the whole file only when a header runs past them (Pillow reads no pixel data on open)."""
+    head = get_range(url, 0, HEADER_BLOCK, storage_options=storage_options)
     try:
-        with _open(url, storage_options) as f, Image.open(f) as image:
-            return image.size
+        return _header_size(io.BytesIO(head))
+    except _UNREADABLE as err:  # not an image, or a decompression bomb's header
+        if len(head) < HEADER_BLOCK:  # the whole file was read: nothing more to try
+            raise StorageError(f"cannot read image {redact_url(url)}: {describe(err)}") from None
+    try:
+        with _open(url, storage_options) as f:
+            return _header_size(f)
     except StorageError:
         raise
-    except _UNREADABLE as err:  # not an image, or a decompression bomb's header
+    except _UNREADABLE as err:
         raise StorageError(f"cannot read image {redact_url(url)}: {describe(err)}") from None
+
+
+def _header_size(f: IO[bytes]) -> tuple[int, int]:
+    with Image.open(f) as image:
+        return image.size
 
 
 def _shard_entries(url: str, storage_options: Mapping[str, Any] | None) -> list[tuple[int, int, int, int]]:
@@ -163,8 +175,7 @@ def _tar_samples(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
 def _member_size(tar: tarfile.TarFile, info: tarfile.TarInfo) -> tuple[int, int]:
     member = tar.extractfile(info)
     assert member is not None  # regular files always have data
-    with Image.open(member) as image:
-        return image.size
+    return _header_size(member)
 
 
 def _check_archive_end(tar: tarfile.TarFile, f: IO[bytes]) -> None:
