@@ -22,6 +22,7 @@ from cytosynth.cluster.realtiles import RealTileSource
 from cytosynth.cluster.synthesis import load_shard_worker
 from cytosynth.jobs.cli import main
 from cytosynth.storage import StorageError
+from cytosynth.synth import InvalidInputError
 
 CHEAP = ("--steps", "1", "--tile-size", "256", "--cells", "0-0", "--device", "cpu", "--quiet",
          "--tiles-per-shard", "2", "--normal-source", "real")
@@ -216,5 +217,5 @@ def test_a_tile_whose_pixels_are_not_the_size_its_index_says_is_refused_when_rea
     real = image_folder(str(tmp_path / "real"), [tile(0)])
     index = storage.index_image_set(real)
     (tmp_path / "real" / "tile_000.png").write_bytes(png(tile(0, 256, 128)))  # replaced after indexing
-    with pytest.raises(Exception, match=r"^real tile .*tile_000.png is 256x128, expected 256x256$"):
+    with pytest.raises(InvalidInputError, match=r"^real tile .*tile_000.png is 256x128, expected 256x256$"):
         RealTileSource("unused", 256, index)([0], [0])
