@@ -25,6 +25,7 @@ from cytosynth.synth import InvalidInputError
 from cytosynth.synth.selection import plan_from_json
 
 from .job import NORMAL_SOURCES, GenerateConfig, JobLayout, PendingShards, job_config
+from .realtiles import RealTileSource, check_header_sizes, real_tile_index, sample_positions
 from .worker import STAGES
 
 
@@ -34,13 +35,15 @@ class Runtime:
     the models' precision (`synthesis.model_dtype`). Like the device, precision changes pixels at
     the rounding level (so, on generated tiles, what the detector may find), not the job's
     identity: shard stats record both. `verify`: on resume, hash every committed tar against its
-    marker (sizes are always compared)."""
+    marker (sizes are always compared). `check_real_tiles`: decode that many real tiles, spread
+    over the job, before anything is written (header sizes are always checked)."""
 
     device: str | None = None
     batch_size: int = 4
     progress: bool = True
     precision: str = "auto"
     verify: bool = False
+    check_real_tiles: int = 0
 
 
 @dataclass
@@ -74,6 +77,8 @@ def validate_runtime(runtime: Runtime) -> None:
     """Runtime choices that are wrong whatever the data: one line, before anything is written."""
     if runtime.batch_size < 1:
         raise InvalidInputError(f"--batch-size must be at least 1, got {runtime.batch_size}")
+    if runtime.check_real_tiles < 0:
+        raise InvalidInputError(f"--check-real-tiles must be at least 0, got {runtime.check_real_tiles}")
 
 
 def validate_options(config: GenerateConfig) -> None:
@@ -87,8 +92,9 @@ def validate_options(config: GenerateConfig) -> None:
     config.synthesis.validate()
 
 
-def validate_config(config: GenerateConfig) -> JobLayout:
-    """Check every input a job can check up front; returns the job's shard layout."""
+def validate_config(config: GenerateConfig, real: storage.ImageIndex | None = None) -> JobLayout:
+    """Check every input a job can check up front; returns the job's shard layout. `real`: the
+    index of the real tiles when the caller has made it (else made here, `real_tile_index`)."""
     validate_options(config)
     if config.normal_source not in NORMAL_SOURCES:
         raise InvalidInputError(f"unknown normal source {config.normal_source!r}; choose one of {', '.join(NORMAL_SOURCES)}")
@@ -100,14 +106,12 @@ def validate_config(config: GenerateConfig) -> JobLayout:
     if config.normal_source == "real":
         if not config.real_tiles:
             raise InvalidInputError("--normal-source real needs --real-tiles URL")
-        from .synthesis import RealTileSource  # torch: a Ray driver without real tiles never imports it
-
-        real = RealTileSource(config.real_tiles)
+        real = real or real_tile_index(config)
         if num_tiles is None:
             num_tiles = len(real)
         elif num_tiles > len(real):
             raise InvalidInputError(f"--num-tiles {num_tiles} but {config.real_tiles} holds {len(real)} real tiles")
-        real.check_sizes(config.synthesis.tile_size)
+        check_header_sizes(real, config.synthesis.tile_size)
     if num_tiles is None or num_tiles < 1:
         raise InvalidInputError("--num-tiles must be at least 1")
     if config.plan:
@@ -115,17 +119,39 @@ def validate_config(config: GenerateConfig) -> JobLayout:
     return JobLayout(num_tiles, config.tiles_per_shard)
 
 
+def check_decoded_real_tiles(config: GenerateConfig, real: storage.ImageIndex, layout: JobLayout, count: int) -> None:
+    """Decode `count` of the job's real tiles (spread evenly) as a replica would: a cut or
+    corrupt tile among them fails here, before anything is written."""
+    source = RealTileSource(storage.real_index_url(config.out), config.synthesis.tile_size, real)
+    for i in sample_positions(layout.num_tiles, count):
+        source.read(i)
+
+
+def store_real_index(config: GenerateConfig, real: storage.ImageIndex | None) -> None:
+    """Keep the real tiles' index in the output, where every replica reads it (a resume finds
+    the one it was made with, `real_tile_index`, and leaves it)."""
+    url = storage.real_index_url(config.out)
+    if real is not None and not storage.exists(url):
+        storage.write_image_index(real, url)
+
+
 def prepare_job(
-    config: GenerateConfig, layout: JobLayout, fingerprints: dict[str, str], *, hash_tars: bool = False
+    config: GenerateConfig,
+    layout: JobLayout,
+    fingerprints: dict[str, str],
+    *,
+    hash_tars: bool = False,
+    real: storage.ImageIndex | None = None,
 ) -> PendingShards:
-    """Claim --out (write or match job.json), take damaged committed shards back out so they are
-    made again, and list the shards still to do.
+    """Claim --out (write or match job.json), store the real tiles' index (`real`), take damaged
+    committed shards back out so they are made again, and list the shards still to do.
 
     Damaged: the tar is missing or not the size its marker records, or (`hash_tars`) not its
     SHA-256. A committed shard made under another job config is a one-line StorageError.
     """
     record = job_config(config, layout, fingerprints)
     storage.write_job_json(config.out, record)
+    store_real_index(config, real)  # after the config check: a refused run changes nothing
     damaged = storage.damaged_shards(config.out, hash_tars=hash_tars, config_sha256=storage.config_sha256(record))
     for index, problem in damaged.items():
         tqdm.write(f"cytosynth: shard {storage.shard_name(index)} is damaged ({problem}); making it again", file=sys.stderr)
@@ -206,10 +232,13 @@ def run_job(config: GenerateConfig, runtime: Runtime, executor: ShardExecutor) -
     validate_options(config)  # the cheap checks first: nothing below may write before they pass
     storage.ensure_writable(config.out)  # first: an unreachable store is one 'not writable' line
     storage.check_not_foreign(config.out)
-    layout = validate_config(config)  # checks inputs before the (possibly slow) model load
+    real = real_tile_index(config) if config.normal_source == "real" and config.real_tiles else None
+    layout = validate_config(config, real)  # checks inputs before the (possibly slow) model load
+    if real is not None:
+        check_decoded_real_tiles(config, real, layout, runtime.check_real_tiles)
     run = RunTally()
     with executor.started(config, layout) as fingerprints:
-        pending = prepare_job(config, layout, fingerprints, hash_tars=runtime.verify)
+        pending = prepare_job(config, layout, fingerprints, hash_tars=runtime.verify, real=real)
         with tqdm(
             total=layout.num_tiles, initial=pending.done_tiles, unit="tile", disable=not runtime.progress, desc="generate"
         ) as bar:

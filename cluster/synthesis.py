@@ -6,13 +6,11 @@ do not, so only processes that really synthesize pay for it.
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import torch
 
 from cytosynth import storage
@@ -30,53 +28,13 @@ from cytosynth.synth.models import fingerprint, localize
 from cytosynth.synth.selection import plan_from_json
 
 from .job import PRECISIONS, GenerateConfig
+from .realtiles import RealTileSource
 from .worker import ShardWorker
 
 # On CPU torch splits the models' reductions by thread, so pixels would depend on the thread
 # count (a local run uses every core, a Ray replica its one CPU): they compute on this many
 # threads everywhere. Parallelism on CPU comes from replicas (--workers), as on GPUs.
 CPU_THREADS = 1
-
-
-class RealTileSource:
-    """Real normal tiles (folder of images or shards) as a synth normal-tile source."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        found = storage.list_image_set(url)
-        self.from_shards = found.from_shards
-        self.urls = list(found.shards or found.files)
-        self._count = sum(1 for _ in self._shard_images()) if self.from_shards else len(self.urls)
-
-    def __len__(self) -> int:
-        return self._count
-
-    def check_sizes(self, tile_size: int) -> None:
-        """Fail before any work if a real tile is unreadable or not tile_size x tile_size.
-
-        Every tile is decoded whole (its bytes are read here anyway): a valid header over
-        truncated or corrupt data must fail now, not after earlier shards are committed."""
-        for where, (w, h) in self._sizes():
-            if (w, h) != (tile_size, tile_size):
-                raise InvalidInputError(f"real tile {where} is {w}x{h}, expected {tile_size}x{tile_size}")
-
-    def _sizes(self) -> Iterator[tuple[str, tuple[int, int]]]:
-        if self.from_shards:
-            for i, image in enumerate(self._shard_images()):
-                yield f"{i} of {self.url}", (image.shape[1], image.shape[0])
-        else:
-            for url in self.urls:
-                image = storage.read_image(url)
-                yield url, (image.shape[1], image.shape[0])
-
-    def _shard_images(self) -> Iterator[np.ndarray]:
-        return (sample["image"] for sample in storage.read_samples(self.urls))
-
-    def __call__(self, indices: Sequence[int], seeds: Sequence[int]) -> list[np.ndarray]:
-        if not self.from_shards:
-            return [storage.read_image(self.urls[i]) for i in indices]
-        # Shards are streamed, not indexed: skip to the batch (real sets are thousands, not millions).
-        return list(itertools.islice(self._shard_images(), indices[0], indices[0] + len(indices)))
 
 
 def load_models(config: GenerateConfig) -> ModelBundle:
@@ -131,7 +89,9 @@ def load_shard_worker(
     device = device or default_device()
     dtype = model_dtype(precision, device)
     bundle = load_models(config).to(device, dtype)
-    source = RealTileSource(config.real_tiles) if config.normal_source == "real" else config.normal_source
+    # The job's index of its real tiles (runner.prepare_job wrote it), read on first use.
+    real = config.normal_source == "real"
+    source = RealTileSource(storage.real_index_url(config.out), config.synthesis.tile_size) if real else config.normal_source
     plan = plan_from_json(config.plan) if config.plan else None
     synthesizer = build_synthesizer(bundle, config.synthesis, source, plan, device)
 

@@ -80,6 +80,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--precision", choices=PRECISIONS, default=RUNTIME.precision, help="diffusion models' precision "
                      "(default auto: bf16 on CUDA, fp32 on CPU, where runs are byte-reproducible)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--check-real-tiles", type=int, default=RUNTIME.check_real_tiles, metavar="N",
+                     help="decode N real tiles, spread over the job, before anything is written (every tile's header "
+                          "size is always checked; a tile cut or corrupt past its header otherwise fails its shard "
+                          "when read, and that shard is not committed)")
     gen.add_argument("--verify", action="store_true", help="on resume, hash every committed shard's tar against its "
                      "marker (sizes are always compared); a damaged shard is made again")
     gen.add_argument("--workers", type=_workers, default=(0, 0), metavar="W|MIN-MAX", help="Ray replicas: W, or MIN-MAX for a pool "

@@ -35,9 +35,10 @@ from .job import (
     write_success,
 )
 from .manifest import MANIFEST_NAME, MANIFEST_SCHEMA, manifest_rows, read_manifest, write_manifest
-from .objects import create_bytes, delete, exists, get_bytes, list_names, put_bytes
+from .objects import create_bytes, delete, exists, get_bytes, get_range, list_names, put_bytes
 from .preview import CLASS_COLORS, contact_sheet, write_preview
 from .imagesets import IMAGE_SUFFIXES, ImageSet, list_image_set, read_image
+from .imageindex import REAL_INDEX_NAME, ImageIndex, IndexEntry, index_image_set, read_image_index, read_indexed_image, real_index_url, write_image_index
 from .reader import committed_shard_urls, decode_sample, open_shard, open_shards, read_samples, shard_urls
 from .retry import DEFAULT_RETRY, Retry, is_transient, retrying
 from .shards import (
@@ -79,6 +80,8 @@ __all__ = [*_LOADER_NAMES, *_PIPELINE_NAMES, "check_marker_config", "config_sha2
     "delete", "job_config_sha256", "manifest_problem", "shard_problem", "tar_sha256", "tar_sizes", "uncommit", "ANNOTATIONS_NAME", "LABEL_SETS", "NORMAL_CATEGORY_ID", "coco_categories",
     "export_coco", "label_categories", "labelled_boxes",
     "IMAGE_SUFFIXES", "ImageSet", "list_image_set", "read_image",
+    "ImageIndex", "IndexEntry", "index_image_set", "read_image_index", "read_indexed_image", "write_image_index", "get_range",
+    "REAL_INDEX_NAME", "real_index_url",
     "CATEGORIES", "CATEGORY_IDS", "CLASSES", "CLASS_COLORS", "DEFAULT_RETRY", "IMAGE_FORMATS",
     "LOSSLESS_FORMATS", "MANIFEST_FIELDS", "MANIFEST_NAME", "MANIFEST_SCHEMA", "NORMAL_LABEL", "SHARDS_DIR", "STATS_DIR",
     "Retry", "ShardWriter", "StorageError", "category_id", "check_not_foreign", "committed_shard_urls", "committed_shards", "contact_sheet", "decode_image", "decode_sample",

@@ -122,6 +122,19 @@ def get_bytes(
     return retrying(lambda: fs.cat_file(path), url, action="read", policy=retry)
 
 
+def get_range(
+    url: str,
+    start: int,
+    end: int,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    retry: Retry = DEFAULT_RETRY,
+) -> bytes:
+    """Bytes ``[start, end)`` of the object at ``url`` (S3: one ranged GET)."""
+    fs, path = filesystem(url, **(storage_options or {}))
+    return retrying(lambda: fs.cat_file(path, start=start, end=end), url, action="read", policy=retry)
+
+
 def exists(
     url: str,
     *,

@@ -299,17 +299,38 @@ def _png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.slow
-def test_a_real_tile_with_a_valid_header_and_truncated_data_is_refused_before_anything_is_written(tmp_path, capsys):
+def _real_folder_with_tile_2_cut(tmp_path: Path) -> Path:
     real = tmp_path / "real"
     real.mkdir()
     for i in range(4):
         (real / f"{i}.png").write_bytes(_png(i))
     (real / "2.png").write_bytes(_png(2)[:4000])  # header intact, pixels cut off
+    return real
+
+
+@pytest.mark.slow
+def test_a_real_tile_with_a_valid_header_and_truncated_data_fails_its_shard_and_keeps_the_earlier_ones(tmp_path, capsys):
+    # Headers are all that is read up front (a million tiles are not decoded before the job
+    # starts): a tile cut past its header fails when its shard reads it, and only that shard.
+    real = _real_folder_with_tile_2_cut(tmp_path)
     out = tmp_path / "out"
     real_args = ("--normal-source", "real", "--real-tiles", real)
     assert generate(out, *real_args) == 2
     one_error_line(capsys, "2.png")
+    assert storage.committed_shards(str(out)) == {0}
+    assert not (out / "shards" / "000001.tar").exists()  # nothing of tile 2's shard was written
+    (real / "2.png").write_bytes(_png(2))  # the input fixed, the same command resumes
+    assert generate(out, *real_args) == 0
+    assert storage.committed_shards(str(out)) == {0, 1}
+
+
+@pytest.mark.slow
+def test_check_real_tiles_refuses_a_truncated_real_tile_before_anything_is_written(tmp_path, capsys):
+    real = _real_folder_with_tile_2_cut(tmp_path)
+    out = tmp_path / "out"
+    real_args = ("--normal-source", "real", "--real-tiles", real, "--check-real-tiles", "4")
+    assert generate(out, *real_args) == 2
+    one_error_line(capsys, "2.png")
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
-    (real / "2.png").write_bytes(_png(2))  # the input fixed, the same command runs
+    (real / "2.png").write_bytes(_png(2))
     assert generate(out, *real_args) == 0

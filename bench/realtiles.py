@@ -1,0 +1,232 @@
+"""Real-to-synthetic at scale: start-up and per-tile cost of the real-tile source, today vs before.
+
+Sets of N real tiles (64x64 PNGs, a smooth pattern plus noise, ~4-5 KB each: small so that 100k
+fit the disk and the time; what is measured is per image, not per pixel) as a folder of image
+files and as a cytosynth shard set (1,000 tiles per shard), on local disk and on moto S3 over
+loopback (a moto server in this process, as tests/conftest.py runs it; its objects are put
+straight into moto's store, set-up only).
+
+Each figure comes from a fresh child process running one version of the code: "new" is the
+checkout, "old" the `git archive` of --baseline-rev (the code before issue 15 item 1) imported
+in its place. Per version and set:
+
+- driver: what a job does before job.json. Old: `RealTileSource(url)` then `check_sizes`
+  (`runner.validate_config`). New: `real_tile_index` work (`storage.index_image_set`), the
+  header-size check and writing the index (`storage.write_image_index`).
+- replica: what each replica does on start. Old: `RealTileSource(url)` (lists the set; a shard
+  set is counted by decoding it). New: reading the job's index (`storage.read_image_index`).
+- per tile: mean milliseconds per tile of source calls of 4 tiles (a batch) at BATCHES starting
+  points spread evenly over the set (old shard sets: 3 points, each call skips from the start).
+
+    python bench/realtiles.py --sizes 1000,10000,100000 --s3-sizes 1000,10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE_REV = "e010ad7"  # main before issue 15 item 1: the set decoded on start, batches skipped to
+PACKAGES = ("synth", "storage", "cluster", "jobs")
+TILE, PER_SHARD, BATCH, BATCHES, OLD_SHARD_BATCHES = 64, 1000, 4, 25, 3
+CHILD_TIMEOUT = 420  # seconds: a version that takes longer at a size is reported as not finished
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+               "NO_PROXY": "127.0.0.1,localhost"}
+
+
+def tile_pngs(count: int = 64) -> list[bytes]:
+    """`count` distinct tile PNGs, used in turn (encoding 100k tiles would cost more than the runs)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:TILE, 0:TILE]
+    pngs = []
+    for seed in range(count):
+        noise = np.random.default_rng(seed).integers(0, 8, (TILE, TILE, 3))
+        image = (128 + 60 * np.sin((x + seed) / 9)[..., None] * np.cos(y / 7)[..., None] + noise).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    return pngs
+
+
+def set_objects(kind: str, url: str, n: int, pngs: list[bytes]) -> dict[str, bytes]:
+    """Every object of a set of n tiles: image files, or shards of PER_SHARD tiles with markers."""
+    from cytosynth import storage
+    from cytosynth.storage.jsonio import json_bytes
+
+    if kind == "folder":
+        return {storage.join(url, f"tile_{i:07d}.png"): pngs[i % len(pngs)] for i in range(n)}
+    objects = {}
+    for shard in range(0, n, PER_SHARD):
+        members = []
+        for i in range(shard, min(shard + PER_SHARD, n)):
+            ann = {"tile_index": i, "width": TILE, "height": TILE, "seed": i, "boxes": [], "labels": [],
+                   "normal_boxes": [], "source": "real"}
+            members += [(f"{storage.sample_key(i)}.json", json_bytes(ann)), (f"{storage.sample_key(i)}.png", pngs[i % len(pngs)])]
+        objects[storage.shard_url(url, shard // PER_SHARD)] = storage.tar_bytes(members)
+        objects[storage.stats_url(url, shard // PER_SHARD)] = json_bytes({"shard": shard // PER_SHARD})
+    return objects
+
+
+def write_set(objects: dict[str, bytes]) -> None:
+    """Local files written plainly; s3:// objects put into moto's store directly."""
+    for url, data in objects.items():
+        if url.startswith("s3://"):
+            from moto.core import DEFAULT_ACCOUNT_ID
+            from moto.s3.models import s3_backends
+
+            bucket, _, key = url.removeprefix("s3://").partition("/")
+            s3_backends[DEFAULT_ACCOUNT_ID]["aws"].put_object(bucket, key, data)
+        else:
+            Path(url).parent.mkdir(parents=True, exist_ok=True)
+            Path(url).write_bytes(data)
+
+
+def batch_starts(n: int, count: int) -> list[int]:
+    return sorted({int(s) for s in [(k + 0.5) * n / count for k in range(count)]} - {n})
+
+
+def timed(fn: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def child_new(url: str, index_url: str) -> dict[str, Any]:
+    from cytosynth import storage
+    from cytosynth.cluster.realtiles import RealTileSource, check_header_sizes
+
+    def driver() -> int:
+        index = storage.index_image_set(url)
+        check_header_sizes(index, TILE)
+        storage.write_image_index(index, index_url)
+        return len(index)
+
+    n, driver_s = timed(driver)
+    source = RealTileSource(index_url, TILE)
+    _, replica_s = timed(lambda: len(source))
+    starts = batch_starts(n, BATCHES)
+    _, read_s = timed(lambda: [source(range(s, min(s + BATCH, n)), []) for s in starts])
+    return {"tiles": n, "driver_s": driver_s, "replica_s": replica_s, "ms_per_tile": 1000 * read_s / (BATCH * len(starts))}
+
+
+def child_old(url: str) -> dict[str, Any]:
+    from cytosynth.cluster.synthesis import RealTileSource
+
+    def driver() -> int:
+        source = RealTileSource(url)
+        source.check_sizes(TILE)
+        return len(source)
+
+    n, driver_s = timed(driver)
+    source, replica_s = timed(lambda: RealTileSource(url))
+    starts = batch_starts(n, OLD_SHARD_BATCHES if source.from_shards else BATCHES)
+    _, read_s = timed(lambda: [source(range(s, min(s + BATCH, n)), []) for s in starts])
+    return {"tiles": n, "driver_s": driver_s, "replica_s": replica_s, "ms_per_tile": 1000 * read_s / (BATCH * len(starts))}
+
+
+def run_child(version: str, url: str, index_url: str, env: dict[str, str], baseline: str) -> dict[str, Any] | None:
+    env = dict(env)
+    if version == "old":
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (baseline, env.get("PYTHONPATH")) if p)
+    command = [sys.executable, __file__, "--child", version, url, index_url]
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return None
+    if result.returncode:
+        raise SystemExit(f"error: {version} on {url} failed: {result.stderr.strip().splitlines()[-1]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def baseline_tree(rev: str, into: str) -> str:
+    """The packages at `rev`, laid out as an importable `cytosynth` namespace under `into`."""
+    root = Path(into, "cytosynth")
+    root.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, *PACKAGES], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    return into
+
+
+def start_moto() -> tuple[Any, str]:
+    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    return server, f"http://{host}:{port}"
+
+
+def main() -> None:
+    sizes = lambda t: [int(v) for v in t.split(",") if v]  # noqa: E731
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=sizes, default=[1000, 10000, 100000], help="tiles per set on local disk")
+    parser.add_argument("--s3-sizes", type=sizes, default=[1000, 10000], help="tiles per set on moto S3")
+    parser.add_argument("--baseline-rev", default=BASELINE_REV)
+    parser.add_argument("--old-up-to", type=int, default=100000, help="largest set the old code is run on")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        version, url, index_url = args.child
+        print(json.dumps(child_new(url, index_url) if version == "new" else child_old(url)))
+        return
+
+    server, endpoint = start_moto()
+    env = {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
+    os.environ.update(env)
+    import s3fs
+
+    print(f"# realtiles | {platform.machine()}, {len(os.sched_getaffinity(0))} CPUs, load {os.getloadavg()[0]:.1f} | "
+          f"python {platform.python_version()} | s3fs {s3fs.__version__} | {time.strftime('%Y-%m-%d %H:%M')} | "
+          f"baseline {args.baseline_rev} | {TILE}px PNG tiles, {PER_SHARD} per shard", flush=True)
+    pngs = tile_pngs()
+    print(f"# tile PNG {min(map(len, pngs))}-{max(map(len, pngs))} bytes", flush=True)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+    try:
+        with tempfile.TemporaryDirectory() as tree, tempfile.TemporaryDirectory() as data:
+            baseline = baseline_tree(args.baseline_rev, tree)
+            runs = [("local", n) for n in args.sizes] + [("s3", n) for n in args.s3_sizes]
+            for store, n in runs:
+                for kind in ("folder", "shards"):
+                    if store == "s3":
+                        bucket = f"bench-real-{kind}-{n}"
+                        fs.mkdir(bucket)
+                        root = f"s3://{bucket}"
+                    else:
+                        root = f"{data}/{kind}-{n}"
+                    url, index_url = f"{root}/real", f"{root}/out/real_index.parquet"
+                    _, setup_s = timed(lambda: write_set(set_objects(kind, url, n, pngs)))
+                    for version in ("old", "new"):
+                        if version == "old" and n > args.old_up_to:
+                            continue
+                        result = run_child(version, url, index_url, env, baseline)
+                        row = {"store": store, "kind": kind, "tiles": n, "version": version, "setup_s": round(setup_s, 1)}
+                        if result is None:
+                            row["not_finished_in_s"] = CHILD_TIMEOUT
+                        else:
+                            row.update({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()})
+                        print(json.dumps(row), flush=True)
+                    if store == "s3":
+                        fs.rm(bucket, recursive=True)
+                    else:
+                        subprocess.run(["rm", "-rf", root], check=True)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
