@@ -26,7 +26,7 @@ from cytosynth.synth import InvalidInputError
 from cytosynth.synth.selection import MAX_CELLS_PER_TILE, plan_from_json
 
 from .job import NORMAL_SOURCES, GenerateConfig, JobLayout, PendingShards, job_config
-from .worker import STAGES
+from .worker import IDLE_STAGES, STAGES
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class RunTally:
     tiles: int = 0
     retried_shards: int = 0
     stage_seconds: Counter[str] = field(default_factory=Counter)
+    idle_seconds: Counter[str] = field(default_factory=Counter)
     workers: set[str] = field(default_factory=set)
 
     def add(self, stats: Mapping[str, Any]) -> None:
@@ -59,6 +60,7 @@ class RunTally:
         self.tiles += stats["tiles"]
         self.retried_shards += stats.get("attempt", 1) > 1
         self.stage_seconds.update(stats.get("stage_seconds", {}))
+        self.idle_seconds.update(stats.get("idle_seconds", {}))
         self.workers.add(stats.get("worker", "local"))
 
     def as_dict(self) -> dict[str, Any]:
@@ -68,6 +70,7 @@ class RunTally:
             "replicas": len(self.workers),
             "retried_shards": self.retried_shards,
             "stage_seconds": {s: round(self.stage_seconds.get(s, 0.0), 2) for s in STAGES},
+            "idle_seconds": {s: round(self.idle_seconds.get(s, 0.0), 2) for s in IDLE_STAGES},
         }
 
 
