@@ -99,7 +99,7 @@ def run_setting(stage1_s: float, stage2_s: float, args: argparse.Namespace) -> d
         for depth in runs:
             with tempfile.TemporaryDirectory() as out:
                 worker = replica(out, stage1, stage2_s, depth, args.tiles_per_shard, args.batch_size)
-                worker.run(0, JobLayout(1 << 20, args.tiles_per_shard))  # warm-up: imports, first allocations
+                worker.run(0, JobLayout(args.batch_size, args.tiles_per_shard))  # warm-up (one batch): lazy imports
                 runs[depth].append(timed_shards(worker, shards, layout))
                 hashes[depth] = tar_hashes(out)
     return {"stage1": stage1_s, "stage2": stage2_s, "tiles": len(shards) * args.tiles_per_shard,
@@ -130,7 +130,7 @@ def report(args: argparse.Namespace, results: list[dict], load: tuple[float, flo
         "",
         f"`python bench/pipeline.py {' '.join(args.argv)}` — {TILE}x{TILE} phantom tiles, classical detector, "
         f"batch {args.batch_size}, {args.tiles_per_shard} tiles per shard (two shards in flight), "
-        f"{args.tiles} timed tiles per run after one warm-up shard, median of {args.repeats} alternating runs per mode.",
+        f"{args.tiles} timed tiles per run after a one-batch warm-up, the median of {args.repeats} alternating runs per mode.",
         "",
         "| simulated GPU: stage 1 per tile + stage 2 per cell | cells per tile | serial tiles/s | pipelined tiles/s "
         "| speed-up | detection s per tile (serial / pipelined) | CPU stages s per tile, serial | device wait for "
@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=64, help="timed tiles per run (whole shards)")
     parser.add_argument("--tiles-per-shard", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per mode (odd: a median run)")
     parser.add_argument("--append", action="store_true", help="append the section to bench/RESULTS.md")
     args = parser.parse_args()
     args.argv = [a for a in sys.argv[1:] if a != "--append"]

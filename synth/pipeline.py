@@ -114,7 +114,8 @@ class TileSynthesizer:
         seeds: Sequence[int],
         stage_seconds: MutableMapping[str, float] | None = None,
     ) -> list[TileSample]:
-        """Synthesize a batch, stage after stage; with ``stage_seconds``, add each stage's seconds to it (SYNTHESIS_STAGES)."""
+        """Synthesize a batch, stage after stage; with ``stage_seconds``, add each stage's
+        seconds to it (SYNTHESIS_STAGES)."""
         [samples] = self.pipeline([(tile_indices, seeds)], stage_seconds, depth=0)
         return samples
 

@@ -67,7 +67,9 @@ class Stages(Generic[B, R]):
     paste_back: Callable[[B], R]  # CPU
 
 
-def pipelined(batches: Iterable[Any], stages: Stages[B, R], clock: StageClock, depth: int = PIPELINE_DEPTH) -> Iterator[R]:
+def pipelined(
+    batches: Iterable[Any], stages: Stages[B, R], clock: StageClock, depth: int = PIPELINE_DEPTH
+) -> Iterator[R]:
     """Each batch's result, in batch order, on the schedule of the module docstring. A stage's
     error is raised here, after every started CPU stage has ended: no thread outlives the call."""
     cpu = _CpuThread(clock) if depth > 0 else _Inline(clock)
