@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,13 +54,15 @@ class SimulatedSample:
     annotation: dict[str, Any]
 
 
-def simulated_synthesize(latency: float, tiles: Sequence[int], seconds: MutableMapping[str, float]) -> list[SimulatedSample]:
+def simulated_synthesize(latency: float, batches: Iterable[Sequence[int]], seconds: MutableMapping[str, float],
+                         idle: MutableMapping[str, float]) -> Iterator[list[SimulatedSample]]:
     """`latency` seconds of 'GPU work' per tile, then small tiles with one box each."""
-    time.sleep(latency * len(tiles))
-    seconds["stage1"] += latency * len(tiles)
     image = np.full((TILE, TILE, 3), 200, np.uint8)
-    return [SimulatedSample(i, image, {"seed": i, "boxes": [[4, 4, 12, 12]], "labels": ["LSIL"], "source": "synthetic"})
-            for i in tiles]
+    for tiles in batches:
+        time.sleep(latency * len(tiles))
+        seconds["stage1"] += latency * len(tiles)
+        yield [SimulatedSample(i, image, {"seed": i, "boxes": [[4, 4, 12, 12]], "labels": ["LSIL"], "source": "synthetic"})
+               for i in tiles]
 
 
 def simulated_worker(config: GenerateConfig, latency: float, *, device: str, identity: dict[str, Any]) -> ShardWorker:

@@ -26,7 +26,7 @@ from cytosynth.synth.selection import plan_from_json
 
 from .job import NORMAL_SOURCES, GenerateConfig, JobLayout, PendingShards, job_config
 from .realtiles import RealTileSource, check_header_sizes, real_tile_index, sample_positions
-from .worker import STAGES
+from .worker import IDLE_STAGES, STAGES
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class RunTally:
     tiles: int = 0
     retried_shards: int = 0
     stage_seconds: Counter[str] = field(default_factory=Counter)
+    idle_seconds: Counter[str] = field(default_factory=Counter)
     workers: set[str] = field(default_factory=set)
 
     def add(self, stats: Mapping[str, Any]) -> None:
@@ -61,6 +62,7 @@ class RunTally:
         self.tiles += stats["tiles"]
         self.retried_shards += stats.get("attempt", 1) > 1
         self.stage_seconds.update(stats.get("stage_seconds", {}))
+        self.idle_seconds.update(stats.get("idle_seconds", {}))
         self.workers.add(stats.get("worker", "local"))
 
     def as_dict(self) -> dict[str, Any]:
@@ -70,6 +72,7 @@ class RunTally:
             "replicas": len(self.workers),
             "retried_shards": self.retried_shards,
             "stage_seconds": {s: round(self.stage_seconds.get(s, 0.0), 2) for s in STAGES},
+            "idle_seconds": {s: round(self.idle_seconds.get(s, 0.0), 2) for s in IDLE_STAGES},
         }
 
 

@@ -7,7 +7,7 @@ do not, so only processes that really synthesize pay for it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,6 +18,7 @@ from cytosynth.synth import (
     InvalidInputError,
     ModelBundle,
     TileSample,
+    TileSynthesizer,
     build_synthesizer,
     default_device,
     load_bundle,
@@ -25,11 +26,12 @@ from cytosynth.synth import (
     tile_seed,
 )
 from cytosynth.synth.models import fingerprint, localize
+from cytosynth.synth.schedule import PIPELINE_DEPTH
 from cytosynth.synth.selection import plan_from_json
 
 from .job import PRECISIONS, GenerateConfig
 from .realtiles import RealTileSource
-from .worker import ShardWorker
+from .worker import ShardWorker, Synthesize
 
 # On CPU torch splits the models' reductions by thread, so pixels would depend on the thread
 # count (a local run uses every core, a Ray replica its one CPU): they compute on this many
@@ -83,9 +85,11 @@ def load_shard_worker(
     batch_size: int = 4,
     identity: dict[str, Any] | None = None,
     precision: str = "auto",
+    pipeline_depth: int = PIPELINE_DEPTH,
 ) -> ShardWorker:
     """Load the config's models once onto `device` (None: cuda when available), in `precision`
-    (see `model_dtype`), into a ShardWorker."""
+    (see `model_dtype`), into a ShardWorker whose batches go through the two-thread pipeline
+    (`synth.schedule`; `pipeline_depth` 0: every stage in series, same bytes)."""
     device = device or default_device()
     dtype = model_dtype(precision, device)
     bundle = load_models(config).to(device, dtype)
@@ -94,10 +98,21 @@ def load_shard_worker(
     source = RealTileSource(storage.real_index_url(config.out), config.synthesis.tile_size) if real else config.normal_source
     plan = plan_from_json(config.plan) if config.plan else None
     synthesizer = build_synthesizer(bundle, config.synthesis, source, plan, device)
-
-    def synthesize(indices: Sequence[int], stage_seconds: MutableMapping[str, float]) -> list[TileSample]:
-        with reproducible_threads(device):
-            return synthesizer(indices, [tile_seed(config.seed, i) for i in indices], stage_seconds)
-
+    synthesize = pipelined_synthesis(synthesizer, config.seed, device, pipeline_depth)
     identity = {"worker": "local", **(identity or {}), "device": device, "precision": str(dtype).removeprefix("torch.")}
     return ShardWorker(config, synthesize, bundle.fingerprints, batch_size, identity)
+
+
+def pipelined_synthesis(synthesizer: TileSynthesizer, job_seed: int, device: str, depth: int = PIPELINE_DEPTH) -> Synthesize:
+    """A shard worker's `synthesize`: the synthesizer's pipeline over a shard's batches, seeded
+    from the job seed, on CPU_THREADS torch threads (for the CPU-stage thread too: the count is
+    process-wide) until the pipeline's last thread has ended."""
+
+    def synthesize(
+        batches: Iterable[Sequence[int]], stage_seconds: MutableMapping[str, float], idle_seconds: MutableMapping[str, float]
+    ) -> Iterator[list[TileSample]]:
+        seeded = ((b, [tile_seed(job_seed, i) for i in b]) for b in batches)
+        with reproducible_threads(device):
+            yield from synthesizer.pipeline(seeded, stage_seconds, idle_seconds, depth)
+
+    return synthesize

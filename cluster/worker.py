@@ -1,9 +1,10 @@
 """The shard worker: synthesizes the tiles of a shard batch by batch and commits the shard.
 
-It knows nothing of Ray or of models: `synthesize` is any callable from tile indices to samples
-(`cluster.synthesis.load_shard_worker` wires the real models in; benchmarks pass a simulated
-one). The local runner calls it in-process, Ray actors wrap it. The shard is the unit of work and
-of commit.
+It knows nothing of Ray or of models: `synthesize` is any callable from a shard's batches of tile
+indices to a stream of samples, one list per batch (`cluster.synthesis.load_shard_worker` wires
+the real models in, whose detection and paste-back of one batch run beside the diffusion of the
+next: `synth.schedule`; benchmarks pass a simulated one). The local runner calls it in-process,
+Ray actors wrap it. The shard is the unit of work and of commit.
 
 Encoding and upload are kept off the accelerator's critical path with threads in the same
 process: Pillow's zlib/libjpeg encoders and the storage clients release the GIL, so a batch's PNGs
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,6 +32,9 @@ from .job import GenerateConfig, JobLayout, job_config
 # Per-shard stage seconds: the synthesis stages (synth.pipeline.SYNTHESIS_STAGES) plus PNG/JPEG
 # encoding and the upload of the shard. Encode seconds are summed over the encoder threads.
 STAGES = ("stage1", "detection", "stage2", "paste_back", "encode", "upload")
+# Per-shard idle seconds: how long each queue-fed synthesis stage waited for the stage before
+# (synth.schedule.WAITING_STAGES; stage2's is the device waiting for the CPU).
+IDLE_STAGES = ("detection", "stage2", "paste_back")
 ENCODE_THREADS = 2
 
 
@@ -39,8 +44,11 @@ class Sample(Protocol):
     annotation: dict[str, Any]
 
 
-# (tile indices, stage seconds to add to) -> one sample per index.
-Synthesize = Callable[[Sequence[int], MutableMapping[str, float]], Sequence[Sample]]
+# (a shard's batches of tile indices, stage seconds and idle seconds to add to) -> per batch, in
+# order, one sample per index. The worker closes the stream, so a generator's threads end with it.
+Synthesize = Callable[
+    [Iterable[Sequence[int]], MutableMapping[str, float], MutableMapping[str, float]], Iterator[Sequence[Sample]]
+]
 
 
 @dataclass
@@ -69,16 +77,16 @@ class ShardWorker:
         c = self.config
         job_sha256 = storage.config_sha256(job_config(c, layout, self.fingerprints))
         writer = storage.ShardWriter(c.out, shard, c.image_format, config_sha256=job_sha256)
-        seconds = dict.fromkeys(STAGES, 0.0)
+        seconds, idle = dict.fromkeys(STAGES, 0.0), dict.fromkeys(IDLE_STAGES, 0.0)
         started_at = time.time()
         encodes: list[Future[float]] = []
         try:
-            with self._device:
-                for batch in _batched(layout.tiles(shard), self.batch_size):
-                    samples = self.synthesize(batch, seconds)
+            batches = _batched(layout.tiles(shard), self.batch_size)
+            with self._device, closing(self.synthesize(batches, seconds, idle)) as stream:
+                for samples in stream:
                     encodes += [self._encoder.submit(_encode, writer, s) for s in samples]
                     if on_tiles:
-                        on_tiles(len(batch))
+                        on_tiles(len(samples))
             # The device is free: the next shard synthesizes while this one encodes and uploads.
             seconds["encode"] = sum(f.result() for f in encodes)
         except BaseException:
@@ -88,7 +96,8 @@ class ShardWorker:
         extra = {**self.identity, "attempt": attempt, "started_at": round(started_at, 3)}
         upload_start = time.perf_counter()
         stage_seconds = _rounded({k: v for k, v in seconds.items() if k != "upload"})
-        stats = writer.commit({**extra, "stage_seconds": stage_seconds}, tiles=layout.tiles(shard))
+        times = {"stage_seconds": stage_seconds, "idle_seconds": _rounded(idle)}
+        stats = writer.commit({**extra, **times}, tiles=layout.tiles(shard))
         seconds["upload"] = time.perf_counter() - upload_start
         return {**stats, "stage_seconds": _rounded(seconds), "finished_at": round(time.time(), 3)}
 

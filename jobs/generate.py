@@ -7,7 +7,7 @@ import argparse
 from cytosynth import storage
 from cytosynth.cluster.job import NORMAL_SOURCES, PRECISIONS, REPLICA_TIMEOUT, GenerateConfig
 from cytosynth.cluster.runner import LocalExecutor, Runtime, ShardExecutor, run_job
-from cytosynth.cluster.worker import STAGES
+from cytosynth.cluster.worker import IDLE_STAGES, STAGES
 from cytosynth.synth import ABNORMAL_CLASSES, PRESETS, InvalidInputError
 from cytosynth.synth.settings import SynthesisSettings
 
@@ -140,13 +140,15 @@ def format_summary(summary: dict) -> str:
     run = summary.get("this_run") or {}
     made = run.get("tiles", summary["tiles"])
     rate = made / summary["seconds"] if summary["seconds"] else float("nan")
-    stages = run.get("stage_seconds") or {}
+    stages, idle = run.get("stage_seconds") or {}, run.get("idle_seconds") or {}
     lines = [
         f"cytosynth: wrote {summary['tiles']} tiles in {summary['shards']} shards to {summary['out']}",
         f"  time       {summary['seconds']:.1f} s ({rate:.2f} tiles/s); this run made {made} tiles "
         f"in {run.get('shards', 0)} shards, by {_replicas(run.get('replicas', 0))}, {run.get('retried_shards', 0)} shards retried",
         "  stages     " + ", ".join(f"{s} {stages.get(s, 0.0):.1f} s" for s in STAGES)
         + " (busy seconds summed over replicas; encode and upload overlap synthesis)",
+        "  waits      " + ", ".join(f"{s} {idle.get(s, 0.0):.1f} s" for s in IDLE_STAGES)
+        + " (each stage waiting for the one before; stage2's is the device waiting for detection)",
         f"  abnormal   {sum(summary['cells'].values())} cells: "
         + ", ".join(f"{name} {count}" for name, count in summary["cells"].items()),
         f"  normal     {summary['normal_cells']} NILM cells annotated",

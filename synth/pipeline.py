@@ -1,14 +1,14 @@
 """The per-tile pipeline: normal tile -> detection -> cell selection -> stage 2 -> paste-back.
 
-`TileSynthesizer` turns a batch of (tile index, seed) pairs into annotated samples. Every random
-choice of a tile comes from its own seed, so a tile's plan and boxes never depend on the batch.
+`TileSynthesizer` turns a batch of (tile index, seed) pairs into annotated samples, and a stream
+of batches into a stream of samples with its CPU stages beside its device stages
+(`TileSynthesizer.pipeline`, scheduled by `synth.schedule`). Every random choice of a tile comes
+from its own seed, so a tile's plan and boxes never depend on the batch or on the schedule.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,27 +22,20 @@ from .models import ModelBundle
 from .normal import NormalTileGenerator
 from .paste import crop_origin, box_in_crop, paste_back
 from .phantom import draw_phantom_tile
+from .schedule import PIPELINE_DEPTH, StageClock, Stages, pipelined
 from .seeding import rng_for, tile_seed
 from .selection import CROP_SIZE, CellEdit, Plan, select_cells, unedited_boxes
 from .settings import SynthesisSettings
 
 # A normal-tile source maps (tile indices, seeds) to uint8 HxWx3 tiles.
 NormalTileSource = Callable[[Sequence[int], Sequence[int]], Sequence[np.ndarray]]
-# Stages timed by TileSynthesizer: normal tile (stage 1), detection + cell selection, the
-# Abnormal Cell Synthesizer (stage 2), paste-back. Each ends in numpy arrays on the host, so on a
-# GPU the wall time of a stage includes its kernels without an explicit synchronize.
+# Stages timed by TileSynthesizer: normal tile (stage 1), detection + cell selection (+ cutting
+# the crops), the Abnormal Cell Synthesizer (stage 2), paste-back (+ the annotations). Each ends
+# in numpy arrays on the host, so on a GPU the wall time of a stage includes its kernels without
+# an explicit synchronize.
 SYNTHESIS_STAGES = ("stage1", "detection", "stage2", "paste_back")
 
 
-@contextmanager
-def timed(stage_seconds: MutableMapping[str, float] | None, stage: str) -> Iterator[None]:
-    """Add the wall time of the block to ``stage_seconds[stage]`` (no-op when None)."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        if stage_seconds is not None:
-            stage_seconds[stage] = stage_seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -62,6 +55,20 @@ def phantom_source(tile_size: int) -> NormalTileSource:
 
 def diffusion_source(generator: NormalTileGenerator) -> NormalTileSource:
     return lambda indices, seeds: list(generator(seeds))
+
+
+@dataclass
+class _Batch:
+    """A batch between stages, filled in stage by stage."""
+
+    indices: Sequence[int]
+    seeds: Sequence[int]
+    tiles: list[np.ndarray]
+    detections: list[np.ndarray] = field(default_factory=list)
+    edits: list[list[CellEdit]] = field(default_factory=list)
+    cells: list[tuple[int, int, CellEdit]] = field(default_factory=list)  # (tile of the batch, j, edit j of it)
+    origins: list[tuple[int, int]] = field(default_factory=list)  # each cell's crop in its tile
+    crops: np.ndarray | None = None  # stage 2's input, then its output
 
 
 class TileSynthesizer:
@@ -87,21 +94,45 @@ class TileSynthesizer:
         seeds: Sequence[int],
         stage_seconds: MutableMapping[str, float] | None = None,
     ) -> list[TileSample]:
-        """Synthesize a batch; with ``stage_seconds``, add each stage's seconds to it (SYNTHESIS_STAGES)."""
+        """Synthesize a batch, stage after stage; with ``stage_seconds``, add each stage's
+        seconds to it (SYNTHESIS_STAGES)."""
+        [samples] = self.pipeline([(tile_indices, seeds)], stage_seconds, depth=0)
+        return samples
+
+    def pipeline(
+        self,
+        batches: Iterable[tuple[Sequence[int], Sequence[int]]],
+        stage_seconds: MutableMapping[str, float] | None = None,
+        idle_seconds: MutableMapping[str, float] | None = None,
+        depth: int = PIPELINE_DEPTH,
+    ) -> Iterator[list[TileSample]]:
+        """The samples of each (tile indices, seeds) batch, in order, detection and paste-back on
+        a thread of their own beside the diffusion stages (`synth.schedule`; depth 0: in series).
+        Adds busy seconds per stage to ``stage_seconds``, waits on the stage before to ``idle_seconds``."""
+        clock = StageClock({} if stage_seconds is None else stage_seconds, {} if idle_seconds is None else idle_seconds)
+        stages = Stages(self._normal_tiles, self._detect, self._edit, self._paste)
+        return pipelined(batches, stages, clock, depth)
+
+    def _normal_tiles(self, batch: tuple[Sequence[int], Sequence[int]]) -> _Batch:
+        """Stage 1 (device)."""
+        indices, seeds = batch
         size = self.settings.tile_size
-        with timed(stage_seconds, "stage1"):
-            tiles = [np.array(t, dtype=np.uint8, copy=True) for t in self.source(tile_indices, seeds)]
-        for index, tile in zip(tile_indices, tiles):
+        tiles = [np.array(t, dtype=np.uint8, copy=True) for t in self.source(indices, seeds)]
+        for index, tile in zip(indices, tiles):
             if tile.shape != (size, size, 3):
                 raise InvalidInputError(f"tile {index}: normal tile is {tile.shape}, expected ({size}, {size}, 3)")
-        with timed(stage_seconds, "detection"):
-            detections = self.detector.detect(tiles)
-            edits = [self._select(i, s, d) for i, s, d in zip(tile_indices, seeds, detections)]
-        self._edit(tiles, seeds, edits, stage_seconds)
-        return [
-            TileSample(i, s, tile, self._annotation(i, s, e, unedited_boxes(d, e)))
-            for i, s, tile, e, d in zip(tile_indices, seeds, tiles, edits, detections)
-        ]
+        return _Batch(indices, seeds, tiles)
+
+    def _detect(self, batch: _Batch) -> _Batch:
+        """Detection, cell selection and the cells' crops (CPU)."""
+        batch.detections = self.detector.detect(batch.tiles)
+        batch.edits = [self._select(i, s, d) for i, s, d in zip(batch.indices, batch.seeds, batch.detections)]
+        batch.cells = [(t, j, e) for t, tile_edits in enumerate(batch.edits) for j, e in enumerate(tile_edits)]
+        batch.origins = [crop_origin(e.box, self.settings.tile_size, CROP_SIZE) for _, _, e in batch.cells]
+        if batch.cells:
+            corners = zip((t for t, _, _ in batch.cells), batch.origins)
+            batch.crops = np.stack([batch.tiles[t][y : y + CROP_SIZE, x : x + CROP_SIZE] for t, (x, y) in corners])
+        return batch
 
     def _select(self, index: int, seed: int, detected: np.ndarray) -> list[CellEdit]:
         s = self.settings
@@ -110,30 +141,25 @@ class TileSynthesizer:
             return self.plan.edits_for(index, detected, rng, s.tile_size, s.cells, s.class_weights)
         return select_cells(detected, rng, s.tile_size, s.cells, s.class_weights)
 
-    def _edit(
-        self,
-        tiles: list[np.ndarray],
-        seeds: Sequence[int],
-        edits: list[list[CellEdit]],
-        stage_seconds: MutableMapping[str, float] | None = None,
-    ) -> None:
-        """Stage 2 for every cell of the batch in one editor call, then paste-back in place."""
-        cells = [(t, j, e) for t, tile_edits in enumerate(edits) for j, e in enumerate(tile_edits)]
-        if not cells:
-            return
-        origins = [crop_origin(e.box, self.settings.tile_size, CROP_SIZE) for _, _, e in cells]
-        crops = np.stack(
-            [tiles[t][top : top + CROP_SIZE, left : left + CROP_SIZE] for (t, _, _), (left, top) in zip(cells, origins)]
-        )
-        boxes = np.array([box_in_crop(e.box, o) for (_, _, e), o in zip(cells, origins)])
+    def _edit(self, batch: _Batch) -> _Batch:
+        """Stage 2 (device) for every cell of the batch in one editor call."""
+        if not batch.cells:
+            return batch
+        boxes = np.array([box_in_crop(e.box, o) for (_, _, e), o in zip(batch.cells, batch.origins)])
         # Cell j of a tile draws its noise from (tile seed, j): independent of the batch.
-        cell_seeds = [tile_seed(seeds[t], j) for t, j, _ in cells]
-        with timed(stage_seconds, "stage2"):
-            edited = self.editor(crops, boxes, [e.label for _, _, e in cells], cell_seeds)
-        with timed(stage_seconds, "paste_back"):
-            for (t, _, e), origin, crop in zip(cells, origins, edited):
-                others = [o.box for o in edits[t] if o is not e]
-                paste_back(tiles[t], crop, origin, e.box, self.settings.feather, keep_out=others)
+        cell_seeds = [tile_seed(batch.seeds[t], j) for t, j, _ in batch.cells]
+        batch.crops = self.editor(batch.crops, boxes, [e.label for _, _, e in batch.cells], cell_seeds)
+        return batch
+
+    def _paste(self, batch: _Batch) -> list[TileSample]:
+        """Paste-back in place and the annotations (CPU)."""
+        for (t, _, e), origin, crop in zip(batch.cells, batch.origins, batch.crops if batch.cells else []):
+            others = [o.box for o in batch.edits[t] if o is not e]
+            paste_back(batch.tiles[t], crop, origin, e.box, self.settings.feather, keep_out=others)
+        return [
+            TileSample(i, s, tile, self._annotation(i, s, e, unedited_boxes(d, e)))
+            for i, s, tile, e, d in zip(batch.indices, batch.seeds, batch.tiles, batch.edits, batch.detections)
+        ]
 
     def _annotation(self, index: int, seed: int, edits: list[CellEdit], normal: np.ndarray) -> dict[str, Any]:
         size = self.settings.tile_size

@@ -139,10 +139,11 @@ class _Tiles:
     def __init__(self, drop: int | None = None) -> None:
         self.drop = drop
 
-    def __call__(self, indices, stage_seconds):
+    def __call__(self, batches, stage_seconds, idle_seconds):
         image = np.zeros((64, 64, 3), np.uint8)
         ann = {"seed": 0, "width": 64, "height": 64, "boxes": [], "labels": [], "normal_boxes": [], "source": "phantom"}
-        return [TileSample(i, 0, image, {**ann, "tile_index": i}) for i in indices if i != self.drop]
+        for indices in batches:
+            yield [TileSample(i, 0, image, {**ann, "tile_index": i}) for i in indices if i != self.drop]
 
 
 @pytest.mark.parametrize(("synthesize", "batch_size"), [(_Tiles(), -2), (_Tiles(drop=3), 4)], ids=["no-tiles", "one-lost"])
@@ -285,6 +286,8 @@ def test_a_plan_cell_detection_does_not_find_fails_its_shard_and_keeps_the_earli
     out = tmp_path / "out"
     assert generate(out, "--plan", plan) == 2
     one_error_line(capsys, "plan: tile 2: detected cell 40 out of range")
+    # Raised on the CPU-stage thread of the replica's pipeline; that thread ended with the shard.
+    assert not [t for t in threading.enumerate() if t.name.startswith("cpu-stages")]
     assert storage.committed_shards(str(out)) == {0}
     assert storage.damaged_shards(str(out), hash_tars=True) == {}  # shard 0 is whole
     shard0 = (out / "shards" / "000000.tar").stat()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -16,7 +19,10 @@ from cytosynth.synth import (
     random_bundle,
     tile_seed,
 )
+from cytosynth.synth.errors import InvalidInputError
 from cytosynth.synth.paste import crop_origin, edit_region, feather_alpha, paste_back
+from cytosynth.synth.schedule import StageClock, Stages, pipelined
+from cytosynth.synth.selection import plan_from_json
 
 FAST = SynthesisSettings(steps=3)
 
@@ -146,3 +152,94 @@ def test_diffusion_source_runs_both_stages(bundle):
     sample = synthesizer([0], seeds([0]))[0]
     assert sample.image.shape == (256, 256, 3)
     assert 1 <= len(sample.annotation["boxes"]) <= 2
+
+
+# --------------------------------------------------------------------------- the replica pipeline
+
+
+def cpu_stage_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("cpu-stages")]
+
+
+def logged_stages(log: list, fail: tuple[str, int] | None = None, after: tuple[str, int] | None = None) -> Stages:
+    """Stages that log (stage, batch, thread) and hand the batch on; `fail` raises in one stage of
+    one batch; with `after`, detection of batch 0 waits until that stage of that batch has run."""
+    ran = threading.Event()
+
+    def stage(name):
+        def run(k):
+            if after and (name, k) == ("detection", 0):
+                assert ran.wait(10), f"detection of batch 0 waited in vain for {after}"
+            log.append((name, k, threading.current_thread().name))
+            if (name, k) == after:
+                ran.set()
+            if (name, k) == fail:
+                raise InvalidInputError(f"tile {k}: bad input in {name}")
+            return k
+        return run
+
+    return Stages(stage("stage1"), stage("detection"), stage("stage2"), stage("paste_back"))
+
+
+def test_the_device_makes_stage_1_of_the_next_batch_while_the_cpu_detects_this_one():
+    log = []
+    # Detection of batch 0 finishes only once stage 1 of batch 1 has run: in series this would hang.
+    stages = logged_stages(log, after=("stage1", 1))
+    assert list(pipelined(range(4), stages, StageClock(), depth=1)) == [0, 1, 2, 3]
+    device = [(name, k) for name, k, _ in log if name.startswith("stage")]
+    assert device == [("stage1", 0), ("stage1", 1), ("stage2", 0), ("stage1", 2), ("stage2", 1),
+                      ("stage1", 3), ("stage2", 2), ("stage2", 3)]
+    main = threading.current_thread().name
+    assert all((thread == main) == name.startswith("stage") for name, _, thread in log)
+    assert not cpu_stage_threads()
+
+
+def test_depth_0_runs_every_stage_of_a_batch_in_series_on_the_calling_thread():
+    log = []
+    assert list(pipelined(range(2), logged_stages(log), StageClock(), depth=0)) == [0, 1]
+    order = ["stage1", "detection", "stage2", "paste_back"]
+    assert log == [(name, k, threading.current_thread().name) for k in range(2) for name in order]
+
+
+@pytest.mark.parametrize("stage", ["stage1", "detection", "stage2", "paste_back"])
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_an_error_in_any_stage_is_raised_as_is_and_leaves_no_thread_behind(stage, depth):
+    with pytest.raises(InvalidInputError, match=f"^tile 2: bad input in {stage}$"):
+        list(pipelined(range(5), logged_stages([], fail=(stage, 2)), StageClock(), depth=depth))
+    assert not cpu_stage_threads()
+
+
+def test_the_clock_has_each_stages_busy_seconds_and_its_waits_for_the_stage_before():
+    def slow(k):
+        time.sleep(0.2)
+        return k
+
+    clock = StageClock()
+    assert list(pipelined(range(3), Stages(lambda k: k, slow, lambda k: k, lambda k: k), clock)) == [0, 1, 2]
+    assert clock.busy["detection"] >= 0.6 and clock.busy["stage1"] < 0.1
+    # Nothing else to run: the device waited for every detection, almost all of it.
+    assert clock.idle["stage2"] >= 0.5
+    assert set(clock.idle) == {"detection", "stage2", "paste_back"}
+
+
+@pytest.fixture(scope="module")
+def diffusion_settings():
+    return SynthesisSettings(tile_size=256, steps=2, cells=(1, 3))
+
+
+def test_the_pipeline_gives_the_bytes_of_every_stage_in_series(bundle, diffusion_settings):
+    synthesizer = build_synthesizer(bundle, diffusion_settings, "diffusion")
+    batches = [([i], seeds([i])) for i in range(3)]
+    runs = {depth: [s for batch in synthesizer.pipeline(batches, depth=depth) for s in batch] for depth in (0, 1, 2)}
+    for depth in (1, 2):
+        assert [s.annotation for s in runs[depth]] == [s.annotation for s in runs[0]]
+        assert all(np.array_equal(a.image, b.image) for a, b in zip(runs[depth], runs[0]))
+    assert not cpu_stage_threads()
+
+
+def test_bad_input_found_by_detection_stops_the_pipeline_with_its_one_line(bundle, diffusion_settings):
+    plan = plan_from_json('{"tiles": {"1": [{"detected": 4000, "label": "LSIL"}]}}')
+    synthesizer = build_synthesizer(bundle, diffusion_settings, "diffusion", plan=plan)
+    with pytest.raises(InvalidInputError, match="^plan: tile 1: detected cell 4000 out of range"):
+        list(synthesizer.pipeline([([i], seeds([i])) for i in range(3)]))
+    assert not cpu_stage_threads()
