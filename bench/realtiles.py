@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import logging
 import os
 import platform
 import subprocess
@@ -36,14 +35,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finalize import CREDENTIALS, baseline_tree, start_moto  # noqa: E402  (the same moto server and baseline checkout)
+
 BASELINE_REV = "e010ad7"  # main before issue 15 item 1: the set decoded on start, batches skipped to
-PACKAGES = ("synth", "storage", "cluster", "jobs")
 TILE, PER_SHARD, BATCH, BATCHES, OLD_SHARD_BATCHES = 64, 1000, 4, 25, 3
 CHILD_TIMEOUT = 420  # seconds: a version that takes longer at a size is reported as not finished
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-               "NO_PROXY": "127.0.0.1,localhost"}
 
 
 def tile_pngs(count: int = 64) -> list[bytes]:
@@ -150,25 +147,6 @@ def run_child(version: str, url: str, index_url: str, env: dict[str, str], basel
     if result.returncode:
         raise SystemExit(f"error: {version} on {url} failed: {result.stderr.strip().splitlines()[-1]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def baseline_tree(rev: str, into: str) -> str:
-    """The packages at `rev`, laid out as an importable `cytosynth` namespace under `into`."""
-    root = Path(into, "cytosynth")
-    root.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, *PACKAGES], capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
-    return into
-
-
-def start_moto() -> tuple[Any, str]:
-    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    return server, f"http://{host}:{port}"
 
 
 def main() -> None:

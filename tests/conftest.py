@@ -148,3 +148,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_exit_status[-1])
+
+
+def one_error_line(capsys, *fragments: str) -> str:
+    """What the CLI printed to stderr: one `error:` line, no traceback, holding each fragment."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import one_error_line
 from cytosynth import storage
 from cytosynth.cluster.job import GenerateConfig, JobLayout
 from cytosynth.cluster.worker import ShardWorker
@@ -35,14 +36,6 @@ def generate(out, *extra) -> int:
 
 def verify(out, *extra) -> int:
     return main(["verify", str(out), "--device", "cpu", "--quiet", *map(str, extra)])
-
-
-def one_error_line(capsys, *fragments: str) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 def tars(out: Path) -> dict[str, bytes]:

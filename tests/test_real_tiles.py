@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import one_error_line
 from cytosynth import storage
 from cytosynth.cluster.job import GenerateConfig, JobLayout
 from cytosynth.cluster.realtiles import RealTileSource
@@ -62,14 +63,6 @@ def generate(out, real, *extra) -> int:
 
 def output_images(out: str) -> dict[int, np.ndarray]:
     return {s["tile_index"]: s["image"] for s in storage.read_samples(out)}
-
-
-def one_error_line(capsys, *fragments: str) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 # --------------------------------------------------------------------------- the index
