@@ -25,7 +25,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from cytosynth.cluster.features import ExtractorFile, FeatureReplica, FeatureSettings, FeatureWorker, SetOptions, Slice
+from cytosynth.cluster.feature_replicas import FeatureReplica
+from cytosynth.evaluation.features import ExtractorFile, FeatureSettings, SetFeaturizer, SetOptions, Slice
 from cytosynth.storage.imagesets import list_image_units
 from cytosynth.synth.extractors import clean_preprocess, load_feature_extractor
 
@@ -116,7 +117,7 @@ def main() -> None:
             ray.shutdown()
         # In-process worker with every core, for comparison with the replicas.
         torch.set_num_threads(os.cpu_count() or 1)
-        worker = FeatureWorker(load_feature_extractor(extractor.data, extractor.kind, extractor.name),
+        worker = SetFeaturizer(load_feature_extractor(extractor.data, extractor.kind, extractor.name),
                                {"bench": SetOptions()}, FeatureSettings(args.batch_size, threads=os.cpu_count() or 1))
         start = time.perf_counter()
         in_process = sum(worker.add(work) for work in slices) / (time.perf_counter() - start)

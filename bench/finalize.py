@@ -6,7 +6,7 @@ finalize runs in a child process and reaches it over HTTP. Each size gets an out
 with its shard and tile numbers rewritten (8 manifest rows, ~3 KB) and an empty object for its tar
 (finalize lists tars but opens only the two the preview shows).
 
-Each finalize runs `cluster.runner.finalize_job` in a fresh process: "serial" is the code as it
+Each finalize runs `generation.runner.finalize_job` in a fresh process: "serial" is the code as it
 was before this change (`git archive` of --baseline-rev, imported in place of the checkout),
 "parallel" is the checkout. Between runs, the manifest, preview and `_SUCCESS` are deleted; the
 two runs' manifests are compared byte for byte. Peak RSS is the child's ru_maxrss; "+finalize" is
@@ -91,7 +91,7 @@ def populate(out: str, shards: int) -> None:
             writer.add(tile, rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
                        {"tile_index": tile, "seed": 1000 + tile, "width": 64, "height": 64, "boxes": [[4, 6, 20, 30]],
                         "labels": ["ASC-US"], "normal_boxes": [[30, 30, 40, 44]], "source": "synthetic"})
-        stats = writer.commit({"worker": "bench"})
+        stats = writer.commit({"replica": "bench"})
         template = template or stats
     for shard in range(2, shards):
         put_directly(out, {storage.stats_url(out, shard): renumbered(template, shard), storage.shard_url(out, shard): b""})
@@ -109,8 +109,8 @@ def baseline_tree(rev: str, into: str) -> str:
 def child(out: str, shards: int) -> dict[str, Any]:
     """In this fresh process: finalize the output, report time and memory."""
     from cytosynth import storage
-    from cytosynth.cluster.job import GenerateConfig, JobLayout
-    from cytosynth.cluster.runner import finalize_job
+    from cytosynth.generation.generate_config import GenerateConfig, JobLayout
+    from cytosynth.generation.runner import finalize_job
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()

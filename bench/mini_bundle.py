@@ -25,7 +25,7 @@ import time
 from safetensors.torch import load_file, save_file
 
 from cytosynth.synth.models import acs_unet_from_base
-from cytosynth.synth.training import load_sd_components
+from cytosynth.synth.ldm_training import load_sd_components
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 

@@ -23,7 +23,7 @@ from PIL import Image
 from cytosynth.synth.models import _seeded, build_text_encoder, offline_tokenizer
 from cytosynth.synth.presets import get_preset
 from cytosynth.synth.sampling import encode_text
-from cytosynth.synth.training import diffusion_loss, noise_scheduler, pixels
+from cytosynth.synth.ldm_training import diffusion_loss, noise_scheduler, pixels
 
 CAPTION_DROPOUT = 0.1
 

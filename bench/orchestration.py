@@ -1,6 +1,6 @@
 """Orchestration efficiency of `cytosynth generate` on Ray, with simulated GPU replicas.
 
-A simulated replica is the product's own ShardReplica and ShardWorker (real shards, PNG
+A simulated replica is the product's own ShardReplica and ShardMaker (real shards, PNG
 encoding, the commit protocol, per-shard stats) whose synthesis is a fixed sleep per tile and
 whose tiles are 32x32, so what is measured is the scheduler, Ray and the commit path, not models.
 
@@ -39,10 +39,10 @@ import numpy as np
 import ray
 
 from cytosynth.cluster.distributed import run_distributed
-from cytosynth.cluster.job import GenerateConfig
+from cytosynth.generation.generate_config import GenerateConfig
 from cytosynth.synth.settings import SynthesisSettings
-from cytosynth.cluster.runner import Runtime
-from cytosynth.cluster.worker import ShardWorker
+from cytosynth.generation.runner import Runtime
+from cytosynth.generation.shard_maker import ShardMaker
 
 TILE = 32
 
@@ -65,8 +65,8 @@ def simulated_synthesize(latency: float, batches: Iterable[Sequence[int]], secon
                for i in tiles]
 
 
-def simulated_worker(config: GenerateConfig, latency: float, *, device: str, identity: dict[str, Any]) -> ShardWorker:
-    return ShardWorker(config, functools.partial(simulated_synthesize, latency), {"models": "simulated"},
+def simulated_worker(config: GenerateConfig, latency: float, *, device: str, identity: dict[str, Any]) -> ShardMaker:
+    return ShardMaker(config, functools.partial(simulated_synthesize, latency), {"models": "simulated"},
                        batch_size=4, identity=identity)
 
 
@@ -80,14 +80,14 @@ def run_job(out: str, num_tiles: int, tiles_per_shard: int, replicas: int, laten
     shards: list[dict[str, Any]] = []
 
     def on_shard(stats: dict[str, Any]) -> None:
-        shards.append({k: stats[k] for k in ("worker", "tiles", "finished_at")})
+        shards.append({k: stats[k] for k in ("replica", "tiles", "finished_at")})
         if stop_after is not None and len(shards) >= stop_after:
             raise EnoughShards
 
     started_at, start = time.time(), time.perf_counter()
     try:
         run_distributed(config, Runtime(device="cpu", progress=False), workers=replicas,
-                        make_worker=functools.partial(simulated_worker, config, latency), on_shard=on_shard)
+                        make_shard_maker=functools.partial(simulated_worker, config, latency), on_shard=on_shard)
     except EnoughShards:
         pass
     return shards, started_at, time.perf_counter() - start
@@ -99,11 +99,11 @@ class EnoughShards(Exception):
 
 def replica_rates(shards: list[dict[str, Any]]) -> list[float]:
     """Tiles/s of each replica between its first and its last commit (replicas with 2+ shards)."""
-    by_worker: dict[str, list[dict[str, Any]]] = {}
+    by_replica: dict[str, list[dict[str, Any]]] = {}
     for s in shards:
-        by_worker.setdefault(s["worker"], []).append(s)
+        by_replica.setdefault(s["replica"], []).append(s)
     rates = []
-    for own in by_worker.values():
+    for own in by_replica.values():
         own.sort(key=lambda s: s["finished_at"])
         if len(own) > 1:
             rates.append(sum(s["tiles"] for s in own[1:]) / (own[-1]["finished_at"] - own[0]["finished_at"]))
@@ -118,7 +118,7 @@ def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
             shards, started_at, wall = run_job(out, shards_total * args.tiles_per_shard, args.tiles_per_shard, replicas, args.latency)
         rates = replica_rates(shards)
         measured, ideal = sum(rates), replicas / args.latency
-        all_up = max(min(s["finished_at"] for s in shards if s["worker"] == w) for w in {s["worker"] for s in shards})
+        all_up = max(min(s["finished_at"] for s in shards if s["replica"] == w) for w in {s["replica"] for s in shards})
         rows.append({"replicas": replicas, "ideal_tiles_per_s": round(ideal, 2), "tiles_per_s": round(measured, 2),
                      "efficiency": round(measured / ideal, 4), "slowest_replica": round(min(rates) * args.latency, 4),
                      "replicas_measured": len(rates), "job_wall_s": round(wall, 1),

@@ -1,7 +1,7 @@
 """Replica throughput, pipelined against serial, with a simulated GPU and the real CPU stages
 (issue 15, item 4).
 
-The replica is the product's own: `ShardWorker` fed by `cluster.synthesis.pipelined_synthesis`
+The replica is the product's own: `ShardMaker` fed by `generation.synthesis.pipelined_synthesis`
 over a `TileSynthesizer` with the real classical detector, cell selection, paste-back and PNG
 encoding on real-size phantom tiles (drawn once, before timing). Only the two diffusion stages
 are simulated: a sleep of `--stage1` seconds per tile and `--stage2` seconds per edited cell (a
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cytosynth.cluster.job import GenerateConfig, JobLayout
-from cytosynth.cluster.synthesis import pipelined_synthesis
-from cytosynth.cluster.worker import ShardWorker
+from cytosynth.generation.generate_config import GenerateConfig, JobLayout
+from cytosynth.generation.synthesis import pipelined_synthesis
+from cytosynth.generation.shard_maker import ShardMaker
 from cytosynth.synth import ClassicalCellDetector, SynthesisSettings, TileSynthesizer, draw_phantom_tile
 from cytosynth.synth.schedule import PIPELINE_DEPTH
 
@@ -66,14 +66,14 @@ class SimulatedStage2:
         return np.array(crops, copy=True)
 
 
-def replica(out: str, stage1: SimulatedStage1, stage2: float, depth: int, tiles_per_shard: int, batch: int) -> ShardWorker:
+def replica(out: str, stage1: SimulatedStage1, stage2: float, depth: int, tiles_per_shard: int, batch: int) -> ShardMaker:
     config = GenerateConfig(out=out, num_tiles=1 << 20, tiles_per_shard=tiles_per_shard,
                             synthesis=SynthesisSettings(TILE))
     synthesizer = TileSynthesizer(stage1, ClassicalCellDetector(), SimulatedStage2(stage2), SynthesisSettings(TILE))
-    return ShardWorker(config, pipelined_synthesis(synthesizer, 0, "simulated", depth), {"models": "simulated"}, batch)
+    return ShardMaker(config, pipelined_synthesis(synthesizer, 0, "simulated", depth), {"models": "simulated"}, batch)
 
 
-def timed_shards(worker: ShardWorker, shards: range, layout: JobLayout) -> dict:
+def timed_shards(worker: ShardMaker, shards: range, layout: JobLayout) -> dict:
     """Wall seconds of `shards`, two in flight as on a Ray replica, and their summed stats."""
     busy, idle, cells = Counter(), Counter(), 0
     start = time.perf_counter()

@@ -104,7 +104,7 @@ def timed(fn: Any) -> tuple[Any, float]:
 
 def child_new(url: str, index_url: str) -> dict[str, Any]:
     from cytosynth import storage
-    from cytosynth.cluster.realtiles import RealTileSource, check_header_sizes
+    from cytosynth.generation.real_tiles import RealTileSource, check_header_sizes
 
     def driver() -> int:
         index = storage.index_image_set(url)
@@ -121,7 +121,7 @@ def child_new(url: str, index_url: str) -> dict[str, Any]:
 
 
 def child_old(url: str) -> dict[str, Any]:
-    from cytosynth.cluster.synthesis import RealTileSource
+    from cytosynth.generation.synthesis import RealTileSource
 
     def driver() -> int:
         source = RealTileSource(url)

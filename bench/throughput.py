@@ -7,7 +7,7 @@ In one process, on one device:
 2. FLOPs, counted with torch's FlopCounterMode on the models themselves: one UNet call at the tile
    latent and one ACS call at the crop latent (x2 for CFG, x steps), the VAE decode of a tile,
    the VAE encode + decode of a crop;
-3. the replica: `load_shard_worker` (what `cytosynth generate` and every Ray replica run), whole
+3. the replica: `load_shard_maker` (what `cytosynth generate` and every Ray replica run), whole
    shards of `--batch-size` tiles made and committed to a local folder, after one warm-up shard;
    tiles/s, per-stage seconds, achieved TFLOP/s (counted FLOPs of the tiles and cells it made) and
    that as a fraction of the matmul peak, peak GPU memory;
@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cytosynth.cluster.job import GenerateConfig, JobLayout
-from cytosynth.cluster.synthesis import load_models, load_shard_worker, model_dtype
+from cytosynth.generation.generate_config import GenerateConfig, JobLayout
+from cytosynth.generation.synthesis import load_models, load_shard_maker, model_dtype
 from cytosynth.jobs.common import quiet_libraries
 from cytosynth.synth import ABNORMAL_CLASSES, SynthesisSettings, draw_phantom_tile
 from cytosynth.synth.abnormal import CELL_PROMPT, AbnormalCellSynthesizer
@@ -98,7 +98,7 @@ def work_flops(bundle, tile_size: int, steps: int, guidance: float) -> dict[str,
 
 def time_replica(config: GenerateConfig, device: str, batch_size: int, precision: str, shards: int) -> dict:
     """The replica making whole shards of `batch_size` tiles: one warm-up shard, then `shards` timed."""
-    worker = load_shard_worker(config, device, batch_size, precision=precision)
+    worker = load_shard_maker(config, device, batch_size, precision=precision)
     layout = JobLayout(config.num_tiles, config.tiles_per_shard)
     worker.run(0, layout)  # warm-up: lazy CUDA init, cuDNN/cuBLAS heuristics
     if device.startswith("cuda"):

@@ -39,10 +39,13 @@ from tqdm.auto import tqdm
 
 from cytosynth.synth import InvalidInputError
 
-from .job import REPLICA_TIMEOUT, USER_ERRORS, GenerateConfig, JobLayout, JobStoppedError, PendingShards, first_line, raised_error
+from cytosynth.generation.generate_config import GenerateConfig, JobLayout, PendingShards
+from cytosynth.generation.runner import Runtime, run_job
+from cytosynth.synth.edit_plan import Plan
+
+from .failures import REPLICA_TIMEOUT, USER_ERRORS, JobStoppedError, first_line, raised_error
 from .ray_session import check_local_gpus, check_own_ray, connect, forwarded_env, kill_actor, probe
-from .replica import ShardReplica, WorkerFactory
-from .runner import Runtime, run_job
+from .replica import ShardReplica, ShardMakerFactory
 
 IN_FLIGHT_PER_REPLICA = 2
 MAX_SHARD_ATTEMPTS = 3  # a shard whose replica dies this many times fails the job
@@ -62,7 +65,7 @@ class _Replica:
     identity: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
-        actor = self.identity.get("worker") or self.handle._actor_id.hex()
+        actor = self.identity.get("replica") or self.handle._actor_id.hex()
         node = self.identity.get("node")
         return f"replica {actor[:12]}" + (f" on node {node[:12]}" if node else "")
 
@@ -282,7 +285,7 @@ def run_distributed(
     gpus_per_replica: float = 0.0,
     replica_timeout: float = REPLICA_TIMEOUT,
     *,
-    make_worker: WorkerFactory | None = None,
+    make_shard_maker: ShardMakerFactory | None = None,
     on_shard: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run a whole job on a pool of Ray replicas (local Ray, or the cluster at `ray_address`).
@@ -290,14 +293,14 @@ def run_distributed(
     `workers` is W or (MIN, MAX). Each replica reserves `gpus_per_replica` GPUs (or one CPU when
     0) and computes on `runtime.device` (None: the reserved GPU, else CPU). Resumes like
     `run_local`: job.json must match, committed shards are skipped. An already-connected Ray
-    session (ray.init done by the caller) is used as is. `make_worker` replaces the model-loading
-    ShardWorker (benchmarks); `on_shard` sees each shard's stats as it commits.
+    session (ray.init done by the caller) is used as is. `make_shard_maker` replaces the model-loading
+    ShardMaker (benchmarks); `on_shard` sees each shard's stats as it commits.
 
     Stops (JobStoppedError; a re-run resumes): at once when a local Ray this call started loses
     its GCS or raylet, and anywhere when the pool has had no replica up (none placed, or none
     loaded) for `replica_timeout` seconds.
     """
-    executor = RayExecutor(runtime, workers, ray_address, gpus_per_replica, replica_timeout, make_worker, on_shard)
+    executor = RayExecutor(runtime, workers, ray_address, gpus_per_replica, replica_timeout, make_shard_maker, on_shard)
     return run_job(config, runtime, executor)
 
 
@@ -310,7 +313,7 @@ class RayExecutor:
     ray_address: str | None = None
     gpus_per_replica: float = 0.0
     replica_timeout: float = REPLICA_TIMEOUT
-    make_worker: WorkerFactory | None = None
+    make_shard_maker: ShardMakerFactory | None = None
     on_shard: Callable[[dict[str, Any]], None] | None = None
     scheduler: ShardScheduler | None = None  # once started
 
@@ -334,11 +337,12 @@ class RayExecutor:
             probe(self.ray_address)  # before anything is written
 
     @contextmanager
-    def started(self, config: GenerateConfig, layout: JobLayout) -> Iterator[dict[str, str]]:
-        """Ray connected and the pool started; yields the first replica's model fingerprints."""
+    def started(self, config: GenerateConfig, layout: JobLayout, plan: Plan | None) -> Iterator[dict[str, str]]:
+        """Ray connected and the pool started; yields the first replica's model fingerprints.
+        The replicas get the driver's parsed `plan` (pickled with their factory)."""
         r, gpus, local = self.runtime, self.gpus_per_replica, self.ray_address is None
-        make_worker = self.make_worker or functools.partial(
-            load_shard_worker_in_replica, config, batch_size=r.batch_size, precision=r.precision
+        make_shard_maker = self.make_shard_maker or functools.partial(
+            load_shard_maker_in_replica, config, batch_size=r.batch_size, precision=r.precision, plan=plan
         )
         started_ray = connect(self.ray_address, self.size[1], gpus)
         try:
@@ -355,7 +359,7 @@ class RayExecutor:
                 options["runtime_env"] = {"env_vars": env}
             replica_class = ray.remote(**options)(ShardReplica)
             self.scheduler = ShardScheduler(
-                lambda: replica_class.remote(make_worker, r.device), self.size, layout, self.replica_timeout,
+                lambda: replica_class.remote(make_shard_maker, r.device), self.size, layout, self.replica_timeout,
                 check_ray=check_own_ray if started_ray and local else lambda: None,
                 demand=f"1 CPU and {gpus:g} GPUs" if gpus else "1 CPU",
             )
@@ -377,13 +381,13 @@ class RayExecutor:
         self.scheduler.run(pending, len(pending), bar, tally_and_tell)
 
 
-def load_shard_worker_in_replica(config: GenerateConfig, **kwargs: Any) -> Any:
-    """`synthesis.load_shard_worker`, imported where it runs: the driver pickles only this
+def load_shard_maker_in_replica(config: GenerateConfig, **kwargs: Any) -> Any:
+    """`synthesis.load_shard_maker`, imported where it runs: the driver pickles only this
     reference, so it never imports torch or diffusers; a bad bundle, detector or preset fails in
     the replica's `load` and comes back as the same one-line error (`ShardScheduler._failure`)."""
-    from .synthesis import load_shard_worker
+    from cytosynth.generation.synthesis import load_shard_maker
 
-    return load_shard_worker(config, **kwargs)
+    return load_shard_maker(config, **kwargs)
 
 
 def _log(message: str) -> None:

@@ -18,7 +18,7 @@ import ray
 from cytosynth import storage
 from cytosynth.synth import InvalidInputError
 
-from .job import JobStoppedError, first_line
+from .failures import JobStoppedError, first_line
 
 # The processes of a Ray this job started without which no replica can run (a dead log monitor
 # or agent does not stop the job).

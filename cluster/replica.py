@@ -12,33 +12,33 @@ from typing import Any
 
 import ray
 
-from .job import JobLayout
-from .worker import ShardWorker
+from cytosynth.generation.generate_config import JobLayout
+from cytosynth.generation.shard_maker import ShardMaker
 
-# make_worker(device=..., identity=...) -> ShardWorker, e.g. functools.partial(load_shard_worker, config).
-WorkerFactory = Callable[..., ShardWorker]
+# make_shard_maker(device=..., identity=...) -> ShardMaker, e.g. functools.partial(load_shard_maker, config).
+ShardMakerFactory = Callable[..., ShardMaker]
 
 
 class ShardReplica:
-    """One ShardWorker per actor: models loaded once by `load`, then whole shards via `run`.
+    """One ShardMaker per actor: models loaded once by `load`, then whole shards via `run`.
 
     The torch device is separate from what Ray reserved: `device=None` computes on the GPU Ray
     assigned (cuda) or on CPU when it assigned none; an explicit device (e.g. "cpu" on fake GPUs
     in tests) wins.
     """
 
-    def __init__(self, make_worker: WorkerFactory, device: str | None) -> None:
+    def __init__(self, make_shard_maker: ShardMakerFactory, device: str | None) -> None:
         context = ray.get_runtime_context()
         gpus = list(context.get_accelerator_ids().get("GPU", []))
         self.device = device or ("cuda" if gpus else "cpu")
-        self.identity = {"worker": context.get_actor_id(), "node": context.get_node_id(), "gpus": gpus, "pid": os.getpid()}
-        self._make_worker = make_worker
-        self._worker: ShardWorker | None = None
+        self.identity = {"replica": context.get_actor_id(), "node": context.get_node_id(), "gpus": gpus, "pid": os.getpid()}
+        self._make_shard_maker = make_shard_maker
+        self._worker: ShardMaker | None = None
 
     def load(self) -> dict[str, Any]:
         """Load the models; returns their fingerprints and where this replica runs."""
         if self._worker is None:
-            self._worker = self._make_worker(device=self.device, identity=self.identity)
+            self._worker = self._make_shard_maker(device=self.device, identity=self.identity)
         return {"fingerprints": self._worker.fingerprints, **self._worker.identity}
 
     def run(self, shard: int, layout: JobLayout, attempt: int) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 from cytosynth import storage
-from cytosynth.cluster.job import USER_ERRORS, JobStoppedError
+from cytosynth.cluster.failures import USER_ERRORS, JobStoppedError
 from cytosynth.storage.errors import redact_text, url_secrets
 
 from .common import quiet_libraries

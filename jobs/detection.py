@@ -67,7 +67,7 @@ def evaluate(detector: str, test_set: EvalSet, *, image_size: int, device: str |
              progress: bool) -> dict[str, Any]:
     """Table II metrics of a detector file (path or URL) on ``test_set``, on ``device`` (None: cuda
     where available)."""
-    from cytosynth.synth.evaluation import evaluate_detector, load_detection_model, object_classes  # torch
+    from cytosynth.synth.detection_metrics import evaluate_detector, load_detection_model, object_classes  # torch
 
     device = device or synth.default_device()
     categories = storage.detection_categories(test_set.labels)
@@ -129,7 +129,7 @@ def describe_set(metrics: Mapping[str, Any]) -> str:
 
 def format_table(rows: Sequence[tuple[str, Mapping[str, Any]]], first_column: str) -> str:
     """Rows in the layout of the paper's Table II: mAP, mAP.5, mAP.75, then AP per class (percent)."""
-    from cytosynth.synth.evaluation import SUMMARY_METRICS  # torch
+    from cytosynth.synth.detection_metrics import SUMMARY_METRICS  # torch
 
     classes = list(rows[0][1]["AP"])
     width = max(len(first_column), *(len(name) for name, _ in rows)) + 2

@@ -12,7 +12,7 @@ from cytosynth.storage.jsonio import json_bytes
 from cytosynth.synth import ABNORMAL_CLASSES, InvalidInputError
 
 if TYPE_CHECKING:
-    from cytosynth.cluster.features import ExtractorFile
+    from cytosynth.evaluation.features import ExtractorFile
     from cytosynth.synth.metrics import SetStatistics
 
 
@@ -55,7 +55,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run_fid(args: argparse.Namespace) -> int:
-    from cytosynth.cluster.features import FeatureSettings, SetOptions, featurize_sets  # torch
+    from cytosynth.cluster.feature_replicas import featurize_sets  # torch; Ray only with --workers
+    from cytosynth.evaluation.features import FeatureSettings, SetOptions
     from cytosynth.synth.extractors import load_feature_extractor
     from cytosynth.synth.metrics import compare_sets, statistics_to_npz
 
@@ -158,7 +159,7 @@ def _check_is_splits(units: list, splits: int, url: str) -> None:
 
 
 def _read_extractor(args: argparse.Namespace) -> ExtractorFile:
-    from cytosynth.cluster.features import read_extractor_file  # torch
+    from cytosynth.evaluation.features import read_extractor_file  # torch
 
     if args.inception:
         return read_extractor_file(args.inception, "--inception", inception=True)

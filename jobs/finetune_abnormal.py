@@ -39,8 +39,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def finetune_abnormal(args: argparse.Namespace) -> int:
-    from cytosynth.cluster.finetune_abnormal import AbnormalCellTask  # torch, diffusers
-    from cytosynth.cluster.training import train
+    from cytosynth.training.abnormal_cells import AbnormalCellTask  # torch, diffusers
+    from cytosynth.cluster.ray_train import train
 
     task = from_args(AbnormalCellTask, args, paths=("data", "coco", "images", "model_dir"))
     summary = train(train_config(args), task)

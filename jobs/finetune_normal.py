@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from cytosynth.cluster.train_config import SELECT_BY
+from cytosynth.training.train_config import SELECT_BY
 from cytosynth.synth import PRESETS, InvalidInputError
 
 from .options import absolute, from_args
 from .train_options import add_train_arguments, note_random_base, print_summary, train_config
 
 if TYPE_CHECKING:
-    from cytosynth.cluster.selection import FidSelection
+    from cytosynth.training.model_selection import FidSelection
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -36,8 +36,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def finetune_normal(args: argparse.Namespace) -> int:
-    from cytosynth.cluster.finetune_normal import NormalLoraTask  # torch, diffusers
-    from cytosynth.cluster.training import train
+    from cytosynth.training.normal_lora import NormalLoraTask  # torch, diffusers
+    from cytosynth.cluster.ray_train import train
 
     task = from_args(NormalLoraTask, args, paths=("data", "model_dir"), selection=_selection(args))
     summary = train(train_config(args), task)
@@ -54,6 +54,6 @@ def _selection(args: argparse.Namespace) -> FidSelection | None:
         if args.select_real or args.select_feature_extractor:
             raise InvalidInputError("--select-real and --select-feature-extractor need --select-by fid")
         return None
-    from cytosynth.cluster.selection import FidSelection  # torch
+    from cytosynth.training.model_selection import FidSelection  # torch
 
     return FidSelection(absolute(args.select_real), absolute(args.select_feature_extractor), args.select_count, args.select_by)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 
 from cytosynth import storage
-from cytosynth.cluster.job import NORMAL_SOURCES, PRECISIONS, REPLICA_TIMEOUT, GenerateConfig
-from cytosynth.cluster.runner import LocalExecutor, Runtime, ShardExecutor, run_job
-from cytosynth.cluster.worker import IDLE_STAGES, STAGES
+from cytosynth.cluster.failures import REPLICA_TIMEOUT
+from cytosynth.generation.generate_config import NORMAL_SOURCES, GenerateConfig
+from cytosynth.synth.settings import PRECISIONS
+from cytosynth.generation.runner import LocalExecutor, Runtime, ShardExecutor, run_job
+from cytosynth.generation.shard_maker import IDLE_STAGES, STAGES
 from cytosynth.synth import ABNORMAL_CLASSES, PRESETS, InvalidInputError
 from cytosynth.synth.settings import SynthesisSettings
 

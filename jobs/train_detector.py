@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cytosynth.cluster.train_config import DEFAULT_LR, NUM_CLASSES, PAPER_EPOCHS, DetectorTrainConfig
+from cytosynth.training.train_config import DEFAULT_LR, NUM_CLASSES, PAPER_EPOCHS, DetectorTrainConfig
 
 from .options import field_defaults
 from .train_options import add_train_arguments, print_summary, train_config
@@ -50,8 +50,9 @@ def run_train_detector(args: argparse.Namespace) -> int:
 
 def train(config: DetectorTrainConfig) -> dict[str, Any]:
     """The train-detector job (augmentation-study runs it once per arm): its summary, printed."""
-    from cytosynth.cluster.train_detector import train_detector  # torch
+    from cytosynth.cluster.ray_train import train as train_on_ray
+    from cytosynth.training.detector_task import detector_task  # torch
 
-    summary = train_detector(config)
+    summary = train_on_ray(config, detector_task(config))
     print_summary(summary)
     return summary

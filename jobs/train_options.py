@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from cytosynth import synth
-from cytosynth.cluster.train_config import OPTIMIZERS, PRECISIONS, TrainConfig
+from cytosynth.training.train_config import OPTIMIZERS, PRECISIONS, TrainConfig
 
 from .options import field_defaults, from_args
 

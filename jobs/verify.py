@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from cytosynth.cluster.job import PRECISIONS
-from cytosynth.cluster.runner import Runtime
-from cytosynth.cluster.verify import VerifyReport, check_job, repair_job
+from cytosynth.synth.settings import PRECISIONS
+from cytosynth.generation.runner import Runtime
+from cytosynth.generation.repair import VerifyReport, check_job, repair_job
 from cytosynth.storage import shard_name
 from cytosynth.storage.errors import redact_url
 

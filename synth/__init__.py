@@ -15,7 +15,7 @@ _MODULES = {
     ".abnormal": ("AbnormalCellSynthesizer",),
     ".classes": ("ABNORMAL_CLASSES", "CATEGORY_IDS"),
     ".detector": ("CellDetector", "ClassicalCellDetector", "FasterRCNNCellDetector", "load_detector"),
-    ".devices": ("default_device",),
+    ".devices": ("default_device", "model_dtype"),
     ".errors": ("InvalidInputError",),
     ".models": ("ModelBundle", "load_bundle", "random_bundle", "save_bundle"),
     ".normal": ("NormalTileGenerator",),
@@ -23,8 +23,9 @@ _MODULES = {
     ".pipeline": ("TileSample", "TileSynthesizer", "build_synthesizer"),
     ".presets": ("PRESETS", "Preset", "get_preset"),
     ".seeding": ("tile_seed",),
-    ".selection": ("CellEdit", "Plan", "load_plan", "select_cells"),
-    ".settings": ("SynthesisSettings",),
+    ".cell_selection": ("CellEdit", "select_cells"),
+    ".edit_plan": ("Plan", "load_plan", "plan_from_json"),
+    ".settings": ("PRECISIONS", "SynthesisSettings"),
 }
 _LAZY = {name: module for module, names in _MODULES.items() for name in names}
 

@@ -15,7 +15,7 @@ What learns, as in the paper and in GLIGEN's own inpainting training (which the 
 
 Everything else stays frozen: ResNet blocks, self- and cross-attention (the paper guides the class
 "through the frozen cross-attention layers"), the VAE and the text encoder. The loss is the plain
-LDM objective (`synth.training.diffusion_loss`) on the 9-channel input [z_t, z0 * mask, mask].
+LDM objective (`synth.ldm_training.diffusion_loss`) on the 9-channel input [z_t, z0 * mask, mask].
 
 Classifier-free guidance is trained, as GLIGEN trains it: each crop independently has its prompt
 replaced by the empty prompt (`PROMPT_DROPOUT`) and its grounding token hidden (GLIGEN masks = 0,

@@ -20,7 +20,7 @@ from .abnormal import CELL_PROMPT
 from .classes import ABNORMAL_CLASSES
 from .errors import InvalidInputError
 from .paste import box_in_crop, crop_origin
-from .selection import CROP_SIZE
+from .cell_selection import CROP_SIZE, box_fits
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1/y1 exclusive
 
@@ -50,11 +50,6 @@ class CropBatch:
         return len(self.labels)
 
 
-def fits_in_crop(box: Sequence[int], crop_size: int = CROP_SIZE) -> bool:
-    """A box no wider or taller than the crop lies whole inside the crop centred on it."""
-    return box[2] - box[0] <= crop_size and box[3] - box[1] <= crop_size
-
-
 def check_annotation(
     width: int, height: int, boxes: Sequence[Sequence[int]], labels: Sequence[str], where: str, crop_size: int = CROP_SIZE
 ) -> None:
@@ -76,7 +71,7 @@ def check_annotation(
 def cell_crops(
     tile: np.ndarray, boxes: Sequence[Sequence[int]], labels: Sequence[str], crop_size: int = CROP_SIZE, where: str = "tile"
 ) -> list[CellCrop]:
-    """One crop per box that fits in a crop (larger boxes are left out: see `fits_in_crop`)."""
+    """One crop per box that fits in a crop (larger boxes are left out: `box_fits`)."""
     if tile.ndim != 3 or tile.shape[2] != 3 or tile.dtype != np.uint8:
         raise InvalidInputError(f"{where}: expected an HxWx3 uint8 image, got {tile.shape} {tile.dtype}")
     height, width = tile.shape[:2]
@@ -84,7 +79,7 @@ def cell_crops(
     crops = []
     for box, label in zip(boxes, labels):
         box = tuple(int(v) for v in box)
-        if not fits_in_crop(box, crop_size):
+        if not box_fits(box, crop_size):
             continue
         # crop_origin is per axis, so a non-square tile takes x from its width and y from its height.
         left, _ = crop_origin(box, width, crop_size)

@@ -24,7 +24,8 @@ from .paste import crop_origin, box_in_crop, paste_back
 from .phantom import draw_phantom_tile
 from .schedule import PIPELINE_DEPTH, StageClock, Stages, pipelined
 from .seeding import rng_for, tile_seed
-from .selection import CROP_SIZE, CellEdit, Plan, select_cells, unedited_boxes
+from .cell_selection import CROP_SIZE, CellEdit, select_cells, unedited_boxes
+from .edit_plan import Plan
 from .settings import SynthesisSettings
 
 # A normal-tile source maps (tile indices, seeds) to uint8 HxWx3 tiles.

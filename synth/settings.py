@@ -14,7 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidInputError
-from .selection import CROP_SIZE, MAX_CELLS_PER_TILE
+from .cell_selection import CROP_SIZE, MAX_CELLS_PER_TILE
+
+# How the models compute (`devices.model_dtype`; the training jobs' --precision too): not a synthesis
+# setting (it changes pixels only at the rounding level), but the CLI needs the names without torch.
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from cytosynth.synth.acs_training import GROUNDING_DROPOUT, PROMPT_DROPOUT, ACST
 from cytosynth.synth.cell_crops import cell_crops, collate_crops, crop_batches
 from cytosynth.synth.paste import crop_origin
 from cytosynth.synth.sampling import encode_images, encode_text, seeded_noise
-from cytosynth.synth.training import noise_scheduler
+from cytosynth.synth.ldm_training import noise_scheduler
 
 
 def noise_tile(seed: int, width: int = 512, height: int = 512) -> np.ndarray:

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cytosynth.cluster.job import GenerateConfig
+from cytosynth.generation.generate_config import GenerateConfig
 from cytosynth.cluster.distributed import RayExecutor
-from cytosynth.cluster.runner import LocalExecutor, Runtime
-from cytosynth.cluster.train_config import DetectorTrainConfig, TrainConfig
+from cytosynth.generation.runner import LocalExecutor, Runtime
+from cytosynth.training.train_config import DetectorTrainConfig, TrainConfig
 from cytosynth.jobs import detection, generate
 from cytosynth.jobs import train_detector as train_detector_job
 from cytosynth.jobs.cli import build_parser
@@ -131,10 +131,10 @@ def captured(monkeypatch) -> list[tuple]:
         calls.append(arguments)
         raise Captured()
 
-    import cytosynth.cluster.training as training
+    import cytosynth.cluster.ray_train as ray_train
 
     monkeypatch.setattr(train_detector_job, "train", keep)
-    monkeypatch.setattr(training, "train", keep)
+    monkeypatch.setattr(ray_train, "train", keep)
     monkeypatch.setattr(generate, "run_job", keep)
     return calls
 
@@ -150,8 +150,8 @@ def test_train_detector_config_holds_every_option(captured):
 
 
 def test_finetune_normal_config_and_task_hold_every_option(captured):
-    from cytosynth.cluster.finetune_normal import NormalLoraTask
-    from cytosynth.cluster.selection import FidSelection
+    from cytosynth.training.normal_lora import NormalLoraTask
+    from cytosynth.training.model_selection import FidSelection
 
     args = run_to_the_work(every_option("finetune-normal"))
     [(config, task)] = captured
@@ -164,7 +164,7 @@ def test_finetune_normal_config_and_task_hold_every_option(captured):
 
 @pytest.mark.parametrize("data", ["data", "coco"])  # one or the other
 def test_finetune_abnormal_config_and_task_hold_every_option(captured, data):
-    from cytosynth.cluster.finetune_abnormal import AbnormalCellTask
+    from cytosynth.training.abnormal_cells import AbnormalCellTask
 
     other = {"data": "coco", "coco": "data"}[data]
     args = run_to_the_work(every_option("finetune-abnormal", leave_out={other}))
@@ -190,8 +190,8 @@ def test_generate_config_runtime_and_pool_hold_every_option(captured, tmp_path):
 
 
 def test_without_options_each_config_is_its_dataclass_defaults(captured):
-    from cytosynth.cluster.finetune_abnormal import AbnormalCellTask
-    from cytosynth.cluster.finetune_normal import NormalLoraTask
+    from cytosynth.training.abnormal_cells import AbnormalCellTask
+    from cytosynth.training.normal_lora import NormalLoraTask
 
     run_to_the_work(["train-detector", "--out", "o", "--device", "cpu"])
     run_to_the_work(["finetune-normal", "--data", "d", "--out", "o", "--device", "cpu"])

@@ -21,8 +21,8 @@ from PIL import Image
 
 from conftest import one_error_line
 from cytosynth import storage
-from cytosynth.cluster.job import GenerateConfig, JobLayout
-from cytosynth.cluster.worker import ShardWorker
+from cytosynth.generation.generate_config import GenerateConfig, JobLayout
+from cytosynth.generation.shard_maker import ShardMaker
 from cytosynth.jobs.cli import main
 from cytosynth.synth import TileSample
 
@@ -142,7 +142,7 @@ class _Tiles:
 @pytest.mark.parametrize(("synthesize", "batch_size"), [(_Tiles(), -2), (_Tiles(drop=3), 4)], ids=["no-tiles", "one-lost"])
 def test_a_shard_is_committed_only_with_exactly_its_planned_tiles(tmp_path, synthesize, batch_size):
     out = str(tmp_path / "out")
-    worker = ShardWorker(GenerateConfig(out=out), synthesize, {}, batch_size)
+    worker = ShardMaker(GenerateConfig(out=out), synthesize, {}, batch_size)
     with pytest.raises(RuntimeError, match="shard 1 not committed"):
         worker.run(1, JobLayout(num_tiles=4, tiles_per_shard=2))
     assert storage.committed_shards(out) == set()

@@ -25,11 +25,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from training_helpers import start_ray, write_phantom_shards
 
 from cytosynth import storage
-from cytosynth.cluster import train_detector as td
-from cytosynth.cluster.train_detector import DetectorTask
+from cytosynth.cluster import ray_train
+from cytosynth.training.detector_task import DetectorTask
+from cytosynth.training.loop import start_job
 from cytosynth.jobs import cli
 from cytosynth.synth.detector import build_fasterrcnn, load_detector, save_detector
-from cytosynth.synth.evaluation import load_detection_model, object_classes
+from cytosynth.synth.detection_metrics import load_detection_model, object_classes
 from cytosynth.synth.models import DETECTOR_FILE
 
 TILE = 128
@@ -138,15 +139,17 @@ def test_a_file_without_metadata_loads_as_the_batchnorm_faster_rcnn_it_was(tmp_p
 
 @pytest.fixture
 def captured(monkeypatch) -> list:
-    """train-detector up to the harness: the (TrainConfig, task) it would train, no Ray."""
+    """train-detector up to the ranks: the (TrainConfig, task) the harness would train, settled
+    and checked by its driver part (`training.loop.start_job`), no Ray."""
     calls = []
 
     def fake_train(config, task):
+        config, _ = start_job(config, task)
         calls.append((config, task))
         return {"job": task.name, "steps": config.steps, "workers": config.workers, "final_loss": 0.0,
                 "artifact": "-", "out": config.out}
 
-    monkeypatch.setattr(td, "train", fake_train)
+    monkeypatch.setattr(ray_train, "train", fake_train)
     return calls
 
 

@@ -27,8 +27,8 @@ psutil = pytest.importorskip("psutil")
 
 from cytosynth import storage  # noqa: E402
 from cytosynth.cluster.distributed import pool_changes, run_distributed  # noqa: E402
-from cytosynth.cluster.runner import Runtime, run_local  # noqa: E402
-from cytosynth.cluster.job import GenerateConfig  # noqa: E402
+from cytosynth.generation.runner import Runtime, run_local  # noqa: E402
+from cytosynth.generation.generate_config import GenerateConfig  # noqa: E402
 from cytosynth.synth.settings import SynthesisSettings  # noqa: E402
 from cytosynth.jobs.cli import EXIT_STOPPED, EXIT_TERMINATED, main  # noqa: E402
 from conftest import FAKE_CREDENTIALS  # noqa: E402
@@ -99,7 +99,7 @@ def test_pool_of_fake_gpu_replicas_computing_on_cpu_writes_the_reference_dataset
     stats = list(storage.iter_shard_stats(out))
     # Each replica reserved half of one of the session's 2 (fake) GPUs but computed on the CPU.
     assert all(s["gpus"] and s["device"] == "cpu" for s in stats)
-    workers = {s["worker"] for s in stats}
+    workers = {s["replica"] for s in stats}
     assert 1 <= len(workers) <= 3 and all(len(w) > 8 and w != "local" for w in workers)  # Ray actor ids
     assert all(s["node"] == ray.get_runtime_context().get_node_id() and s["attempt"] == 1 for s in stats)
     assert set(stats[0]["stage_seconds"]) == {"stage1", "detection", "stage2", "paste_back", "encode"}
@@ -109,7 +109,7 @@ def test_pool_of_fake_gpu_replicas_computing_on_cpu_writes_the_reference_dataset
 
 
 class WatchedWorker:
-    """A real ShardWorker that logs, per replica process, each model load and how many shards it
+    """A real ShardMaker that logs, per replica process, each model load and how many shards it
     is running at once (the replica's threads call `run` concurrently)."""
 
     def __init__(self, worker, log: str) -> None:
@@ -134,9 +134,9 @@ class WatchedWorker:
 
 
 def watched_worker(config: GenerateConfig, log: str, **kwargs) -> WatchedWorker:
-    from cytosynth.cluster.synthesis import load_shard_worker
+    from cytosynth.generation.synthesis import load_shard_maker
 
-    return WatchedWorker(load_shard_worker(config, batch_size=RUNTIME.batch_size, **kwargs), log)
+    return WatchedWorker(load_shard_maker(config, batch_size=RUNTIME.batch_size, **kwargs), log)
 
 
 @pytest.mark.slow
@@ -146,7 +146,7 @@ def test_a_replica_loads_its_models_once_and_runs_at_most_two_shards_at_a_time(r
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the watched worker travels by value
     out, log = str(tmp_path / "out"), str(tmp_path / "replica.log")
     job = config(out)
-    run_distributed(job, RUNTIME, workers=1, make_worker=functools.partial(watched_worker, job, log))
+    run_distributed(job, RUNTIME, workers=1, make_shard_maker=functools.partial(watched_worker, job, log))
     events = [line.split(" ", 1) for line in Path(log).read_text().splitlines()]
     assert [event for _, event in events].count("load") == 1 and len({pid for pid, _ in events}) == 1
     running = [int(event.split()[1]) for _, event in events if event.startswith("running")]
@@ -187,14 +187,14 @@ HELD_SHARD = 3
 
 
 def held_worker_factory(job: GenerateConfig, gate: Path):
-    """The job's own ShardWorker, except that the first attempt at HELD_SHARD writes its pid to
+    """The job's own ShardMaker, except that the first attempt at HELD_SHARD writes its pid to
     `gate` and waits there: the test then knows a replica is busy with a shard, on a slow machine
     or a fast one, and kills it. The retry (attempt 2, on a fresh replica) runs as normal."""
 
     def make(**kwargs):
-        from cytosynth.cluster.distributed import load_shard_worker_in_replica
+        from cytosynth.cluster.distributed import load_shard_maker_in_replica
 
-        worker = load_shard_worker_in_replica(job, batch_size=RUNTIME.batch_size, precision=RUNTIME.precision, **kwargs)
+        worker = load_shard_maker_in_replica(job, batch_size=RUNTIME.batch_size, precision=RUNTIME.precision, **kwargs)
         run = worker.run
 
         def run_or_hold(shard, layout, attempt):
@@ -226,7 +226,7 @@ def test_a_replica_killed_with_kill_9_while_busy_costs_only_its_shards(reference
 
     killer = threading.Thread(target=kill_the_held_replica, daemon=True)
     killer.start()
-    summary = run_distributed(config(out), RUNTIME, workers=3, make_worker=held_worker_factory(config(out), gate))
+    summary = run_distributed(config(out), RUNTIME, workers=3, make_shard_maker=held_worker_factory(config(out), gate))
     killer.join(timeout=5)
     assert killed, "no replica took the held shard"
     assert summary["tiles"] == NUM_TILES

@@ -1,4 +1,4 @@
-"""Detector evaluation: COCO AP in the paper's Table II layout (synth.evaluation, cytosynth eval-detector)."""
+"""Detector evaluation: COCO AP in the paper's Table II layout (synth.detection_metrics, cytosynth eval-detector)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from cytosynth.storage import (
     to_coco,
 )
 from cytosynth.synth.detector import build_fasterrcnn, save_detector
-from cytosynth.synth.evaluation import coco_metrics, evaluate_detector
+from cytosynth.synth.detection_metrics import coco_metrics, evaluate_detector
 
 CLASSES = ("ASC-US", "ASC-H", "LSIL", "HSIL")
 TILES, PER_SHARD, SIZE = 6, 3, 64
@@ -366,7 +366,7 @@ def remapped_coco(coco: dict, drop: str | None = None) -> dict:
 def detector_ap_directly(labelled) -> np.ndarray:
     """AP of the labelled detector file on the image folder: torchvision's forward and pycocotools,
     none of the project's reading or scoring."""
-    from cytosynth.synth.evaluation import load_detection_model
+    from cytosynth.synth.detection_metrics import load_detection_model
 
     coco = json.loads(Path(labelled["coco"]).read_text())
     model = load_detection_model(labelled["detector"], min_size=SIZE, max_size=SIZE)

@@ -26,7 +26,8 @@ from ray_processes import actor_processes
 from test_metrics import direct_kid
 
 from cytosynth import storage
-from cytosynth.cluster.features import ExtractorFile, FeatureSettings, SetOptions, featurize_sets
+from cytosynth.cluster.feature_replicas import featurize_sets
+from cytosynth.evaluation.features import ExtractorFile, FeatureSettings, SetOptions
 from cytosynth.jobs.cli import main
 from cytosynth.storage.imagesets import list_image_units
 from cytosynth.synth.extractors import clean_preprocess, load_feature_extractor

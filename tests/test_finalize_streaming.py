@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cytosynth import storage
-from cytosynth.cluster.job import GenerateConfig, JobLayout
-from cytosynth.cluster.runner import finalize_job
+from cytosynth.generation.generate_config import GenerateConfig, JobLayout
+from cytosynth.generation.runner import finalize_job
 from cytosynth.storage import ShardWriter, StorageError, filesystem, is_complete, join, stats_url, write_job_json
 from cytosynth.storage import manifest as manifest_module
 from cytosynth.storage import objects
@@ -32,7 +32,7 @@ def commit_shards(out: str, make_tile, shards: range, tiles_per_shard: int = TIL
         for tile in reversed(range(shard * tiles_per_shard, (shard + 1) * tiles_per_shard)):
             # Tiles added out of order: the manifest must still be in tile order.
             writer.add(tile, *make_tile(tile, labels=["HSIL"] if tile % 2 else None))
-        writer.commit({"worker": f"w{shard % 2}"})
+        writer.commit({"replica": f"w{shard % 2}"})
 
 
 def buffered_manifest(out: str) -> bytes:

@@ -18,11 +18,11 @@ from PIL import Image
 from training_helpers import changed_parameters, moto_bucket, read_metrics, start_ray, write_phantom_shards
 
 from cytosynth import storage
-from cytosynth.cluster.finetune_abnormal import AbnormalCellTask
+from cytosynth.training.abnormal_cells import AbnormalCellTask
 from cytosynth.jobs import cli
 from cytosynth.synth import random_bundle, save_bundle
 from cytosynth.synth.acs_training import is_acs_trainable
-from cytosynth.synth.training import load_sd_components
+from cytosynth.synth.ldm_training import load_sd_components
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -24,7 +24,7 @@ from cytosynth.synth import random_bundle, save_bundle
 from cytosynth.synth.models import LORA_FILE, load_normal_lora
 from cytosynth.synth.normal import NORMAL_PROMPT
 from cytosynth.synth.sampling import encode_text
-from cytosynth.synth.training import diffusion_loss, load_sd_components, noise_scheduler, sample_latents
+from cytosynth.synth.ldm_training import diffusion_loss, load_sd_components, noise_scheduler, sample_latents
 
 pytestmark = pytest.mark.timeout(1800)
 TILE = 64

@@ -586,8 +586,8 @@ def test_the_pipelined_replica_writes_the_tars_of_every_stage_in_series(tmp_path
     """Detection and paste-back of a batch run on their own thread beside the diffusion of the
     next (batches of one tile, so a shard of three pipelines): not one byte changes. Faster R-CNN
     computes with torch on that thread while stage 1 does on the device thread."""
-    from cytosynth.cluster.job import GenerateConfig, JobLayout
-    from cytosynth.cluster.synthesis import load_shard_worker
+    from cytosynth.generation.generate_config import GenerateConfig, JobLayout
+    from cytosynth.generation.synthesis import load_shard_maker
 
     weights = None
     if detector == "fasterrcnn":
@@ -598,7 +598,7 @@ def test_the_pipelined_replica_writes_the_tars_of_every_stage_in_series(tmp_path
         out = tmp_path / f"depth{depth}"
         config = GenerateConfig(out=str(out), num_tiles=3, tiles_per_shard=3, detector=weights,
                                 synthesis=SynthesisSettings(tile_size=256, steps=2, cells=(1, 3)))
-        stats[depth] = load_shard_worker(config, "cpu", batch_size=1, pipeline_depth=depth).run(0, JobLayout(3, 3))
+        stats[depth] = load_shard_maker(config, "cpu", batch_size=1, pipeline_depth=depth).run(0, JobLayout(3, 3))
         tars[depth] = (out / "shards" / "000000.tar").read_bytes()
     assert tars[1] == tars[0]
     assert sum(stats[1]["cells"].values()) >= 3

@@ -9,8 +9,8 @@ from pathlib import Path
 import cytosynth.storage.objects as objects
 from cytosynth.jobs.cli import main
 
-ROOT = Path(objects.__file__).resolve().parents[1]  # the checkout: synth/, storage/, cluster/, jobs/
-PACKAGES = [ROOT / p for p in ("synth", "storage", "cluster", "jobs")]
+ROOT = Path(objects.__file__).resolve().parents[1]  # the checkout: one folder per package
+PACKAGES = [ROOT / p for p in ("synth", "storage", "evaluation", "generation", "training", "cluster", "jobs")]
 CHEAP = ["--num-tiles", "2", "--tiles-per-shard", "2", "--normal-source", "phantom", "--steps", "1",
          "--tile-size", "256", "--quiet"]
 
@@ -37,16 +37,16 @@ def test_a_shard_is_written_eight_calls_below_main_on_the_path_design_md_draws(t
     assert stacks == [[
         "jobs/cli.py:main",
         "jobs/generate.py:generate",
-        "cluster/runner.py:run_job",
-        "cluster/runner.py:run",  # LocalExecutor.run
-        "cluster/worker.py:run",  # ShardWorker.run
+        "generation/runner.py:run_job",
+        "generation/runner.py:run",  # LocalExecutor.run
+        "generation/shard_maker.py:run",  # ShardMaker.run
         "storage/shards.py:commit",
         "storage/objects.py:put_bytes",
         "storage/retry.py:retrying",  # which calls storage/objects.py:write_whole
     ]]
     design = (ROOT / "docs" / "design.md").read_text()
-    for call in ("jobs/cli.py:main", "jobs/generate.py:generate", "cluster/runner.py:run_job",
-                 "cluster/runner.py:LocalExecutor.run", "cluster/worker.py:ShardWorker.run",
+    for call in ("jobs/cli.py:main", "jobs/generate.py:generate", "generation/runner.py:run_job",
+                 "generation/runner.py:LocalExecutor.run", "generation/shard_maker.py:ShardMaker.run",
                  "storage/shards.py:ShardWriter.commit", "storage/objects.py:put_bytes",
                  "storage/retry.py:retrying", "storage/objects.py:write_whole"):
         assert call in design, f"docs/design.md's generate path does not name {call}"

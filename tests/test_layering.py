@@ -1,6 +1,10 @@
 """Layering (docs/design.md#layers): which package may import which.
 
-    jobs -> cluster -> synth, storage        synth and storage import neither each other nor Ray
+    jobs -> cluster -> generation, training -> evaluation -> synth, storage
+
+synth and storage import neither each other nor Ray; generation, training and evaluation (the
+job logic that runs in one process) never import Ray; cluster is the Ray layer, every module of
+it about Ray.
 
 The rules are checked on the source with `ast` (fast, nothing is imported), so they hold for every
 code path, not only those a test runs; the promise that matters at run time (importing the science
@@ -19,8 +23,20 @@ from pathlib import Path
 
 import pytest
 
-PACKAGES = ("synth", "storage", "cluster", "jobs")
+PACKAGES = ("synth", "storage", "evaluation", "generation", "training", "cluster", "jobs")
 OTHERS = {p: [f"cytosynth.{q}" for q in PACKAGES if q != p] for p in PACKAGES}  # "cytosynth.storage", ...
+# What each package may import of the others: its layer and those below (docs/design.md#layers).
+ALLOWED = {
+    "synth": (),
+    "storage": (),
+    "evaluation": ("synth", "storage"),
+    "generation": ("synth", "storage"),
+    "training": ("evaluation", "synth", "storage"),
+    "cluster": ("generation", "training", "evaluation", "synth", "storage"),
+    "jobs": ("cluster", "generation", "training", "evaluation", "synth", "storage"),
+}
+# cluster's one module without Ray: how a job fails, which the CLI reads without loading Ray.
+RAY_FREE_IN_CLUSTER = {"__init__.py", "failures.py"}
 
 
 @dataclass(frozen=True)
@@ -99,27 +115,35 @@ def test_the_scan_sees_every_package_and_their_imports():
     found = {package: imports_of(package) for package in PACKAGES}
     assert all(found.values()), {p: len(i) for p, i in found.items()}
     every = [imp for imports in found.values() for imp in imports]
-    for root in ("cytosynth.storage", "cytosynth.synth", "cytosynth.cluster.runner", "ray"):
+    for root in ("cytosynth.storage", "cytosynth.synth", "cytosynth.generation.runner", "ray"):
         assert any(imp.reaches(root) for imp in every), root
     pipelines = [i for i in found["storage"] if i.module == "ray.data"]
     assert pipelines and not any(i.at_import_time for i in pipelines)  # inside a function, TYPE_CHECKING
 
 
-def test_synth_imports_neither_ray_nor_storage_cluster_or_jobs():
-    bad = [imp for imp in imports_of("synth") if imp.reaches("ray", *OTHERS["synth"])]
+@pytest.mark.parametrize("package", PACKAGES)
+def test_a_package_imports_only_the_packages_below_it(package):
+    forbidden = [f"cytosynth.{q}" for q in PACKAGES if q != package and q not in ALLOWED[package]]
+    bad = [imp for imp in imports_of(package) if imp.reaches(*forbidden)]
     assert not bad, bad
 
 
-def test_storage_imports_ray_only_inside_functions_and_no_other_cytosynth_package():
-    bad_ray = [imp for imp in imports_of("storage") if imp.reaches("ray") and imp.at_import_time]
-    bad_package = [imp for imp in imports_of("storage") if imp.reaches(*OTHERS["storage"])]
-    assert not bad_ray, bad_ray
-    assert not bad_package, bad_package
-
-
-def test_cluster_never_imports_jobs():
-    bad = [imp for imp in imports_of("cluster") if imp.reaches("cytosynth.jobs")]
+@pytest.mark.parametrize("package", ["synth", "evaluation", "generation", "training"])
+def test_the_science_and_the_job_logic_never_import_ray(package):
+    bad = [imp for imp in imports_of(package) if imp.reaches("ray")]
     assert not bad, bad
+
+
+def test_storage_imports_ray_only_inside_functions():
+    bad = [imp for imp in imports_of("storage") if imp.reaches("ray") and imp.at_import_time]
+    assert not bad, bad
+
+
+def test_every_cluster_module_but_the_failures_is_about_ray():
+    """The layout tells the truth: job logic that needs no Ray lives in generation/training/evaluation."""
+    ray_users = {imp.where.split(":")[0].split("/")[1] for imp in imports_of("cluster") if imp.reaches("ray")}
+    modules = {path.name for path in package_dir("cluster").glob("*.py")}
+    assert modules - RAY_FREE_IN_CLUSTER == ray_users, sorted(modules - RAY_FREE_IN_CLUSTER - ray_users)
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -156,7 +180,7 @@ _PROBE = """
 import json, sys
 def loaded():
     return sorted(m for m in sys.modules if m.split(".")[0] in ("ray", "deepspeed")
-                  or m.startswith(("cytosynth.storage", "cytosynth.cluster", "cytosynth.jobs")))
+                  or (m.startswith("cytosynth.") and not m.startswith("cytosynth.synth")))
 import cytosynth.synth
 after_synth = loaded()
 import cytosynth.jobs.cli

@@ -223,7 +223,7 @@ def test_rank_and_world_size_default_to_the_torch_distributed_group(sources, tmp
 
 
 def test_a_shard_sets_size_comes_from_its_markers_and_a_bare_tars_is_unknown(sources, tmp_path):
-    from cytosynth.cluster.train_detector import count_boxes
+    from cytosynth.training.detector_task import count_boxes
     from cytosynth.storage import count_samples, resolve_shards
 
     real = resolve_shards(sources[0])

@@ -1,6 +1,6 @@
 """Model selection ("the best model is selected"): `finetune-normal --select-by fid`.
 
-The record of scores and the choice of the best (cluster.selection) with given scores; the
+The record of scores and the choice of the best (training.model_selection) with given scores; the
 harness hook with scripted scores on 2 Ray Train workers (the artifact is the best step's weights,
 not the last step's); finetune-normal end to end with a tiny extractor, resumed; bad input."""
 
@@ -19,8 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from training_helpers import LineFitTask, read_metrics, start_ray, write_phantom_shards
 
-from cytosynth.cluster.selection import read_selection, record_score, step_url
-from cytosynth.cluster.training import COMPLETE_MARKER, TrainConfig, checkpoint_url, train
+from cytosynth.training.model_selection import read_selection, record_score, step_url
+from cytosynth.cluster.ray_train import train
+from cytosynth.training.checkpoints import COMPLETE_MARKER, checkpoint_url
+from cytosynth.training.train_config import TrainConfig
 from cytosynth.jobs import cli
 from cytosynth.synth import random_bundle, save_bundle
 from cytosynth.synth.models import LORA_FILE

@@ -18,9 +18,9 @@ from PIL import Image
 
 from conftest import one_error_line
 from cytosynth import storage
-from cytosynth.cluster.job import GenerateConfig, JobLayout
-from cytosynth.cluster.realtiles import RealTileSource
-from cytosynth.cluster.synthesis import load_shard_worker
+from cytosynth.generation.generate_config import GenerateConfig, JobLayout
+from cytosynth.generation.real_tiles import RealTileSource
+from cytosynth.generation.synthesis import load_shard_maker
 from cytosynth.jobs.cli import main
 from cytosynth.storage import StorageError
 from cytosynth.synth import InvalidInputError, SynthesisSettings
@@ -191,7 +191,7 @@ def test_a_changed_real_tiles_url_into_the_same_output_is_refused_and_changes_no
 
 
 def test_a_replica_reads_the_jobs_index_not_the_sets_listing(tmp_path):
-    """What a Ray replica does (`ShardReplica.load` is `load_shard_worker`, then `run`), in-process."""
+    """What a Ray replica does (`ShardReplica.load` is `load_shard_maker`, then `run`), in-process."""
     tiles = [tile(i) for i in range(2)]
     real = image_folder(str(tmp_path / "real"), tiles)
     out = str(tmp_path / "out")
@@ -199,7 +199,7 @@ def test_a_replica_reads_the_jobs_index_not_the_sets_listing(tmp_path):
     (tmp_path / "real" / "000_new.png").write_bytes(png(tile(99)))  # a replica that lists would read this first
     config = GenerateConfig(out=out, normal_source="real", real_tiles=real, tiles_per_shard=2,
                             synthesis=SynthesisSettings(tile_size=256, steps=1, cells=(0, 0)))
-    worker = load_shard_worker(config, device="cpu")
+    worker = load_shard_maker(config, device="cpu")
     worker.run(0, JobLayout(2, 2))
     got = output_images(out)
     for i, expected in enumerate(tiles):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cytosynth import storage
-from cytosynth.cluster.training import COMPLETE_MARKER, checkpoint_url, load_checkpoint
+from cytosynth.training.checkpoints import COMPLETE_MARKER, checkpoint_url, load_checkpoint
 from cytosynth.jobs.cli import main
 from cytosynth.synth import InvalidInputError
 from cytosynth.synth.extractors import load_feature_extractor

@@ -9,15 +9,8 @@ import torch
 from cytosynth.synth.classes import ABNORMAL_CLASSES, CATEGORY_IDS
 from cytosynth.synth.errors import InvalidInputError
 from cytosynth.synth.seeding import rng_for, tile_seed
-from cytosynth.synth.selection import (
-    MAX_BOX_SIDE,
-    CellEdit,
-    Plan,
-    boxes_intersect,
-    load_plan,
-    select_cells,
-    unedited_boxes,
-)
+from cytosynth.synth.cell_selection import MAX_BOX_SIDE, CellEdit, boxes_intersect, select_cells, unedited_boxes
+from cytosynth.synth.edit_plan import Plan, load_plan
 
 TILE = 1024
 

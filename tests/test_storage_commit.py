@@ -58,12 +58,12 @@ def test_commit_writes_tar_then_stats_marker(storage_root, make_tile):
     writer = ShardWriter(storage_root, 7)
     for i in (70, 71):
         writer.add(i, *make_tile(i, boxes=[[1, 1, 5, 5], [2, 2, 9, 9]], labels=["ASC-H", "ASC-H"]))
-    stats = writer.commit({"seconds": 1.5, "worker": "w3"})
+    stats = writer.commit({"seconds": 1.5, "replica": "w3"})
     assert list_names(storage_root + "/shards") == ["000007.tar"]  # tars only: readers take the folder as it is
     assert list_names(storage_root + "/stats") == ["000007.json"]
     assert committed_shards(storage_root) == {7}
     assert read_shard_stats(storage_root, 7) == stats
-    assert stats["shard"] == 7 and stats["tiles"] == 2 and stats["worker"] == "w3" and stats["seconds"] == 1.5
+    assert stats["shard"] == 7 and stats["tiles"] == 2 and stats["replica"] == "w3" and stats["seconds"] == 1.5
     assert stats["cells"] == {"ASC-US": 0, "ASC-H": 4, "LSIL": 0, "HSIL": 0}
     assert stats["normal_cells"] == 2
     assert [row["key"] for row in stats["samples"]] == ["000000070", "000000071"]

@@ -55,7 +55,7 @@ def test_credentials_never_reach_the_output(s3_bucket, make_tile):
 
     writer = ShardWriter(out, 0, storage_options=secrets)
     writer.add(0, *make_tile(0))
-    writer.commit({"worker": "w0"})
+    writer.commit({"replica": "w0"})
     for write in (write_manifest, write_coco, write_preview):
         write(out, storage_options=secrets)
     write_success(out, {"tiles": 1, "storage_options": secrets}, expected_shards=1, storage_options=secrets)

@@ -198,8 +198,8 @@ def test_tiny_preset_is_reproducible_from_its_seed():
 
 
 def test_random_weights_give_the_full_size_sd15_architecture_without_a_model_dir():
-    from cytosynth.cluster.job import GenerateConfig
-    from cytosynth.cluster.synthesis import load_models
+    from cytosynth.generation.generate_config import GenerateConfig
+    from cytosynth.generation.synthesis import load_models
 
     with torch.device("meta"):  # the architecture, without allocating its 2 x 860M UNet weights
         bundle = load_models(GenerateConfig(out="unused", preset="sd15", random_weights=True))

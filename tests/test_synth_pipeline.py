@@ -22,7 +22,7 @@ from cytosynth.synth import (
 from cytosynth.synth.errors import InvalidInputError
 from cytosynth.synth.paste import crop_origin, edit_region, feather_alpha, paste_back
 from cytosynth.synth.schedule import StageClock, Stages, pipelined
-from cytosynth.synth.selection import plan_from_json
+from cytosynth.synth.edit_plan import plan_from_json
 
 FAST = SynthesisSettings(steps=3)
 

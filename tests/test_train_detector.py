@@ -18,8 +18,8 @@ from training_helpers import moto_bucket, read_metrics, start_ray, write_phantom
 
 from cytosynth import storage
 from cytosynth.jobs import cli
-from cytosynth.cluster.train_detector import DetectorTask
-from cytosynth.cluster.training import run_seed
+from cytosynth.training.detector_task import DetectorTask
+from cytosynth.training.loop import run_seed
 from cytosynth.synth.detector import FasterRCNNCellDetector, build_fasterrcnn, load_detector
 from cytosynth.synth.models import DETECTOR_FILE, fingerprint
 

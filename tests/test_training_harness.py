@@ -1,4 +1,4 @@
-"""The fine-tuning harness (cluster.training): Ray Train workers running DeepSpeed ZeRO-2 on CPU,
+"""The fine-tuning harness (training.loop): Ray Train workers running DeepSpeed ZeRO-2 on CPU,
 checkpoints with a COMPLETE marker, resume after a failure, metrics, sample grids, the artifact."""
 
 from __future__ import annotations
@@ -13,15 +13,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from training_helpers import LineFitTask, SampledLineFitTask, changed_parameters, initial_line_model, read_metrics, start_ray
 
-from cytosynth.cluster.training import (
-    TrainConfig,
-    check_config,
-    checkpoint_steps,
-    image_grid,
-    latest_checkpoint,
-    remove_checkpoints,
-    train,
-)
+from cytosynth.cluster.ray_train import train
+from cytosynth.training.checkpoints import checkpoint_steps, latest_checkpoint, remove_checkpoints
+from cytosynth.training.loop import check_config, image_grid
+from cytosynth.training.train_config import TrainConfig
 from cytosynth import storage
 from cytosynth.synth import InvalidInputError
 

@@ -13,14 +13,14 @@ from diffusers import UNet2DConditionModel
 from training_helpers import write_phantom_shards
 
 from cytosynth import storage
-from cytosynth.cluster.finetune_abnormal import AbnormalCellTask
-from cytosynth.cluster.finetune_normal import NormalLoraTask
-from cytosynth.cluster.train_detector import DetectorTask
-from cytosynth.cluster.training import COMPLETE_MARKER, checkpoint_url
+from cytosynth.training.abnormal_cells import AbnormalCellTask
+from cytosynth.training.normal_lora import NormalLoraTask
+from cytosynth.training.detector_task import DetectorTask
+from cytosynth.training.checkpoints import COMPLETE_MARKER, checkpoint_url
 from cytosynth.jobs import cli
 from cytosynth.synth.detector import load_detector_model
 from cytosynth.synth.models import merge_lora, load_normal_lora
-from cytosynth.synth.training import load_sd_components
+from cytosynth.synth.ldm_training import load_sd_components
 
 TILE = 64
 LORA_TARGET = "down_blocks.2.attentions.0.transformer_blocks.0.attn2.to_q.weight"

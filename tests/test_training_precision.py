@@ -3,7 +3,7 @@
 DeepSpeed's bf16 mode casts the module before the first step, and how depends on its version:
 since 0.19.2 it casts the *parameters* only and keeps floating-point buffers in fp32; before, it
 called `module.bfloat16()`, buffers included. Each training task must take a step under both
-casts (cluster.training, "Precision"); a task that cannot train in bf16 says so and the harness
+casts (training.loop, "Precision"); a task that cannot train in bf16 says so and the harness
 keeps it in fp32."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 import torch
 from training_helpers import write_phantom_shards
 
-from cytosynth.cluster.finetune_abnormal import AbnormalCellTask
-from cytosynth.cluster.finetune_normal import NormalLoraTask
-from cytosynth.cluster.train_detector import DetectorTask
-from cytosynth.cluster.training import TrainConfig, uses_bf16
+from cytosynth.training.abnormal_cells import AbnormalCellTask
+from cytosynth.training.normal_lora import NormalLoraTask
+from cytosynth.training.detector_task import DetectorTask
+from cytosynth.training.loop import TrainConfig, uses_bf16
 
 TILE = 64
 

@@ -15,7 +15,7 @@ import torch
 
 from cytosynth import storage
 from cytosynth.synth import InvalidInputError, draw_phantom_tile
-from cytosynth.synth.training import freeze_all_but
+from cytosynth.synth.ldm_training import freeze_all_but
 
 RAY_SETTINGS = {"num_cpus": 2, "include_dashboard": False, "object_store_memory": 150 * 1024**2, "log_to_driver": False}
 

@@ -9,7 +9,7 @@ on the fixed prompt "A normal cervical cytopathological image". The paper: 1,000
 Data is a folder of tiles, WebDataset shards, or either on `s3://`, streamed tile by tile (never
 copied whole to local disk). The output is `pytorch_lora_weights.safetensors` in diffusers
 format: `StableDiffusionPipeline.load_lora_weights` and `cytosynth generate --lora` read it: the
-last step's LoRA, or with `selection` (--select-by fid) the best-scoring one (cluster.selection).
+last step's LoRA, or with `selection` (--select-by fid) the best-scoring one (training.model_selection).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from cytosynth.synth import InvalidInputError, tile_seed
 from cytosynth.synth.models import LORA_FILE, SD_COMPONENTS, add_normal_lora, save_normal_lora
 from cytosynth.synth.normal import NORMAL_PROMPT, NormalTileGenerator
 from cytosynth.synth.sampling import encode_text
-from cytosynth.synth.training import (
+from cytosynth.synth.ldm_training import (
     SDComponents,
     diffusion_loss,
     freeze_all_but,
@@ -38,7 +38,7 @@ from cytosynth.synth.training import (
     sample_latents,
 )
 
-from .selection import FidSelection, record_score
+from .model_selection import FidSelection, record_score
 
 TILES_CHECKED_UP_FRONT = 4  # the rest are checked as they stream in (a real set is thousands)
 SELECTION_SEED = 0  # the tiles scored for --select-by: the same seeds at every step, so scores compare
@@ -65,7 +65,7 @@ class NormalLoraModel(torch.nn.Module):
 
 @dataclass(frozen=True)
 class NormalLoraTask:
-    """The harness task (cluster.training) of `cytosynth finetune-normal`."""
+    """The harness task (training.loop) of `cytosynth finetune-normal`."""
 
     data: str
     model_dir: str | None = None  # a diffusers SD1.5 folder or URL; None: the preset's random weights
@@ -137,7 +137,7 @@ class NormalLoraTask:
         return np.concatenate([generator(seeds[i : i + batch]) for i in range(0, count, batch)])
 
     def select(self, model: NormalLoraModel, out_url: str, step: int, final: bool) -> dict[str, Any] | None:
-        """Model selection (cluster.training): FID of `selection.count` tiles against the held-out set."""
+        """Model selection (training.loop): FID of `selection.count` tiles against the held-out set."""
         if self.selection is None:
             return None
         tiles = self.draw_tiles(model, SELECTION_SEED, self.selection.count)

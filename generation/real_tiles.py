@@ -17,7 +17,7 @@ import numpy as np
 from cytosynth import storage
 from cytosynth.synth import InvalidInputError
 
-from .job import GenerateConfig
+from .generate_config import GenerateConfig
 
 
 def real_tile_index(config: GenerateConfig) -> storage.ImageIndex:

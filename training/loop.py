@@ -1,13 +1,15 @@
-"""The fine-tuning harness: a Ray Train `TorchTrainer` whose workers each run a DeepSpeed engine.
+"""The training loop every job shares: a task's model in a DeepSpeed engine, one per rank.
 
-ZeRO stage 2 (optimizer states and gradients partitioned over the workers), bf16 on GPU, fp32 on
-CPU (there, 2+ workers talk over gloo with `DS_ACCELERATOR=cpu`). Every job -- finetune-normal,
-finetune-abnormal, train-detector -- is this loop; what differs is a *task*.
+ZeRO stage 2 (optimizer states and gradients partitioned over the ranks), bf16 on GPU, fp32 on
+CPU (there, 2+ ranks talk over gloo with `DS_ACCELERATOR=cpu`). Every job -- finetune-normal,
+finetune-abnormal, train-detector -- is this loop; what differs is a *task*. This module is
+Ray-free: `start_job` is the driver's part, `train_rank` one rank's; `cluster/ray_train.py:train`
+runs the ranks as Ray Train workers (`--workers` of them).
 
 How a job plugs in
 ------------------
 A task is a picklable object (a dataclass of its own settings) with these members; the harness
-calls `validate` on the driver and the rest on every Ray Train worker:
+calls `validate` (and `settle`) on the driver and the rest on every rank:
 
     name: str                                    "finetune-normal": logs, job.json
     trains_in_bf16: bool                         False keeps the task in fp32 even on GPUs
@@ -17,8 +19,11 @@ calls `validate` on the driver and the rest on every Ray Train worker:
     validate() -> None                           driver, before anything is written or Ray
                                                  starts: check the data and weights, raise
                                                  InvalidInputError / StorageError (one line)
+    settle(config) -> config                     optional, driver, right after validate: the
+                                                 settings the data decides (train-detector:
+                                                 --epochs as steps, the arch's lr)
     build(device) -> (module, trainable params)  the model on `device`, everything but the
-                                                 returned parameters frozen (synth.training
+                                                 returned parameters frozen (synth.ldm_training
                                                  .freeze_all_but); the harness optimizes those
     batches(rank, world_size, batch_size, seed)  an endless iterator of this worker's
             -> Iterator[batch]                   micro-batches (its 1/world_size of the data,
@@ -43,8 +48,8 @@ and optionally, for model selection ("keep the best step", e.g. by FID):
                                                  the final verdict, with "artifact", goes into
                                                  the summary
 
-and `TrainConfig` holds what every job shares. `train(config, task)` runs it and returns the
-summary. The harness owns everything else:
+and `TrainConfig` holds what every job shares. `cluster.ray_train.train(config, task)` runs it
+and returns the summary. The harness owns everything else:
 
     <out>/job.json                        task.record() + optimizer settings, versions (first)
     <out>/checkpoints/step_000500/        DeepSpeed checkpoint of the trainable parameters and
@@ -81,29 +86,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
-import shutil
-import tempfile
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from cytosynth import storage
 from cytosynth.storage.job import SUCCESS_NAME
 from cytosynth.synth import InvalidInputError
 
-from .job import USER_ERRORS, raised_error
+from .checkpoints import latest_checkpoint, load_checkpoint, remove_checkpoints, safe_checkpoint_engine, save_checkpoint
+from .metrics_log import MetricsLog
 from .train_config import OPTIMIZERS, PRECISIONS, TrainConfig
 
-CHECKPOINTS_DIR = "checkpoints"
-COMPLETE_MARKER = "COMPLETE"
-METRICS_NAME = "metrics.jsonl"
 SAMPLES_DIR = "samples"
 
 
@@ -123,69 +120,41 @@ class TrainingTask(Protocol):
 # --------------------------------------------------------------------------- driver
 
 
-def train(config: TrainConfig, task: TrainingTask) -> dict[str, Any]:
-    """Run (or resume) a training job on Ray Train; returns the summary written to `_SUCCESS`."""
-    check_config(config)
+def start_job(config: TrainConfig, task: TrainingTask) -> tuple[TrainConfig, int | None]:
+    """The driver's part, before any rank starts: every check, then job.json (written or matched).
+    Returns the config with what the task's data settles, and the step to resume from (0: a new
+    run), or None when the run in `config.out` is already finished (its summary is `_SUCCESS`)."""
+    check_config(config, settled=not hasattr(task, "settle"))
     storage.ensure_writable(config.out)
     task.validate()
+    if hasattr(task, "settle"):
+        config = task.settle(config)
+        check_config(config)
     # Before anything else looks at --out: a finished run with other settings is refused too.
     storage.write_job_json(
         config.out, {"job": task.name, **config.record(), "precision": "bf16" if uses_bf16(config, task) else "fp32", **task.record()}
     )
     if storage.is_complete(config.out):
-        return read_summary(config.out)
+        return config, None
     resume_step = latest_checkpoint(config.out)
     if resume_step and not config.resume:
         raise InvalidInputError(f"{config.out} holds a checkpoint at step {resume_step}; resume or use a new --out")
     if resume_step and resume_step >= config.steps:
         raise InvalidInputError(f"{config.out} is checkpointed at step {resume_step}, beyond --steps {config.steps}")
-
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
-    from ray.train.torch import TorchTrainer
-    from ray.util.queue import Queue
-
-    from .ray_session import connect, forwarded_env
-
-    started_ray = connect(config.ray_address, config.workers, 1.0 if config.use_gpu else 0.0)
-    try:
-        progress = Queue(actor_options={"num_cpus": 0})
-        trainer = TorchTrainer(
-            _worker_loop,
-            train_loop_config={
-                "config": config,
-                "task": task,
-                "progress": progress,
-                # Local workers reach the same storage as the driver (endpoint, credentials).
-                "env": forwarded_env() if config.ray_address is None else {},
-            },
-            scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
-            run_config=RunConfig(name=f"cytosynth-{task.name}-{os.getpid()}", failure_config=FailureConfig(0)),
-        )
-        with _ProgressBar(progress, config, resume_step, task.name):
-            try:
-                trainer.fit()
-            except WorkerGroupError as err:
-                rank, failure, cause = _worker_cause(err)
-                if isinstance(cause, USER_ERRORS):
-                    raise cause from None
-                # Chained: the CLI's log then holds the worker's traceback (the wrapper's text).
-                raise RuntimeError(f"{task.name} failed on rank {rank}: {_described(cause)}") from failure
-        ray.kill(progress.actor)
-    finally:
-        if started_ray:
-            ray.shutdown()
-    return read_summary(config.out)
+    return config, resume_step
 
 
-def check_config(config: TrainConfig) -> None:
-    """Options that are wrong whatever the data: one-line InvalidInputError before any work."""
+def check_config(config: TrainConfig, settled: bool = True) -> None:
+    """Options that are wrong whatever the data: one-line InvalidInputError before any work.
+    Unless `settled`, --steps and --lr may still be unset (the task's `settle` sets them)."""
     for name in ("steps", "batch_size", "workers", "checkpoint_every", "sample_every", "log_every", "keep_checkpoints"):
+        if getattr(config, name) is None and not settled:
+            continue
         if getattr(config, name) < 1:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be at least 1")
     if config.optimizer not in OPTIMIZERS:
         raise InvalidInputError(f"unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if not config.lr > 0:
+    if not (config.lr is None and not settled) and not config.lr > 0:
         raise InvalidInputError("--lr must be positive")
     if config.zero_stage not in (0, 1, 2):
         raise InvalidInputError("--zero-stage must be 0, 1 or 2")
@@ -203,91 +172,32 @@ def read_summary(out: str) -> dict[str, Any]:
     return json.loads(storage.get_bytes(storage.join(out, SUCCESS_NAME)))
 
 
-def _worker_cause(err: BaseException) -> tuple[int | str, BaseException, BaseException]:
-    """(rank, failure as Ray reports it, the exception the worker's code raised): a worker's
-    user error (InvalidInputError/StorageError) if any raised one, else the lowest rank's.
-
-    Ray Train wraps what a worker raised (UserExceptionWithTraceback holds it as `_base_exc`,
-    a RayTaskError as `cause`) and says only "[Rank 0 Error Snippet]" in its own message."""
-    failures = sorted(getattr(err, "worker_failures", {}).items())
-    causes = [(rank, failure, raised_error(failure)) for rank, failure in failures]
-    for found in causes:
-        if isinstance(found[2], USER_ERRORS):
-            return found
-    return causes[0] if causes else ("?", err, err)
-
-
-def _described(err: BaseException) -> str:
-    """`Type: first line` of an exception; for a traceback's text (the wrapper, when the worker's
-    exception could not be unpickled), its last line, which names the exception."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if lines and lines[0].startswith("Traceback"):
-        return lines[-1]
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-
-
-class _ProgressBar:
-    """A tqdm bar on the driver, fed by rank 0 through a Ray queue while `fit` blocks."""
-
-    def __init__(self, queue: Any, config: TrainConfig, resume_step: int, name: str) -> None:
-        self.queue = queue
-        self.bar = tqdm(total=config.steps, initial=resume_step, unit="step", desc=name, disable=not config.progress)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        from ray.util.queue import Empty
-
-        while not self.stop.is_set():
-            try:
-                row = self.queue.get(timeout=0.5)
-            except Empty:
-                continue
-            except Exception:  # noqa: BLE001 - the queue dies with Ray on a crash; the bar just stops
-                return
-            self.bar.update(row["step"] - self.bar.n)
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.2f}")
-
-    def __enter__(self) -> "_ProgressBar":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.bar.close()
-
-
 # --------------------------------------------------------------------------- worker
 
 
-def _worker_loop(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: build the task's model, wrap it in DeepSpeed, train, checkpoint."""
-    config: TrainConfig = loop_config["config"]
-    task: TrainingTask = loop_config["task"]
-    os.environ.update(loop_config["env"])
-    if not config.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read on DeepSpeed's first accelerator query
+def train_rank(
+    config: TrainConfig, task: TrainingTask, rank: int, world_size: int, device: torch.device,
+    report: Callable[[dict[str, Any]], None],
+) -> None:
+    """One rank of a job, in an initialised torch.distributed group of `world_size`: build the
+    task's model on `device`, wrap it in DeepSpeed, train, checkpoint. Rank 0 keeps the metrics,
+    the sample grids, the artifact and `_SUCCESS`, and passes each step's row to `report`."""
     import deepspeed
-    import ray.train
     import torch.distributed as dist
-    from ray.train.torch import get_device
 
     deepspeed.utils.logger.setLevel("WARNING")
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
     start_step = latest_checkpoint(config.out)
     seed = run_seed(config.seed, start_step)
-    torch.manual_seed(seed + rank)  # noise and timesteps differ per worker
+    torch.manual_seed(seed + rank)  # noise and timesteps differ per rank
 
-    module, trainable = task.build(get_device() if config.use_gpu else torch.device("cpu"))
+    module, trainable = task.build(device)
     engine, *_ = deepspeed.initialize(
         model=_LossModule(task, module),
         optimizer=build_optimizer(config, trainable),
         model_parameters=trainable,
         config=deepspeed_config(config, world_size, uses_bf16(config, task)),
     )
-    engine.checkpoint_engine = _safe_checkpoint_engine(engine)
+    engine.checkpoint_engine = safe_checkpoint_engine(engine)
     if start_step:
         load_checkpoint(engine, config.out, start_step)
     metrics = MetricsLog(config.out, start_step, config.log_every) if rank == 0 else None
@@ -316,7 +226,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             if config.use_gpu:  # how close a worker runs to its GPU's memory
                 row["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             metrics.add(row)
-            loop_config["progress"].put_nowait(row)
+            report(row)
             if step % config.sample_every == 0 or step == config.steps:
                 _write_sample_grid(task, engine.module.model, config, step)
         if step % config.checkpoint_every == 0 or step == config.steps:  # before the checkpoint: see _select
@@ -447,152 +357,3 @@ def image_grid(images: np.ndarray, gutter: int = 4) -> np.ndarray:
     return grid
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-class MetricsLog:
-    """metrics.jsonl, kept by rank 0: rows up to the resumed step are kept, new ones get the next run number."""
-
-    def __init__(self, out: str, start_step: int, flush_every: int) -> None:
-        self.url = storage.join(out, METRICS_NAME)
-        previous = read_metrics(out)
-        self.rows = [r for r in previous if r["step"] <= start_step]
-        self.run = max((r["run"] for r in previous), default=-1) + 1
-        self.flush_every = flush_every
-
-    def add(self, row: dict[str, Any]) -> None:
-        self.rows.append({**row, "run": self.run, "time": round(time.time(), 3)})
-        if row["step"] % self.flush_every == 0:
-            self.flush()
-
-    def flush(self) -> None:
-        storage.put_bytes(self.url, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
-
-
-def read_metrics(out: str) -> list[dict[str, Any]]:
-    """The rows of `<out>/metrics.jsonl` ([] if there is none yet)."""
-    url = storage.join(out, METRICS_NAME)
-    if not storage.exists(url):
-        return []
-    return [json.loads(line) for line in storage.get_bytes(url).decode().splitlines() if line.strip()]
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_url(out: str, step: int) -> str:
-    return storage.join(out, CHECKPOINTS_DIR, f"step_{step:06d}")
-
-
-def checkpoint_steps(out: str, complete_only: bool = True) -> list[int]:
-    """Steps of the checkpoints under `out`, ascending; by default only those marked COMPLETE."""
-    fs, path = storage.filesystem(storage.join(out, CHECKPOINTS_DIR))
-    fs.invalidate_cache()
-    found = sorted(int(p.rstrip("/").rsplit("step_", 1)[1]) for p in fs.glob(path + "/step_*"))
-    if not complete_only:
-        return found
-    return [s for s in found if storage.exists(storage.join(checkpoint_url(out, s), COMPLETE_MARKER))]
-
-
-def latest_checkpoint(out: str) -> int:
-    """The step of the last complete checkpoint, 0 if there is none."""
-    steps = checkpoint_steps(out)
-    return steps[-1] if steps else 0
-
-
-def remove_checkpoints(out: str, keep: int) -> None:
-    """Keep the last `keep` complete checkpoints; remove older ones and every incomplete one.
-    The marker goes first, so a half-removed checkpoint is never taken for a complete one."""
-    complete = checkpoint_steps(out)
-    keep_steps = set(complete[len(complete) - keep :] if keep else [])
-    fs, _ = storage.filesystem(out)
-    for step in checkpoint_steps(out, complete_only=False):
-        if step in keep_steps:
-            continue
-        url = checkpoint_url(out, step)
-        marker = storage.join(url, COMPLETE_MARKER)
-        if storage.exists(marker):
-            storage.retrying(lambda: fs.rm(storage.filesystem(marker)[1]), marker, action="remove")
-        storage.retrying(lambda: fs.rm(storage.filesystem(url)[1], recursive=True), url, action="remove")
-
-
-def save_checkpoint(engine: Any, out: str, step: int, rank: int, keep: int) -> None:
-    """Collective: every rank saves its part locally and uploads it; then rank 0 marks it complete."""
-    import torch.distributed as dist
-
-    tag = f"step_{step:06d}"
-    url = checkpoint_url(out, step)
-    local = tempfile.mkdtemp(prefix="cytosynth-ckpt-")
-    try:
-        engine.save_checkpoint(local, tag=tag, client_state={"step": step}, exclude_frozen_parameters=True)
-        names = sorted(os.listdir(os.path.join(local, tag)))
-        for name in names:
-            data = open(os.path.join(local, tag, name), "rb").read()
-            storage.put_bytes(storage.join(url, name), data)
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
-    every_rank: list[list[str]] = [[] for _ in range(dist.get_world_size())]
-    dist.all_gather_object(every_rank, names)  # also the barrier: all uploads are done
-    if rank == 0:
-        files = sorted({n for part in every_rank for n in part})
-        marker = {"step": step, "files": files, "world_size": len(every_rank), "time": time.time()}
-        storage.put_bytes(storage.join(url, COMPLETE_MARKER), json.dumps(marker).encode())
-        remove_checkpoints(out, keep)
-
-
-def load_checkpoint(engine: Any, out: str, step: int) -> None:
-    """Every rank fetches the checkpoint's files (ZeRO reads all partitions) and loads them."""
-    tag = f"step_{step:06d}"
-    url = checkpoint_url(out, step)
-    names = checkpoint_file_names(storage.get_bytes(storage.join(url, COMPLETE_MARKER)), url)
-    local = tempfile.mkdtemp(prefix="cytosynth-ckpt-")
-    try:
-        os.makedirs(os.path.join(local, tag))
-        for name in names:
-            with open(os.path.join(local, tag, name), "wb") as fh:
-                fh.write(storage.get_bytes(storage.join(url, name)))
-        loaded, client_state = engine.load_checkpoint(local, tag=tag, load_module_strict=False)
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
-    if loaded is None or client_state.get("step") != step:
-        raise RuntimeError(f"checkpoint {url} did not load")
-
-
-def checkpoint_file_names(marker: bytes, url: str) -> list[str]:
-    """The file names a COMPLETE marker lists, each a plain name inside the checkpoint folder
-    (DeepSpeed writes flat files): an absolute path, `..`, a folder or a backslash would make
-    `load_checkpoint` write outside it. Anything else is a one-line StorageError."""
-    try:
-        names = json.loads(marker)["files"]
-    except (ValueError, TypeError, KeyError) as err:
-        raise storage.StorageError(f"checkpoint marker {storage.join(url, COMPLETE_MARKER)} is corrupt: {err}") from None
-    if not isinstance(names, list):
-        names = [names]
-    for name in names:
-        if not isinstance(name, str) or not _PLAIN_FILE_NAME.fullmatch(name):
-            raise storage.StorageError(
-                f"checkpoint marker {storage.join(url, COMPLETE_MARKER)} lists {str(name)[:80]!r}, "
-                "not a plain file name inside the checkpoint folder"
-            )
-    return names
-
-
-_PLAIN_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,254}")
-
-
-def _safe_checkpoint_engine(engine: Any) -> Any:
-    """DeepSpeed's torch checkpoint engine, reading with `weights_only=True`: no arbitrary pickle
-    from storage, only tensors, containers and the few DeepSpeed types a checkpoint holds."""
-    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location: Any = None) -> Any:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-    return SafeTorchCheckpointEngine(engine._config)

@@ -19,8 +19,8 @@ from cytosynth.storage.errors import redact_url
 from cytosynth.storage.job import REDACTED, SUCCESS_NAME
 from cytosynth.synth import InvalidInputError
 
-from .job import GenerateConfig, JobLayout, job_config
-from .runner import Runtime, finalize_job, run_local, validate_config
+from .generate_config import GenerateConfig, JobLayout, job_config
+from .runner import Runtime, finalize_job, read_plan, run_local, validate_config
 
 
 @dataclass
@@ -106,7 +106,7 @@ def repair_job(out: str, report: VerifyReport, runtime: Runtime, plan: str | Non
     if report.ok:
         return report
     config = config_for_repair(out, plan)
-    layout = validate_config(config)  # the inputs (real tiles, plan) must still be there and valid
+    layout = validate_config(config, read_plan(config))  # the inputs (real tiles, plan) must still be there and valid
     storage.uncommit(out, [i for i, p in report.problems.items() if p != "not committed"])
     storage.delete(storage.join(out, SUCCESS_NAME))  # the dataset's files are rebuilt
     start = time.perf_counter()

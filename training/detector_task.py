@@ -9,8 +9,9 @@ Two uses, one job (`labels`):
   ImageNet-pretrained ResNet-50: `backbone_weights`, a safetensors file by path or URL, never downloaded).
 
 Data comes through `storage.detection_loader`'s dataset: streamed shards, split over ranks and
-loader workers, real and synthetic mixed at `synthetic_fraction`. `train_detector(config)` runs
-the whole job from a plain `DetectorTrainConfig`; the augmentation study calls it once per arm.
+loader workers, real and synthetic mixed at `synthetic_fraction`. `detector_task(config)` is the
+task of a plain `DetectorTrainConfig`, whose steps and lr the task settles from its data
+(`DetectorTask.settle`); the augmentation study trains one per arm.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from cytosynth.synth.detector import build_detector, check_arch, read_backbone_w
 from cytosynth.synth.models import DETECTOR_FILE
 
 from .train_config import DEFAULT_LR, NUM_CLASSES, PAPER_EPOCHS, DetectorTrainConfig
-from .training import train
 
 SAMPLE_TILES = 4
 SAMPLE_PX = 256
@@ -42,7 +42,7 @@ SCORE_THRESHOLD = 0.5  # boxes drawn on the progress grid, as generate's detecto
 
 @dataclass(frozen=True)
 class DetectorTask:
-    """The harness task (cluster.training) of `cytosynth train-detector`."""
+    """The harness task (training.loop) of `cytosynth train-detector`."""
 
     real: str | None
     synthetic: str | None = None
@@ -81,6 +81,12 @@ class DetectorTask:
                 raise InvalidInputError(f"{source} holds no {self.labels} boxes to train on")
             # Reading the first sample proves the shards decode (image and annotation JSON).
             next(storage.shard_detection_samples(shards[:1], self.labels), None)
+
+    def settle(self, config: DetectorTrainConfig) -> DetectorTrainConfig:
+        """The harness's steps and lr, after `validate` (the steps of --epochs are counted from the
+        same shards' stats): a DetectorTrainConfig is then the harness's TrainConfig."""
+        lr = DEFAULT_LR[self.arch] if config.lr is None else config.lr
+        return replace(config, steps=detector_steps(config), lr=lr)
 
     def sources(self) -> list[str]:
         f = self.synthetic_fraction
@@ -207,13 +213,9 @@ def detector_steps(config: DetectorTrainConfig) -> int:
     return max(1, math.ceil(epochs * samples / (config.batch_size * config.workers)))
 
 
-def train_detector(config: DetectorTrainConfig) -> dict[str, Any]:
-    """Train (or resume) a detector; returns the summary (`artifact`: the safetensors URL)."""
+def detector_task(config: DetectorTrainConfig) -> DetectorTask:
+    """The task of a train-detector config: the config's fields of the same names, and the
+    backbone file checked and fingerprinted on the driver."""
     check_arch(config.arch)
-    # The task's settings are the config's fields of the same names.
     settings = {f.name: getattr(config, f.name) for f in fields(DetectorTask) if hasattr(config, f.name)}
-    task = DetectorTask(**settings, backbone_sha256=backbone_fingerprint(config.backbone_weights))
-    task.validate()  # before counting steps from the same shards
-    lr = DEFAULT_LR[config.arch] if config.lr is None else config.lr
-    # A DetectorTrainConfig is the harness's TrainConfig once its steps and lr are known.
-    return train(replace(config, steps=detector_steps(config), lr=lr), task)
+    return DetectorTask(**settings, backbone_sha256=backbone_fingerprint(config.backbone_weights))

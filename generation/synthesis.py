@@ -25,13 +25,14 @@ from cytosynth.synth import (
     random_bundle,
     tile_seed,
 )
+from cytosynth.synth.devices import model_dtype
 from cytosynth.synth.models import fingerprint, localize
 from cytosynth.synth.schedule import PIPELINE_DEPTH
-from cytosynth.synth.selection import plan_from_json
+from cytosynth.synth.edit_plan import Plan
 
-from .job import PRECISIONS, GenerateConfig
-from .realtiles import RealTileSource
-from .worker import ShardWorker, Synthesize
+from .generate_config import GenerateConfig
+from .real_tiles import RealTileSource
+from .shard_maker import ShardMaker, Synthesize
 
 # On CPU torch splits the models' reductions by thread, so pixels would depend on the thread
 # count (a local run uses every core, a Ray replica its one CPU): they compute on this many
@@ -55,16 +56,6 @@ def load_models(config: GenerateConfig) -> ModelBundle:
     )
 
 
-def model_dtype(precision: str, device: str) -> torch.dtype:
-    """The diffusion models' torch dtype: `auto` is bf16 on CUDA (the GPU's fast matmuls) and fp32
-    elsewhere (CPU runs stay byte-reproducible). The detector always runs in fp32."""
-    if precision not in PRECISIONS:
-        raise InvalidInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        precision = "bf16" if device.startswith("cuda") else "fp32"
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
 @contextmanager
 def reproducible_threads(device: str) -> Iterator[None]:
     """Compute on CPU_THREADS threads while on CPU (see CPU_THREADS); the caller's count after."""
@@ -79,16 +70,17 @@ def reproducible_threads(device: str) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def load_shard_worker(
+def load_shard_maker(
     config: GenerateConfig,
     device: str | None = None,
     batch_size: int = 4,
     identity: dict[str, Any] | None = None,
     precision: str = "auto",
     pipeline_depth: int = PIPELINE_DEPTH,
-) -> ShardWorker:
+    plan: Plan | None = None,
+) -> ShardMaker:
     """Load the config's models once onto `device` (None: cuda when available), in `precision`
-    (see `model_dtype`), into a ShardWorker whose batches go through the two-thread pipeline
+    (see `model_dtype`), into a ShardMaker whose batches go through the two-thread pipeline
     (`synth.schedule`; `pipeline_depth` 0: every stage in series, same bytes)."""
     device = device or default_device()
     dtype = model_dtype(precision, device)
@@ -96,11 +88,12 @@ def load_shard_worker(
     # The job's index of its real tiles (runner.prepare_job wrote it), read on first use.
     real = config.normal_source == "real"
     source = RealTileSource(storage.real_index_url(config.out), config.synthesis.tile_size) if real else config.normal_source
-    plan = plan_from_json(config.plan) if config.plan else None
+    if bool(config.plan) != (plan is not None):  # the driver parsed config.plan (runner.read_plan)
+        raise ValueError("load_shard_maker needs the config's plan parsed: plan=runner.read_plan(config)")
     synthesizer = build_synthesizer(bundle, config.synthesis, source, plan, device)
     synthesize = pipelined_synthesis(synthesizer, config.seed, device, pipeline_depth)
-    identity = {"worker": "local", **(identity or {}), "device": device, "precision": str(dtype).removeprefix("torch.")}
-    return ShardWorker(config, synthesize, bundle.fingerprints, batch_size, identity)
+    identity = {"replica": "local", **(identity or {}), "device": device, "precision": str(dtype).removeprefix("torch.")}
+    return ShardMaker(config, synthesize, bundle.fingerprints, batch_size, identity)
 
 
 def pipelined_synthesis(synthesizer: TileSynthesizer, job_seed: int, device: str, depth: int = PIPELINE_DEPTH) -> Synthesize:

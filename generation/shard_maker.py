@@ -1,7 +1,7 @@
 """The shard worker: synthesizes the tiles of a shard batch by batch and commits the shard.
 
 It knows nothing of Ray or of models: `synthesize` is any callable from a shard's batches of tile
-indices to a stream of samples, one list per batch (`cluster.synthesis.load_shard_worker` wires
+indices to a stream of samples, one list per batch (`generation.synthesis.load_shard_maker` wires
 the real models in, whose detection and paste-back of one batch run beside the diffusion of the
 next: `synth.schedule`; benchmarks pass a simulated one). The local runner calls it in-process,
 Ray actors wrap it. The shard is the unit of work and of commit.
@@ -27,7 +27,7 @@ import numpy as np
 
 from cytosynth import storage
 
-from .job import GenerateConfig, JobLayout, job_config
+from .generate_config import GenerateConfig, JobLayout, job_config
 
 # Per-shard stage seconds: the synthesis stages (synth.pipeline.SYNTHESIS_STAGES) plus PNG/JPEG
 # encoding and the upload of the shard. Encode seconds are summed over the encoder threads.
@@ -52,7 +52,7 @@ Synthesize = Callable[
 
 
 @dataclass
-class ShardWorker:
+class ShardMaker:
     """`run(shard)` synthesizes and commits one shard; safe to call from two threads at once
     (one synthesizes while the other finishes encoding and uploading)."""
 
@@ -60,7 +60,7 @@ class ShardWorker:
     synthesize: Synthesize
     fingerprints: dict[str, str]
     batch_size: int = 4
-    identity: dict[str, Any] = field(default_factory=lambda: {"worker": "local"})  # written to shard stats
+    identity: dict[str, Any] = field(default_factory=lambda: {"replica": "local"})  # written to shard stats
 
     def __post_init__(self) -> None:
         self._device = threading.Lock()  # one shard at a time synthesizes

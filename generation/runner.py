@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 
 from cytosynth import storage
 from cytosynth.synth import InvalidInputError
-from cytosynth.synth.selection import plan_from_json
+from cytosynth.synth.edit_plan import Plan, plan_from_json
 
-from .job import NORMAL_SOURCES, GenerateConfig, JobLayout, PendingShards, job_config
-from .realtiles import RealTileSource, check_header_sizes, real_tile_index, sample_positions
-from .worker import IDLE_STAGES, STAGES
+from .generate_config import NORMAL_SOURCES, GenerateConfig, JobLayout, PendingShards, job_config
+from .real_tiles import RealTileSource, check_header_sizes, real_tile_index, sample_positions
+from .shard_maker import IDLE_STAGES, STAGES
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class RunTally:
     retried_shards: int = 0
     stage_seconds: Counter[str] = field(default_factory=Counter)
     idle_seconds: Counter[str] = field(default_factory=Counter)
-    workers: set[str] = field(default_factory=set)
+    replicas: set[str] = field(default_factory=set)
 
     def add(self, stats: Mapping[str, Any]) -> None:
         self.shards += 1
@@ -63,13 +63,13 @@ class RunTally:
         self.retried_shards += stats.get("attempt", 1) > 1
         self.stage_seconds.update(stats.get("stage_seconds", {}))
         self.idle_seconds.update(stats.get("idle_seconds", {}))
-        self.workers.add(stats.get("worker", "local"))
+        self.replicas.add(stats.get("replica", "local"))
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "shards": self.shards,
             "tiles": self.tiles,
-            "replicas": len(self.workers),
+            "replicas": len(self.replicas),
             "retried_shards": self.retried_shards,
             "stage_seconds": {s: round(self.stage_seconds.get(s, 0.0), 2) for s in STAGES},
             "idle_seconds": {s: round(self.idle_seconds.get(s, 0.0), 2) for s in IDLE_STAGES},
@@ -95,9 +95,15 @@ def validate_options(config: GenerateConfig) -> None:
     config.synthesis.validate()
 
 
-def validate_config(config: GenerateConfig, real: storage.ImageIndex | None = None) -> JobLayout:
-    """Check every input a job can check up front; returns the job's shard layout. `real`: the
-    index of the real tiles when the caller has made it (else made here, `real_tile_index`)."""
+def read_plan(config: GenerateConfig) -> Plan | None:
+    """The job's plan, parsed here once: the checks and every replica take this object."""
+    return plan_from_json(config.plan) if config.plan else None
+
+
+def validate_config(config: GenerateConfig, plan: Plan | None, real: storage.ImageIndex | None = None) -> JobLayout:
+    """Check every input a job can check up front; returns the job's shard layout. `plan`: the
+    config's (`read_plan`); `real`: the index of the real tiles when the caller has made it (else
+    made here, `real_tile_index`)."""
     validate_options(config)
     if config.normal_source not in NORMAL_SOURCES:
         raise InvalidInputError(f"unknown normal source {config.normal_source!r}; choose one of {', '.join(NORMAL_SOURCES)}")
@@ -117,8 +123,8 @@ def validate_config(config: GenerateConfig, real: storage.ImageIndex | None = No
         check_header_sizes(real, config.synthesis.tile_size)
     if num_tiles is None or num_tiles < 1:
         raise InvalidInputError("--num-tiles must be at least 1")
-    if config.plan:
-        plan_from_json(config.plan).validate(config.synthesis.tile_size, num_tiles)
+    if plan is not None:
+        plan.validate(config.synthesis.tile_size, num_tiles)
     return JobLayout(num_tiles, config.tiles_per_shard)
 
 
@@ -218,8 +224,9 @@ class ShardExecutor(Protocol):
     def check(self) -> None:
         """What is wrong with how to run, whatever the data: one line, before anything is written."""
 
-    def started(self, config: GenerateConfig, layout: JobLayout) -> AbstractContextManager[dict[str, str]]:
-        """Load the models (and start what runs them) for the block; yields their fingerprints."""
+    def started(self, config: GenerateConfig, layout: JobLayout, plan: Plan | None) -> AbstractContextManager[dict[str, str]]:
+        """Load the models (and start what runs them, with the parsed `plan`) for the block;
+        yields their fingerprints."""
 
     def run(self, pending: PendingShards, layout: JobLayout, bar: tqdm, tally: Callable[[dict[str, Any]], None]) -> None:
         """Synthesize and commit every pending shard, passing each one's stats to `tally`."""
@@ -236,11 +243,12 @@ def run_job(config: GenerateConfig, runtime: Runtime, executor: ShardExecutor) -
     storage.ensure_writable(config.out)  # first: an unreachable store is one 'not writable' line
     storage.check_not_foreign(config.out)
     real = real_tile_index(config) if config.normal_source == "real" and config.real_tiles else None
-    layout = validate_config(config, real)  # checks inputs before the (possibly slow) model load
+    plan = read_plan(config)
+    layout = validate_config(config, plan, real)  # checks inputs before the (possibly slow) model load
     if real is not None:
         check_decoded_real_tiles(config, real, layout, runtime.check_real_tiles)
     run = RunTally()
-    with executor.started(config, layout) as fingerprints:
+    with executor.started(config, layout, plan) as fingerprints:
         pending = prepare_job(config, layout, fingerprints, hash_tars=runtime.verify, real=real)
         with tqdm(
             total=layout.num_tiles, initial=pending.done_tiles, unit="tile", disable=not runtime.progress, desc="generate"
@@ -254,22 +262,22 @@ class LocalExecutor:
     """Every shard in this process, on one model replica."""
 
     runtime: Runtime
-    worker: Any = None  # the ShardWorker, once started
+    maker: Any = None  # the ShardMaker, once started
 
     def check(self) -> None:
         pass
 
     @contextmanager
-    def started(self, config: GenerateConfig, layout: JobLayout) -> Iterator[dict[str, str]]:
-        from .synthesis import load_shard_worker  # torch, diffusers: only where the models run
+    def started(self, config: GenerateConfig, layout: JobLayout, plan: Plan | None) -> Iterator[dict[str, str]]:
+        from .synthesis import load_shard_maker  # torch, diffusers: only where the models run
 
         r = self.runtime
-        self.worker = load_shard_worker(config, r.device, r.batch_size, precision=r.precision)
-        yield self.worker.fingerprints
+        self.maker = load_shard_maker(config, r.device, r.batch_size, precision=r.precision, plan=plan)
+        yield self.maker.fingerprints
 
     def run(self, pending: PendingShards, layout: JobLayout, bar: tqdm, tally: Callable[[dict[str, Any]], None]) -> None:
         for shard in pending:
-            tally(self.worker.run(shard, layout, on_tiles=bar.update))
+            tally(self.maker.run(shard, layout, on_tiles=bar.update))
 
 
 def run_local(config: GenerateConfig, runtime: Runtime = Runtime()) -> dict[str, Any]:

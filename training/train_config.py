@@ -1,5 +1,5 @@
 """Training settings and their vocabularies, apart from the harness: the CLI's parsers build
-their options and defaults from these, and importing `cluster.training` (torch) for them would
+their options and defaults from these, and importing `training.loop` (torch) for them would
 make every `cytosynth ... --help` pay seconds and a gigabyte."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .job import PRECISIONS  # noqa: F401  (the training jobs' vocabulary too)
+from cytosynth.synth.settings import PRECISIONS  # noqa: F401  (the training jobs' vocabulary too)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SELECT_BY = ("fid",)  # finetune-normal's model selection (cluster.selection)
-# train-detector (cluster.train_detector)
+SELECT_BY = ("fid",)  # finetune-normal's model selection (training.model_selection)
+# train-detector (training.detector_task)
 NUM_CLASSES = {"abnormal": 5, "nilm": 2}  # background included, as torchvision counts
 PAPER_EPOCHS = 20  # Table II's training length: the default when neither --steps nor --epochs is given
 DEFAULT_LR = {"fasterrcnn": 2e-4, "retinanet": 1e-3}  # Table II's SGD learning rates, per detector
@@ -54,7 +54,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DetectorTrainConfig(TrainConfig):
-    """Everything one train-detector run needs (cluster.train_detector.train_detector): the
+    """Everything one train-detector run needs (training.detector_task.train_detector): the
     harness settings with the paper's Table II defaults, the data and the model.
 
     `epochs` sets `steps` from the real set's size (shard stats): epochs x samples / (batch_size x

@@ -1,7 +1,7 @@
 """Model selection by FID ("the best model is selected", paper Sec. IV-A): `--select-by fid`.
 
 At every checkpoint step and at the final step the harness asks the task to score its model
-(cluster.training, `select`). finetune-normal draws N tiles from the current LoRA with fixed
+(training.loop, `select`). finetune-normal draws N tiles from the current LoRA with fixed
 seeds (the same noise at every step, so the scores compare), scores them by FID against a
 held-out real set, and keeps the best:
 
@@ -15,7 +15,7 @@ step's checkpoint, so later rows belong to steps the resumed run trains again; t
 counted rows is remembered, and its file was written before that step's checkpoint was.
 
 The real set's features are computed once per run on rank 0, with the project's FID code
-(cluster.features.FeatureWorker, synth.metrics.FeatureStats / frechet_distance).
+(evaluation.features.SetFeaturizer, synth.metrics.FeatureStats / frechet_distance).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from cytosynth.synth import InvalidInputError
 from cytosynth.synth.extractors import FeatureExtractor, clean_preprocess, load_feature_extractor
 from cytosynth.synth.metrics import FeatureStats, frechet_distance
 
-from .features import FeatureWorker, SetOptions, Slice, read_extractor_file
+from cytosynth.evaluation.features import SetFeaturizer, SetOptions, Slice, read_extractor_file
 from .train_config import SELECT_BY
-from .training import latest_checkpoint
+from .checkpoints import latest_checkpoint
 
 SELECTION_NAME = "selection.jsonl"
 SELECTION_DIR = "selection"
@@ -100,7 +100,7 @@ class FidScorer:
     def build(cls, selection: FidSelection, device: torch.device) -> "FidScorer":
         file = read_extractor_file(selection.extractor, EXTRACTOR_FLAG)
         extractor = load_feature_extractor(file.data, file.kind, file.name, device)
-        worker = FeatureWorker(extractor, {"real": SetOptions()})
+        worker = SetFeaturizer(extractor, {"real": SetOptions()})
         for unit in list_image_units(selection.real):
             worker.add(Slice("real", unit))
         stats = worker.take_results().get("real")

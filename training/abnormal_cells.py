@@ -35,12 +35,12 @@ from cytosynth.storage.annotated import coco_index, entries_for_rank, read_tiles
 from cytosynth.synth import ABNORMAL_CLASSES, InvalidInputError
 from cytosynth.synth.abnormal import embed_classes
 from cytosynth.synth.acs_training import GROUNDING_DROPOUT, PROMPT_DROPOUT, ACSTrainingModel, trained_state
-from cytosynth.synth.cell_crops import CellCrop, CropBatch, cell_crops, check_annotation, crop_batches, fits_in_crop
+from cytosynth.synth.cell_crops import CellCrop, CropBatch, cell_crops, check_annotation, crop_batches
 from cytosynth.synth.models import SD_COMPONENTS, acs_unet_from_base
 from cytosynth.synth.paste import paste_back
 from cytosynth.synth.settings import SynthesisSettings
-from cytosynth.synth.selection import CROP_SIZE
-from cytosynth.synth.training import load_sd_components, noise_scheduler
+from cytosynth.synth.cell_selection import CROP_SIZE, box_fits
+from cytosynth.synth.ldm_training import load_sd_components, noise_scheduler
 
 ACS_DIR = "acs_unet"
 INIT_SEED = 0  # the new GLIGEN layers start the same on every worker and every run
@@ -48,7 +48,7 @@ INIT_SEED = 0  # the new GLIGEN layers start the same on every worker and every 
 
 @dataclass(frozen=True)
 class AbnormalCellTask:
-    """The harness task (cluster.training) of `cytosynth finetune-abnormal`."""
+    """The harness task (training.loop) of `cytosynth finetune-abnormal`."""
 
     data: str | None = None  # cytosynth shards with abnormal boxes
     coco: str | None = None  # or a COCO detection JSON...
@@ -99,7 +99,7 @@ class AbnormalCellTask:
         kept = []
         for entry in entries:
             check_annotation(entry["width"], entry["height"], entry["boxes"], entry["labels"], _where(entry))
-            cells = [(b, c) for b, c in zip(entry["boxes"], entry["labels"]) if fits_in_crop(b)]
+            cells = [(b, c) for b, c in zip(entry["boxes"], entry["labels"]) if box_fits(b, CROP_SIZE)]
             if cells:
                 kept.append({**entry, "boxes": [b for b, _ in cells], "labels": [c for _, c in cells]})
         return kept
