@@ -2,7 +2,8 @@
 
 The driver checks and claims --out (`training.loop.start_job`), starts (or joins) Ray, and shows
 rank 0's progress from a Ray queue while `fit` blocks; a rank's user error reaches the CLI as it
-was raised (`failures.raised_error`), anything else as one line naming the rank.
+was raised (`failures.raised_error`), anything else as one line naming the rank. One rank with
+no --ray-address needs no Ray: it trains in this process (`training.loop.train_in_process`).
 """
 
 from __future__ import annotations
@@ -11,28 +12,32 @@ import os
 import threading
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from cytosynth.training.loop import TrainingTask, read_summary, start_job, train_rank
+from cytosynth.training.loop import StepBar, TrainingTask, read_summary, start_job, train_in_process, train_rank
 from cytosynth.training.train_config import TrainConfig
 
 from .failures import USER_ERRORS, raised_error
 
 
 def train(config: TrainConfig, task: TrainingTask) -> dict[str, Any]:
-    """Run (or resume) a training job on `config.workers` Ray Train ranks; returns the summary
-    written to `_SUCCESS`."""
+    """Run (or resume) a training job on `config.workers` ranks; returns the summary written to
+    `_SUCCESS`."""
     config, resume_step = start_job(config, task)
     if resume_step is None:
         return read_summary(config.out)
+    if config.workers == 1 and config.ray_address is None:
+        train_in_process(config, task, resume_step)  # Ray Train would only add its start-up
+    else:
+        _train_on_ray(config, task, resume_step)
+    return read_summary(config.out)
 
+
+def _train_on_ray(config: TrainConfig, task: TrainingTask, resume_step: int) -> None:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    from .ray_session import connect, forwarded_env  # Ray: only once a job runs
-
+    from .ray_session import connect, forwarded_env
 
     started_ray = connect(config.ray_address, config.workers, 1.0 if config.use_gpu else 0.0)
     try:
@@ -62,7 +67,6 @@ def train(config: TrainConfig, task: TrainingTask) -> dict[str, Any]:
     finally:
         if started_ray:
             ray.shutdown()
-    return read_summary(config.out)
 
 
 def _worker_cause(err: BaseException) -> tuple[int | str, BaseException, BaseException]:
@@ -89,11 +93,11 @@ def _described(err: BaseException) -> str:
 
 
 class _ProgressBar:
-    """A tqdm bar on the driver, fed by rank 0 through a Ray queue while `fit` blocks."""
+    """The driver's StepBar, fed by rank 0 through a Ray queue while `fit` blocks."""
 
     def __init__(self, queue: Any, config: TrainConfig, resume_step: int, name: str) -> None:
         self.queue = queue
-        self.bar = tqdm(total=config.steps, initial=resume_step, unit="step", desc=name, disable=not config.progress)
+        self.bar = StepBar(config, resume_step, name)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -107,8 +111,7 @@ class _ProgressBar:
                 continue
             except Exception:  # noqa: BLE001 - the queue dies with Ray on a crash; the bar just stops
                 return
-            self.bar.update(row["step"] - self.bar.n)
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.2f}")
+            self.bar.show(row)
 
     def __enter__(self) -> "_ProgressBar":
         self.thread.start()

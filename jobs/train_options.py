@@ -32,7 +32,7 @@ def add_train_arguments(
     group.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"], help="torch optimizer (the paper's per job by default)")
     group.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="the optimizer's weight decay")
     group.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"], help="gradient clipping, 0: none")
-    group.add_argument("--workers", type=int, default=d["workers"], help="Ray Train workers (one GPU each with cuda)")
+    group.add_argument("--workers", type=int, default=d["workers"], help="training ranks, one GPU each with cuda: Ray Train workers (1 without --ray-address: this process, no Ray)")
     group.add_argument("--device", choices=("cuda", "cpu"), help="cuda: NCCL on GPUs; cpu: gloo (default: cuda where available)")
     group.add_argument(
         "--precision", choices=PRECISIONS, default=d["precision"],

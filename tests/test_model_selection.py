@@ -2,7 +2,8 @@
 
 The record of scores and the choice of the best (training.model_selection) with given scores; the
 harness hook with scripted scores on 2 Ray Train workers (the artifact is the best step's weights,
-not the last step's); finetune-normal end to end with a tiny extractor, resumed; bad input."""
+not the last step's); finetune-normal end to end with a tiny extractor on one rank (in this
+process), resumed; bad input."""
 
 from __future__ import annotations
 
@@ -198,7 +199,7 @@ def held_out(tmp_path_factory) -> str:
 
 def finetune_args(data: str, out: str, model_dir: str, *extra: str) -> list[str]:
     return ["finetune-normal", "--data", data, "--out", out, "--model-dir", model_dir, "--tile-size", str(TILE),
-            "--steps", "4", "--lr", "1e-1", "--workers", "2", "--device", "cpu", "--checkpoint-every", "2",
+            "--steps", "4", "--lr", "1e-1", "--workers", "1", "--device", "cpu", "--checkpoint-every", "2",
             "--sample-every", "4", "--sample-count", "2", "--sample-steps", "2", "--quiet", *extra]
 
 

@@ -142,6 +142,29 @@ def test_a_finished_run_rerun_with_other_settings_is_refused(resumed_run, change
     assert open(os.path.join(out, "_SUCCESS")).read() == before
 
 
+def test_one_rank_trains_in_this_process_without_ray_and_resumes_there(tmp_path, monkeypatch):
+    """--workers 1 without --ray-address: the ranks' loop in a torch.distributed group of one in
+    this process, never Ray; a run stopped by bad data resumes from its checkpoint as on Ray."""
+    from cytosynth.cluster import ray_session
+
+    def no_ray(*_args, **_kwargs):
+        raise AssertionError("one rank must not start Ray")
+
+    monkeypatch.setattr(ray_session, "connect", no_ray)
+    out = str(tmp_path / "out")
+    config = TrainConfig(out=out, steps=8, batch_size=16, lr=0.05, workers=1, checkpoint_every=4, sample_every=4,
+                         log_every=1, progress=False)
+    with pytest.raises(InvalidInputError, match="sample 6 on rank 0 is corrupt"):
+        train(config, LineFitTask(fail_after=5))
+    assert checkpoint_steps(out) == [4] and not os.path.exists(os.path.join(out, "_SUCCESS"))
+    summary = train(config, LineFitTask())
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 9)) and [r["run"] for r in rows] == [0] * 4 + [1] * 4
+    assert rows[4]["loss"] < 0.6 * rows[0]["loss"]  # resumed from step 4's weights
+    assert summary["workers"] == 1 and os.path.exists(summary["artifact"])
+    assert train(config, LineFitTask()) == summary  # a finished run is not repeated, here either
+
+
 def test_only_complete_checkpoints_count_and_partial_ones_are_removed(tmp_path):
     out = str(tmp_path)
     for step, complete in ((10, True), (20, True), (30, False)):

@@ -86,12 +86,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from cytosynth import storage
 from cytosynth.storage.job import SUCCESS_NAME
@@ -246,6 +248,57 @@ def train_rank(
                    "final_loss": metrics.rows[-1]["loss"], "workers": world_size, **selected}
         storage.put_bytes(storage.join(config.out, SUCCESS_NAME), json.dumps(summary, indent=2).encode())
     dist.barrier()
+
+
+def train_in_process(config: TrainConfig, task: TrainingTask, resume_step: int) -> None:
+    """The job as one rank in this process: `train_rank` in a torch.distributed group of one
+    (gloo on CPU, nccl on GPU), the progress bar fed directly. The same DeepSpeed engine,
+    checkpoints and outputs as one Ray Train rank, without Ray's start-up.
+
+    The group is made on the first run and kept for the next ones in this process (the
+    augmentation study trains two): DeepSpeed caches its groups, so a group made anew would not
+    be the one it holds."""
+    if not config.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read on DeepSpeed's first accelerator query
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if config.use_gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    elif dist.get_world_size() != 1:
+        raise RuntimeError("one rank in a process that is part of a larger torch.distributed group; use Ray (--workers)")
+    device = torch.device("cuda", torch.cuda.current_device()) if config.use_gpu else torch.device("cpu")
+    rank_env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}  # DeepSpeed reads them
+    saved = {name: os.environ.get(name) for name in rank_env}
+    os.environ.update(rank_env)
+    try:
+        with StepBar(config, resume_step, task.name) as bar:
+            train_rank(config, task, 0, 1, device, report=bar.show)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+class StepBar:
+    """The driver's progress bar over a job's steps, showing rank 0's loss and speed."""
+
+    def __init__(self, config: TrainConfig, resume_step: int, name: str) -> None:
+        self.bar = tqdm(total=config.steps, initial=resume_step, unit="step", desc=name, disable=not config.progress)
+
+    def show(self, row: dict[str, Any]) -> None:
+        self.bar.update(row["step"] - self.bar.n)
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.2f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> "StepBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def run_seed(seed: int, start_step: int) -> int:
