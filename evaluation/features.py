@@ -116,7 +116,7 @@ class SetFeaturizer:
         return count
 
     def take_results(self) -> dict[str, SetStatistics]:
-        """The statistics gathered so far, per set; the worker starts afresh."""
+        """The statistics gathered so far, per set; the featurizer starts afresh."""
         results, self._stats = self._stats, {}
         return results
 

@@ -1,4 +1,4 @@
-"""The shard worker: synthesizes the tiles of a shard batch by batch and commits the shard.
+"""The shard maker: synthesizes the tiles of a shard batch by batch and commits the shard.
 
 It knows nothing of Ray or of models: `synthesize` is any callable from a shard's batches of tile
 indices to a stream of samples, one list per batch (`generation.synthesis.load_shard_maker` wires
@@ -45,7 +45,7 @@ class Sample(Protocol):
 
 
 # (a shard's batches of tile indices, stage seconds and idle seconds to add to) -> per batch, in
-# order, one sample per index. The worker closes the stream, so a generator's threads end with it.
+# order, one sample per index. The maker closes the stream, so a generator's threads end with it.
 Synthesize = Callable[
     [Iterable[Sequence[int]], MutableMapping[str, float], MutableMapping[str, float]], Iterator[Sequence[Sample]]
 ]

@@ -1,6 +1,6 @@
-"""Models into shard workers: the one place `cluster` loads a bundle and builds the synthesizer.
+"""Models into shard makers: the one place a job loads a bundle and builds the synthesizer.
 
-Importing this module imports `synth` (torch, diffusers); the scheduler and the shard worker
+Importing this module imports `synth` (torch, diffusers); the scheduler and the shard maker
 do not, so only processes that really synthesize pay for it.
 """
 
@@ -97,7 +97,7 @@ def load_shard_maker(
 
 
 def pipelined_synthesis(synthesizer: TileSynthesizer, job_seed: int, device: str, depth: int = PIPELINE_DEPTH) -> Synthesize:
-    """A shard worker's `synthesize`: the synthesizer's pipeline over a shard's batches, seeded
+    """A shard maker's `synthesize`: the synthesizer's pipeline over a shard's batches, seeded
     from the job seed, on CPU_THREADS torch threads (for the CPU-stage thread too: the count is
     process-wide) until the pipeline's last thread has ended."""
 

@@ -127,7 +127,7 @@ def test_verify_repair_remakes_a_shard_of_another_config_as_the_jobs_own(job, pr
 
 
 class _Tiles:
-    """A stand-in synthesizer (the worker takes any callable): plain tiles, `drop` left out."""
+    """A stand-in synthesizer (the shard maker takes any callable): plain tiles, `drop` left out."""
 
     def __init__(self, drop: int | None = None) -> None:
         self.drop = drop
