@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO, Any, NamedTuple
+from typing import IO, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -84,15 +84,15 @@ class ImageIndex:
         return int(wrong[0]) if len(wrong) else None
 
 
-def index_image_set(url: str, *, storage_options: Mapping[str, Any] | None = None) -> ImageIndex:
+def index_image_set(url: str) -> ImageIndex:
     """Index the set at ``url`` (anything ``list_image_set`` takes): shards and files are read
     concurrently, each for its headers only. An unreadable shard or image is a one-line StorageError."""
-    found = list_image_set(url, storage_options=storage_options)
+    found = list_image_set(url)
     if found.from_shards:
-        per_shard = map_ordered(lambda s: _shard_entries(s, storage_options), found.shards)
+        per_shard = map_ordered(_shard_entries, found.shards)
         rows = [(s, *row) for s, entries in enumerate(per_shard) for row in entries]
         return _from_rows(url, True, found.shards, rows)
-    sizes = map_ordered(lambda f: _file_size(f, storage_options), found.files)
+    sizes = map_ordered(_file_size, found.files)
     rows = [(i, -1, -1, w, h) for i, (w, h) in enumerate(sizes)]
     return _from_rows(url, False, found.files, rows)
 
@@ -103,22 +103,22 @@ def _from_rows(source: str, from_shards: bool, urls: Sequence[str], rows: list[t
                       columns[:, 3].astype(np.int32), columns[:, 4].astype(np.int32))
 
 
-def _open(url: str, storage_options: Mapping[str, Any] | None) -> IO[bytes]:
-    fs, path = filesystem(url, **(storage_options or {}))
+def _open(url: str) -> IO[bytes]:
+    fs, path = filesystem(url)
     return retrying(lambda: fs.open(path, "rb", block_size=HEADER_BLOCK), url, action="open")
 
 
-def _file_size(url: str, storage_options: Mapping[str, Any] | None) -> tuple[int, int]:
+def _file_size(url: str) -> tuple[int, int]:
     """An image file's (width, height) from its header: its first HEADER_BLOCK bytes (one ranged
     GET), the whole file only when a header runs past them (Pillow reads no pixel data on open)."""
-    head = get_range(url, 0, HEADER_BLOCK, storage_options=storage_options)
+    head = get_range(url, 0, HEADER_BLOCK)
     try:
         return _header_size(io.BytesIO(head))
     except _UNREADABLE as err:  # not an image, or a decompression bomb's header
         if len(head) < HEADER_BLOCK:  # the whole file was read: nothing more to try
             raise StorageError(f"cannot read image {redact_url(url)}: {describe(err)}") from None
     try:
-        with _open(url, storage_options) as f:
+        with _open(url) as f:
             return _header_size(f)
     except StorageError:
         raise
@@ -131,11 +131,11 @@ def _header_size(f: IO[bytes]) -> tuple[int, int]:
         return image.size
 
 
-def _shard_entries(url: str, storage_options: Mapping[str, Any] | None) -> list[tuple[int, int, int, int]]:
+def _shard_entries(url: str) -> list[tuple[int, int, int, int]]:
     """(offset, length, width, height) of each sample's image in one shard, from the tar's
     headers and each image's own header."""
     try:
-        with _open(url, storage_options) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        with _open(url) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             samples = _tar_samples(tar)
             rows = [(info.offset_data, info.size, *_member_size(tar, info)) for info in samples]
             _check_archive_end(tar, f)
@@ -191,12 +191,12 @@ def real_index_url(out_url: str) -> str:
     return join(out_url, REAL_INDEX_NAME)
 
 
-def read_indexed_image(index: ImageIndex, i: int, *, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
+def read_indexed_image(index: ImageIndex, i: int) -> np.ndarray:
     """Image ``i`` of the set as HxWx3 uint8, by one read of its bytes; unreadable: one-line StorageError."""
     entry = index.entry(i)
     if entry.offset is None:
-        return read_image(entry.url, storage_options=storage_options)
-    data = get_range(entry.url, entry.offset, entry.offset + entry.length, storage_options=storage_options)
+        return read_image(entry.url)
+    data = get_range(entry.url, entry.offset, entry.offset + entry.length)
     try:
         if len(data) != entry.length:
             raise OSError(f"{len(data)} of {entry.length} bytes")
@@ -205,7 +205,7 @@ def read_indexed_image(index: ImageIndex, i: int, *, storage_options: Mapping[st
         raise StorageError(f"cannot read image {i} of shard {redact_url(entry.url)}: {describe(err)}") from None
 
 
-def write_image_index(index: ImageIndex, url: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
+def write_image_index(index: ImageIndex, url: str) -> None:
     """Write ``index`` to ``url`` as Parquet, whole (``put_bytes``)."""
     urls = pa.DictionaryArray.from_arrays(pa.array(index.url_ids, pa.int32()), pa.array(index.urls, pa.string()))
     whole = index.offsets < 0
@@ -217,12 +217,12 @@ def write_image_index(index: ImageIndex, url: str, *, storage_options: Mapping[s
     )
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    put_bytes(url, buf.getvalue(), storage_options=storage_options)
+    put_bytes(url, buf.getvalue())
 
 
-def read_image_index(url: str, *, storage_options: Mapping[str, Any] | None = None) -> ImageIndex:
+def read_image_index(url: str) -> ImageIndex:
     """The index written at ``url``; one that is not one is a one-line StorageError."""
-    data = get_bytes(url, storage_options=storage_options)
+    data = get_bytes(url)
     try:
         table = pq.read_table(io.BytesIO(data))
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}

@@ -71,14 +71,14 @@ def marker_url(tar_url: str) -> str | None:
     return stats_url(out_url, int(match.group(1)))
 
 
-def marker_of(tar_url: str, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+def marker_of(tar_url: str) -> dict[str, Any] | None:
     """The stats JSON (commit marker) of the shard at ``tar_url``, read by the tar's URL, as the
     readers of a shard set have it; None for a tar without one (written by other tools). A marker
     that is there but unreadable is a one-line StorageError."""
     marker = marker_url(tar_url)
-    if marker is None or not exists(marker, storage_options=storage_options):
+    if marker is None or not exists(marker):
         return None
-    stats = parse_json(get_bytes(marker, storage_options=storage_options), redact_url(marker))
+    stats = parse_json(get_bytes(marker), redact_url(marker))
     if not isinstance(stats, dict):
         raise StorageError(f"{redact_url(marker)} is not a cytosynth shard marker")
     return stats
@@ -98,14 +98,13 @@ class ShardWriter:
         shard_index: int,
         image_format: str = "png",
         *,
-        storage_options: Mapping[str, Any] | None = None,
         retry: Retry = DEFAULT_RETRY,
         config_sha256: str | None = None,
     ) -> None:
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"unknown image format {image_format!r}; expected one of {', '.join(IMAGE_FORMATS)}")
         self.out_url, self.shard_index, self.image_format = out_url, shard_index, image_format
-        self._storage_options, self._retry = storage_options, retry
+        self._retry = retry
         self.config_sha256 = config_sha256  # the job's identity, recorded in the marker
         self._samples: dict[int, tuple[dict[str, Any], bytes, bytes]] = {}  # tile -> (ann, json, image)
         self._started = time.monotonic()
@@ -172,9 +171,8 @@ class ShardWriter:
         self._check_tiles(tiles)
         tar = self._tar()
         shard_stats = self._stats(tar, stats)
-        options = {"storage_options": self._storage_options, "retry": self._retry}
-        put_bytes(shard_url(self.out_url, self.shard_index), tar, **options)
-        put_bytes(stats_url(self.out_url, self.shard_index), json_bytes(shard_stats), **options)
+        put_bytes(shard_url(self.out_url, self.shard_index), tar, retry=self._retry)
+        put_bytes(stats_url(self.out_url, self.shard_index), json_bytes(shard_stats), retry=self._retry)
         self._committed = True
         self._samples.clear()  # free the buffered images
         return shard_stats
@@ -202,23 +200,23 @@ def check_marker_config(stats: Mapping[str, Any], config_sha256: str | None, url
         )
 
 
-def committed_shards(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> set[int]:
+def committed_shards(out_url: str) -> set[int]:
     """Indices of the committed shards under ``out_url`` (those whose .json marker exists).
 
     An output written with the old layout (markers beside the tars in ``shards/``) is refused with
     a StorageError rather than taken as empty: a resume would otherwise redo every shard.
     """
-    names = list_names(join(out_url, STATS_DIR), storage_options=storage_options)
+    names = list_names(join(out_url, STATS_DIR))
     committed = {int(m.group(1)) for m in map(_MARKER.match, names) if m}
     if not committed:
-        refuse_old_layout(out_url, storage_options=storage_options)
+        refuse_old_layout(out_url)
     return committed
 
 
-def refuse_old_layout(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
+def refuse_old_layout(out_url: str) -> None:
     """StorageError if ``out_url`` holds commit markers in ``shards/`` (the layout before markers
     moved to ``stats/``)."""
-    names = list_names(join(out_url, SHARDS_DIR), storage_options=storage_options)
+    names = list_names(join(out_url, SHARDS_DIR))
     if any(map(_MARKER.match, names)):
         raise StorageError(
             f"{redact_url(out_url)} was written with an older cytosynth layout (commit markers in {SHARDS_DIR}/, "
@@ -230,14 +228,13 @@ def read_shard_stats(
     out_url: str,
     index: int,
     *,
-    storage_options: Mapping[str, Any] | None = None,
     config_sha256: str | None = None,
 ) -> dict[str, Any]:
     """The stats JSON of committed shard ``index``; with ``config_sha256``, checked to belong to
     that job (``check_marker_config``)."""
     url = stats_url(out_url, index)
     try:
-        stats = parse_json(get_bytes(url, storage_options=storage_options), redact_url(url))
+        stats = parse_json(get_bytes(url), redact_url(url))
     except ValueError as err:
         raise StorageError(f"{err}; run `cytosynth verify --repair` or use a new --out") from None
     missing = [f for f in STATS_FIELDS if not isinstance(stats, dict) or f not in stats]
@@ -250,13 +247,11 @@ def read_shard_stats(
     return stats
 
 
-def iter_shard_stats(
-    out_url: str, *, storage_options: Mapping[str, Any] | None = None, config_sha256: str | None = None
-) -> Iterator[dict[str, Any]]:
+def iter_shard_stats(out_url: str, *, config_sha256: str | None = None) -> Iterator[dict[str, Any]]:
     """Stats of every committed shard, in shard order (each checked against ``config_sha256``), read
     concurrently (``map_ordered``): at 100k shards on S3, one GET after another would take tens of minutes."""
-    indices = sorted(committed_shards(out_url, storage_options=storage_options))
+    indices = sorted(committed_shards(out_url))
     yield from map_ordered(
-        lambda index: read_shard_stats(out_url, index, storage_options=storage_options, config_sha256=config_sha256),
+        lambda index: read_shard_stats(out_url, index, config_sha256=config_sha256),
         indices,
     )
