@@ -30,6 +30,9 @@ MANIFEST_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("image_format", pa.string()),  # png, jpg, webp (lossy) or webp-lossless
         ("image_bytes", pa.int64()),  # size of the encoded image in its shard
+        # Where it starts in the shard's tar: the image is bytes [image_offset, image_offset +
+        # image_bytes), one ranged read. Null in rows of markers written before it was recorded.
+        ("image_offset", pa.int64()),
     ]
 )
 assert tuple(MANIFEST_SCHEMA.names) == MANIFEST_FIELDS

@@ -188,19 +188,20 @@ def test_export_coco_refuses_the_old_layout_with_one_error_line(tmp_path, capsys
 
 
 @pytest.mark.parametrize("image_format", IMAGE_FORMATS)
-def test_manifest_format_columns_match_the_tars(tmp_path, image_format):
+def test_manifest_format_and_byte_range_columns_match_the_tars(tmp_path, image_format):
     out = write_output(str(tmp_path / "out"), image_format)
     rows = {row["key"]: row for row in read_manifest(out).to_pylist()}
     members = {}
     for url in committed_shard_urls(out):
         with tarfile.open(url) as tar:
-            members.update({m.name: (m.size, tar.extractfile(m).read()) for m in tar.getmembers()})
+            members.update({m.name: (m.size, tar.extractfile(m).read(), m.offset_data) for m in tar.getmembers()})
     assert len(rows) == len(TILES) and len(members) == 2 * len(TILES)
     ext = image_extension(image_format)
     for key, row in rows.items():
         annotation = json.loads(members[f"{key}.json"][1])
         assert row["image_format"] == image_format
         assert row["image_bytes"] == members[f"{key}.{ext}"][0] > 0
+        assert row["image_offset"] == members[f"{key}.{ext}"][2]  # its bytes: one ranged read of the tar
         assert row["category_ids"] == annotation["category_ids"] == [CATEGORY_IDS[x] for x in CELLS[int(key)]]
 
 
