@@ -1,6 +1,6 @@
 """Real normal tiles for real-to-synthetic generation, read through the job's index of them.
 
-The driver indexes the set once (`real_tile_index`: headers only, `storage.index_image_set`),
+The driver indexes the set once (`real_tile_index`, `storage.index_image_set`: headers or markers),
 checks every tile's header size before anything is written, and `runner.prepare_job` stores the
 index in the output; a `RealTileSource` (on every replica) reads that index, never the set's
 listing, and reads tile i by one ranged read. Pixels a header cannot vouch for (a cut or corrupt

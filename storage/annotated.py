@@ -16,7 +16,7 @@ Errors are one-line StorageErrors naming the file.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
 from typing import Any
@@ -38,17 +38,15 @@ from .urls import filesystem
 
 __all__ = ["coco_index", "entries_for_rank", "read_tiles", "shard_index"]
 
-Options = Mapping[str, Any] | None
-
 
 # --------------------------------------------------------------------------- indexes
 
 
-def shard_index(source: str | Sequence[str], *, storage_options: Options = None) -> list[dict[str, Any]]:
+def shard_index(source: str | Sequence[str]) -> list[dict[str, Any]]:
     """Entries of the tiles with abnormal boxes in a shard set (anything ``shard_urls`` takes)."""
     entries = []
-    for shard in resolve_shards(source, storage_options=storage_options):
-        for row in _shard_annotations(shard, storage_options):
+    for shard in resolve_shards(source):
+        for row in _shard_annotations(shard):
             if row.get("boxes"):
                 entries.append({
                     "source": shard,
@@ -61,14 +59,14 @@ def shard_index(source: str | Sequence[str], *, storage_options: Options = None)
     return entries
 
 
-def _shard_annotations(shard: str, storage_options: Options) -> list[dict[str, Any]]:
+def _shard_annotations(shard: str) -> list[dict[str, Any]]:
     """The sample annotations of one shard: from its stats JSON (the commit marker, which lists
     every sample's boxes), or, for shards written without one, from the tar's json members."""
     try:
-        stats = marker_of(shard, storage_options=storage_options)
+        stats = marker_of(shard)
         if stats is not None:
             return stats["samples"]
-        with open_shard(shard, storage_options=storage_options) as stream:
+        with open_shard(shard) as stream:
             return [
                 {"key": raw["__key__"], **parse_json(raw["json"], f"{raw['__key__']}.json")}
                 for raw in iter_tar_samples(stream)
@@ -80,9 +78,7 @@ def _shard_annotations(shard: str, storage_options: Options) -> list[dict[str, A
         raise StorageError(f"cannot read the annotations of shard {shard}: {describe(exc)}") from None
 
 
-def coco_index(
-    annotations_url: str, images_url: str | None = None, *, storage_options: Options = None
-) -> list[dict[str, Any]]:
+def coco_index(annotations_url: str, images_url: str | None = None) -> list[dict[str, Any]]:
     """Entries of the images with abnormal boxes in a COCO detection file.
 
     Categories are matched by name (case-insensitive) to ASC-US, ASC-H, LSIL and HSIL; others
@@ -90,7 +86,7 @@ def coco_index(
     boxes are rounded outwards to whole pixels. Images live at ``images_url`` (default: the JSON's
     folder) + ``file_name``; every one that has boxes must exist and have the size the file says.
     """
-    images = read_coco_images(annotations_url, images_url, CLASSES, storage_options=storage_options)
+    images = read_coco_images(annotations_url, images_url, CLASSES)
     entries = [
         {
             "source": image.url,
@@ -105,7 +101,7 @@ def coco_index(
     ]
     if not entries:
         raise StorageError(f"{annotations_url}: no annotated abnormal cell (categories are matched by name to {', '.join(CLASSES)})")
-    _check_image_sizes(entries, annotations_url, storage_options)
+    _check_image_sizes(entries, annotations_url)
     return entries
 
 
@@ -117,10 +113,10 @@ def _pixel_box(box: Sequence[float], url: str) -> list[int]:
     return [math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)]
 
 
-def _check_image_sizes(entries: list[dict[str, Any]], annotations_url: str, storage_options: Options) -> None:
+def _check_image_sizes(entries: list[dict[str, Any]], annotations_url: str) -> None:
     """Every image exists and has its stated size; only headers are read, a few at a time."""
     with ThreadPoolExecutor(max_workers=8) as pool:
-        sizes = pool.map(lambda e: image_size(e["source"], storage_options=storage_options), entries)
+        sizes = pool.map(lambda e: image_size(e["source"]), entries)
         for entry, (width, height) in zip(entries, sizes):
             if (width, height) != (entry["width"], entry["height"]):
                 raise StorageError(
@@ -128,9 +124,9 @@ def _check_image_sizes(entries: list[dict[str, Any]], annotations_url: str, stor
                 )
 
 
-def image_size(url: str, *, storage_options: Options = None) -> tuple[int, int]:
+def image_size(url: str) -> tuple[int, int]:
     """(width, height) of an image file from its header alone (a few KB read, not the pixels)."""
-    fs, path = filesystem(url, **(storage_options or {}))
+    fs, path = filesystem(url)
 
     def read_header() -> tuple[int, int]:
         with fs.open(path, "rb") as f, Image.open(f) as image:
@@ -162,15 +158,15 @@ def entries_for_rank(entries: Sequence[dict[str, Any]], rank: int, world_size: i
     return [e for source in whole for e in by_source[source]] + remainder[rank::world_size]
 
 
-def read_tiles(entries: Iterable[dict[str, Any]], *, storage_options: Options = None) -> Iterator[dict[str, Any]]:
+def read_tiles(entries: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """``{**entry, "image": HxWx3 uint8}`` per entry, in order; a shard's run of entries is one pass
     over the shard, decoding only the samples asked for."""
     for source, group in groupby(entries, key=lambda e: e["source"]):
         run = list(group)
         if run[0]["key"] is not None:
-            pairs = _shard_images(source, run, storage_options)
+            pairs = _shard_images(source, run)
         else:
-            pairs = ((e, read_image(source, storage_options=storage_options)) for e in run)
+            pairs = ((e, read_image(source)) for e in run)
         for entry, image in pairs:
             if image.shape[:2] != (entry["height"], entry["width"]):
                 raise StorageError(
@@ -180,11 +176,11 @@ def read_tiles(entries: Iterable[dict[str, Any]], *, storage_options: Options = 
             yield {**entry, "image": image}
 
 
-def _shard_images(shard: str, run: list[dict[str, Any]], storage_options: Options) -> Iterator[tuple[dict, np.ndarray]]:
+def _shard_images(shard: str, run: list[dict[str, Any]]) -> Iterator[tuple[dict, np.ndarray]]:
     """(entry, image) for a shard's entries (in shard order, as the index lists them), decoding no other sample."""
     pending = iter(run)
     entry = next(pending, None)
-    with open_shard(shard, storage_options=storage_options) as stream:
+    with open_shard(shard) as stream:
         for raw in iter_tar_samples(stream):
             if entry is None:
                 return

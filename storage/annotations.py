@@ -9,7 +9,7 @@ from .jsonio import to_plain
 
 MANIFEST_FIELDS = (
     "key", "tile_index", "shard", "seed", "boxes", "labels", "category_ids", "source", "width", "height",
-    "image_format", "image_bytes",
+    "image_format", "image_bytes", "image_offset",
 )
 
 
@@ -52,9 +52,11 @@ def normalize_annotation(annotation: Mapping[str, Any], tile_index: int, width: 
     return ann
 
 
-def manifest_row(annotation: Mapping[str, Any], shard: int, image_format: str, image_bytes: int) -> dict[str, Any]:
+def manifest_row(
+    annotation: Mapping[str, Any], shard: int, image_format: str, image_bytes: int, image_offset: int
+) -> dict[str, Any]:
     """One manifest row (``MANIFEST_FIELDS``) for a normalized annotation stored in ``shard`` with
-    an image of ``image_bytes`` bytes in ``image_format``."""
+    an image of ``image_bytes`` bytes in ``image_format``, starting at byte ``image_offset`` of the tar."""
     return {
         "key": sample_key(annotation["tile_index"]),
         "tile_index": annotation["tile_index"],
@@ -68,4 +70,5 @@ def manifest_row(annotation: Mapping[str, Any], shard: int, image_format: str, i
         "height": annotation["height"],
         "image_format": image_format,
         "image_bytes": image_bytes,
+        "image_offset": image_offset,
     }

@@ -73,35 +73,31 @@ def to_coco(items: Iterable[Mapping[str, Any]], *, image_ext: str = "png", label
     return {"info": _INFO, "licenses": [], "images": images, "annotations": annotations, "categories": categories}
 
 
-def write_coco(
-    out_url: str, path: str | None = None, *, storage_options: Mapping[str, Any] | None = None
-) -> str:
+def write_coco(out_url: str, path: str | None = None) -> str:
     """Write the COCO JSON of every committed sample (from shard stats, no tar opened) to ``path``
     (default ``<out_url>/coco.json``); return its URL. Its ``file_name``s are the shard member
     names; ``export_coco`` writes the image files too."""
     path = path or join(out_url, COCO_NAME)
     rows = (
         {**row, "image_format": stats["image_format"]}
-        for stats in iter_shard_stats(out_url, storage_options=storage_options)
+        for stats in iter_shard_stats(out_url)
         for row in shard_rows(stats)
     )
-    put_bytes(path, json_bytes(to_coco(rows)), storage_options=storage_options)
+    put_bytes(path, json_bytes(to_coco(rows)))
     return path
 
 
-def export_coco(
-    out_url: str, images_url: str, labels: str = "abnormal", *, storage_options: Mapping[str, Any] | None = None
-) -> str:
+def export_coco(out_url: str, images_url: str, labels: str = "abnormal") -> str:
     """Extract every committed sample of the output ``out_url`` (local or any fsspec URL) into the
     folder ``images_url`` (``<key>.<ext>``, the shard's bytes as they are) and write
     ``images_url/annotations.json`` last, its ``file_name``s relative to that folder; return its URL.
 
-    ``storage_options`` are for reading ``out_url``. Bad input is a one-line StorageError naming the URL.
+    Bad input is a one-line StorageError naming the URL.
     """
     label_categories(labels)  # an unknown label set fails before anything is written
     items = []
-    for shard in committed_shard_urls(out_url, storage_options=storage_options):
-        for key, ext, image, annotation in _shard_members(shard, storage_options):
+    for shard in committed_shard_urls(out_url):
+        for key, ext, image, annotation in _shard_members(shard):
             put_bytes(join(images_url, f"{key}.{ext}"), image)
             items.append({**annotation, "image_format": ext})
     url = join(images_url, ANNOTATIONS_NAME)
@@ -109,10 +105,10 @@ def export_coco(
     return url
 
 
-def _shard_members(shard: str, storage_options: Mapping[str, Any] | None):
+def _shard_members(shard: str):
     """(key, image extension, image bytes, annotation) per sample of one shard, streamed."""
     try:
-        with open_shard(shard, storage_options=storage_options) as stream:
+        with open_shard(shard) as stream:
             for raw in iter_tar_samples(stream):
                 key = str(raw["__key__"])
                 ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
@@ -142,8 +138,6 @@ def read_coco_images(
     annotations_url: str,
     images_url: str | None = None,
     classes: Sequence[str] = (*CLASSES, NORMAL_LABEL),
-    *,
-    storage_options: Mapping[str, Any] | None = None,
 ) -> list[CocoImage]:
     """Every image of a COCO detection file, in the file's order, with its cells of ``classes``.
 
@@ -152,7 +146,7 @@ def read_coco_images(
     ``images_url`` (default: the JSON's folder) + ``file_name``. A missing or malformed file, or
     a malformed bbox, is a one-line StorageError naming it; no image is read here.
     """
-    coco = _read_coco_json(annotations_url, storage_options)
+    coco = _read_coco_json(annotations_url)
     if images_url is None:
         folder, slash, _ = annotations_url.rpartition("/")
         images_url = folder if slash else "."
@@ -176,9 +170,9 @@ def read_coco_images(
     return list(images.values())
 
 
-def _read_coco_json(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+def _read_coco_json(url: str) -> dict[str, Any]:
     try:
-        coco = parse_json(get_bytes(url, storage_options=storage_options), url)
+        coco = parse_json(get_bytes(url), url)
         for name in ("images", "annotations", "categories"):
             if not isinstance(coco.get(name), list):
                 raise ValueError(f"no {name!r} list")

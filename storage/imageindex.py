@@ -2,9 +2,12 @@
 
 A set of a million real tiles must not be decoded, downloaded or skipped through to find tile i.
 ``index_image_set`` lists the set once (``imagesets.list_image_set``) and records, per image, its
-URL, its byte range inside a shard's tar (None for an image file) and its width and height from
-the image header alone: a shard's tar headers are read with seeks over the data, an image file's
-header by a partial read. ``read_indexed_image`` then reads image i by one ranged read.
+URL, its byte range inside a shard's tar (None for an image file) and its width and height. A
+shard of a cytosynth output says all of that in its commit marker's sample rows (one GET, no tar
+read; the output's ``shards/`` listing vouches for the tar's size); any other shard, or one whose
+marker was written before the rows recorded image offsets, is indexed from its headers: the tar's
+read with seeks over the data, each image's own. An image file's header is read by a partial
+read. ``read_indexed_image`` then reads image i by one ranged read.
 
 The index is a Parquet file (``write_image_index``, ``read_image_index``), so a job writes it
 once and every process that reads the tiles takes it as it is, without listing the set again.
@@ -14,9 +17,9 @@ from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, Any, NamedTuple
+from typing import IO, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -26,9 +29,12 @@ from PIL import Image
 from .errors import StorageError, describe, redact_url
 from .images import UNREADABLE_IMAGE, decode_image
 from .imagesets import list_image_set, read_image
+from .integrity import shard_problem, tar_sizes
+from .manifest import shard_rows
 from .objects import get_bytes, get_range, map_ordered, put_bytes
 from .reader import IMAGE_EXTENSIONS
 from .retry import retrying
+from .shards import marked_shards, read_marker, shard_place, stats_url
 from .tars import split_member
 from .urls import filesystem, join
 
@@ -45,6 +51,7 @@ _SCHEMA = pa.schema([
     ("height", pa.int32()),
 ])
 _UNREADABLE = (tarfile.TarError, *UNREADABLE_IMAGE)
+ShardEntries = list[tuple[int, int, int, int]]  # (offset, length, width, height) per image of a shard
 
 
 class IndexEntry(NamedTuple):
@@ -84,15 +91,16 @@ class ImageIndex:
         return int(wrong[0]) if len(wrong) else None
 
 
-def index_image_set(url: str, *, storage_options: Mapping[str, Any] | None = None) -> ImageIndex:
+def index_image_set(url: str) -> ImageIndex:
     """Index the set at ``url`` (anything ``list_image_set`` takes): shards and files are read
-    concurrently, each for its headers only. An unreadable shard or image is a one-line StorageError."""
-    found = list_image_set(url, storage_options=storage_options)
+    concurrently, a shard for its marker or its headers, a file for its header. An unreadable
+    shard, marker or image is a one-line StorageError."""
+    found = list_image_set(url)
     if found.from_shards:
-        per_shard = map_ordered(lambda s: _shard_entries(s, storage_options), found.shards)
+        per_shard = _shards_entries(found.shards)
         rows = [(s, *row) for s, entries in enumerate(per_shard) for row in entries]
         return _from_rows(url, True, found.shards, rows)
-    sizes = map_ordered(lambda f: _file_size(f, storage_options), found.files)
+    sizes = map_ordered(_file_size, found.files)
     rows = [(i, -1, -1, w, h) for i, (w, h) in enumerate(sizes)]
     return _from_rows(url, False, found.files, rows)
 
@@ -103,22 +111,22 @@ def _from_rows(source: str, from_shards: bool, urls: Sequence[str], rows: list[t
                       columns[:, 3].astype(np.int32), columns[:, 4].astype(np.int32))
 
 
-def _open(url: str, storage_options: Mapping[str, Any] | None) -> IO[bytes]:
-    fs, path = filesystem(url, **(storage_options or {}))
+def _open(url: str) -> IO[bytes]:
+    fs, path = filesystem(url)
     return retrying(lambda: fs.open(path, "rb", block_size=HEADER_BLOCK), url, action="open")
 
 
-def _file_size(url: str, storage_options: Mapping[str, Any] | None) -> tuple[int, int]:
+def _file_size(url: str) -> tuple[int, int]:
     """An image file's (width, height) from its header: its first HEADER_BLOCK bytes (one ranged
     GET), the whole file only when a header runs past them (Pillow reads no pixel data on open)."""
-    head = get_range(url, 0, HEADER_BLOCK, storage_options=storage_options)
+    head = get_range(url, 0, HEADER_BLOCK)
     try:
         return _header_size(io.BytesIO(head))
     except _UNREADABLE as err:  # not an image, or a decompression bomb's header
         if len(head) < HEADER_BLOCK:  # the whole file was read: nothing more to try
             raise StorageError(f"cannot read image {redact_url(url)}: {describe(err)}") from None
     try:
-        with _open(url, storage_options) as f:
+        with _open(url) as f:
             return _header_size(f)
     except StorageError:
         raise
@@ -131,11 +139,58 @@ def _header_size(f: IO[bytes]) -> tuple[int, int]:
         return image.size
 
 
-def _shard_entries(url: str, storage_options: Mapping[str, Any] | None) -> list[tuple[int, int, int, int]]:
+def _shards_entries(shards: Sequence[str]) -> Iterator[ShardEntries]:
+    """Each shard's entries, in shard order, read concurrently: from its marker where it records
+    them, else from its headers."""
+    listings = _output_listings(shards)
+    return map_ordered(lambda shard: _marker_entries(shard, listings) or _header_entries(shard), shards)
+
+
+class _Listing(NamedTuple):
+    """What an output's listings say: the shards with a marker, and each tar's size by name."""
+
+    marked: set[int]
+    tar_sizes: dict[str, int]
+
+
+def _output_listings(shards: Sequence[str]) -> dict[str, _Listing]:
+    """The listing of each output the shards are in (stats/, then shards/ where it has markers)."""
+    outputs = sorted({place[0] for place in map(shard_place, shards) if place})
+
+    def listing(out_url: str) -> _Listing:
+        marked = marked_shards(out_url)
+        return _Listing(marked, tar_sizes(out_url) if marked else {})
+
+    return dict(zip(outputs, map_ordered(listing, outputs)))
+
+
+def _marker_entries(shard: str, listings: Mapping[str, _Listing]) -> ShardEntries | None:
+    """The shard's entries from its marker's sample rows (one GET, no tar read), after checking
+    that its tar is listed with the size the marker says; None where it has no marker, or one
+    written before the rows recorded image offsets (the headers then say)."""
+    place = shard_place(shard)
+    if place is None or place[1] not in listings[place[0]].marked:
+        return None
+    url = stats_url(*place)
+    stats = read_marker(url)
+    samples = stats.get("samples")
+    if not isinstance(samples, list) or not all(isinstance(row, dict) and "image_offset" in row for row in samples):
+        return None
+    try:
+        problem = shard_problem(place[0], stats, listings[place[0]].tar_sizes)
+        entries = [(int(r["image_offset"]), int(r["image_bytes"]), int(r["width"]), int(r["height"])) for r in shard_rows(stats)]
+    except (KeyError, TypeError, ValueError) as err:
+        raise StorageError(f"{redact_url(url)} is not a cytosynth shard marker: {describe(err)}") from None
+    if problem:
+        raise StorageError(f"cannot index shard {redact_url(shard)}: {problem}")
+    return entries
+
+
+def _header_entries(url: str) -> ShardEntries:
     """(offset, length, width, height) of each sample's image in one shard, from the tar's
     headers and each image's own header."""
     try:
-        with _open(url, storage_options) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        with _open(url) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             samples = _tar_samples(tar)
             rows = [(info.offset_data, info.size, *_member_size(tar, info)) for info in samples]
             _check_archive_end(tar, f)
@@ -191,12 +246,12 @@ def real_index_url(out_url: str) -> str:
     return join(out_url, REAL_INDEX_NAME)
 
 
-def read_indexed_image(index: ImageIndex, i: int, *, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
+def read_indexed_image(index: ImageIndex, i: int) -> np.ndarray:
     """Image ``i`` of the set as HxWx3 uint8, by one read of its bytes; unreadable: one-line StorageError."""
     entry = index.entry(i)
     if entry.offset is None:
-        return read_image(entry.url, storage_options=storage_options)
-    data = get_range(entry.url, entry.offset, entry.offset + entry.length, storage_options=storage_options)
+        return read_image(entry.url)
+    data = get_range(entry.url, entry.offset, entry.offset + entry.length)
     try:
         if len(data) != entry.length:
             raise OSError(f"{len(data)} of {entry.length} bytes")
@@ -205,7 +260,7 @@ def read_indexed_image(index: ImageIndex, i: int, *, storage_options: Mapping[st
         raise StorageError(f"cannot read image {i} of shard {redact_url(entry.url)}: {describe(err)}") from None
 
 
-def write_image_index(index: ImageIndex, url: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
+def write_image_index(index: ImageIndex, url: str) -> None:
     """Write ``index`` to ``url`` as Parquet, whole (``put_bytes``)."""
     urls = pa.DictionaryArray.from_arrays(pa.array(index.url_ids, pa.int32()), pa.array(index.urls, pa.string()))
     whole = index.offsets < 0
@@ -217,12 +272,12 @@ def write_image_index(index: ImageIndex, url: str, *, storage_options: Mapping[s
     )
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    put_bytes(url, buf.getvalue(), storage_options=storage_options)
+    put_bytes(url, buf.getvalue())
 
 
-def read_image_index(url: str, *, storage_options: Mapping[str, Any] | None = None) -> ImageIndex:
+def read_image_index(url: str) -> ImageIndex:
     """The index written at ``url``; one that is not one is a one-line StorageError."""
-    data = get_bytes(url, storage_options=storage_options)
+    data = get_bytes(url)
     try:
         table = pq.read_table(io.BytesIO(data))
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import posixpath
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -42,22 +42,22 @@ class ImageSet:
         return bool(self.shards)
 
 
-def list_image_set(url: str, *, storage_options: Mapping[str, Any] | None = None) -> ImageSet:
+def list_image_set(url: str) -> ImageSet:
     """The set at ``url``: a job output (its committed shards), a shard pattern or ``.tar`` URL (as
     ``shard_urls`` takes it), or a folder of image files. Shards are looked for first: a job output
     also holds preview.png. No images at all is a one-line StorageError."""
-    shards = shard_urls(url, storage_options=storage_options)
+    shards = shard_urls(url)
     if shards:
         return ImageSet(url, shards=tuple(shards))
-    names = [n for n in list_names(url, storage_options=storage_options) if n.lower().endswith(IMAGE_SUFFIXES)]
+    names = [n for n in list_names(url) if n.lower().endswith(IMAGE_SUFFIXES)]
     if not names:
         raise StorageError(f"no images at {redact_url(url)}: expected image files, a job output with committed shards, or shard URLs")
     return ImageSet(url, files=tuple(join(url, name) for name in names))
 
 
-def read_image(url: str, *, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
+def read_image(url: str) -> np.ndarray:
     """One image file as HxWx3 uint8; an unreadable one is a one-line StorageError."""
-    data = get_bytes(url, storage_options=storage_options)
+    data = get_bytes(url)
     try:
         return decode_image(data)
     except _UNREADABLE as err:
@@ -83,26 +83,24 @@ class SetImage(NamedTuple):
     annotation: dict[str, Any] | None  # the sample's JSON (shards only)
 
 
-def list_image_units(
-    url: str, *, files_per_unit: int = FILES_PER_UNIT, storage_options: Mapping[str, Any] | None = None
-) -> list[ImageUnit]:
+def list_image_units(url: str, *, files_per_unit: int = FILES_PER_UNIT) -> list[ImageUnit]:
     """The slices of the image set at ``url`` (``list_image_set``): a shard each, or runs of files."""
-    found = list_image_set(url, storage_options=storage_options)
+    found = list_image_set(url)
     if found.shards:
         return [ImageUnit("shard", (shard,)) for shard in found.shards]
     files = found.files
     return [ImageUnit("files", files[i : i + files_per_unit]) for i in range(0, len(files), files_per_unit)]
 
 
-def iter_unit_images(unit: ImageUnit, *, storage_options: Mapping[str, Any] | None = None) -> Iterator[SetImage]:
+def iter_unit_images(unit: ImageUnit) -> Iterator[SetImage]:
     """The images of one slice in order; an unreadable image or shard is a one-line StorageError."""
     if unit.kind == "files":
         for url in unit.urls:
-            yield SetImage(posixpath.basename(url), read_image(url, storage_options=storage_options), None)
+            yield SetImage(posixpath.basename(url), read_image(url), None)
         return
     (url,) = unit.urls
     shard_name = posixpath.basename(url)
-    samples = read_samples(url, storage_options=storage_options)
+    samples = read_samples(url)
     while True:
         try:
             sample = next(samples)

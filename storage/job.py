@@ -65,19 +65,19 @@ def config_sha256(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json_bytes(to_plain(redact(config)))).hexdigest()
 
 
-def job_config_sha256(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
+def job_config_sha256(out_url: str) -> str | None:
     """``config_sha256`` of the job recorded under ``out_url``; None if it has no job.json."""
-    record = read_job_json(out_url, storage_options=storage_options)
+    record = read_job_json(out_url)
     return None if record is None else config_sha256(record["config"])
 
 
-def read_job_json(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+def read_job_json(out_url: str) -> dict[str, Any] | None:
     """The job record under ``out_url``, or None if there is none yet."""
     url = join(out_url, JOB_NAME)
-    if not exists(url, storage_options=storage_options):
+    if not exists(url):
         return None
     try:
-        record = parse_json(get_bytes(url, storage_options=storage_options), redact_url(url))
+        record = parse_json(get_bytes(url), redact_url(url))
     except ValueError as err:
         raise StorageError(f"{err}; it was not written by cytosynth, or is damaged: use a new --out") from None
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
@@ -89,12 +89,12 @@ def read_job_json(out_url: str, *, storage_options: Mapping[str, Any] | None = N
 _OWN_LEFTOVERS = (".cytosynth-probe-", ".tmp-")
 
 
-def check_not_foreign(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
+def check_not_foreign(out_url: str) -> None:
     """Refuse, before anything is written, an ``out_url`` that holds anything but a cytosynth
     output: a non-empty folder without ``job.json`` (files of someone else, a junk shard)."""
-    if exists(join(out_url, JOB_NAME), storage_options=storage_options):
+    if exists(join(out_url, JOB_NAME)):
         return
-    fs, path = filesystem(out_url, **(storage_options or {}))
+    fs, path = filesystem(out_url)
 
     def entries() -> list[str]:
         fs.invalidate_cache(path)
@@ -116,7 +116,6 @@ def write_job_json(
     config: Mapping[str, Any],
     *,
     extra: Mapping[str, Any] | None = None,
-    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Claim ``out_url`` for this job: write ``job.json`` (config, software versions, ``extra``
     such as model fingerprints) first.
@@ -128,10 +127,10 @@ def write_job_json(
     config = to_plain(redact(config))
     record = {**to_plain(redact(extra or {})), "config": config, "versions": software_versions()}
     url = join(out_url, JOB_NAME)
-    created = create_bytes(url, json_bytes(record, indent=2), storage_options=storage_options)
+    created = create_bytes(url, json_bytes(record, indent=2))
     # Read back even after a create: a store that ignores If-None-Match (some S3-compatible
     # ones) lets a racing driver overwrite the claim; this catches it at least where it is seen.
-    existing = read_job_json(out_url, storage_options=storage_options)
+    existing = read_job_json(out_url)
     if existing is None:  # deleted between our claim and the read: it cannot be matched, so refuse
         raise StorageError(f"{redact_url(url)} appeared and vanished while this job claimed {redact_url(out_url)}; retry")
     changed = _differences(existing.get("config"), config)
@@ -148,46 +147,43 @@ def write_success(
     summary: Mapping[str, Any],
     *,
     expected_shards: int | None = None,
-    storage_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Write ``_SUCCESS`` (the job summary) last; with ``expected_shards``, first check that
     shards ``0..expected_shards-1`` are all committed (StorageError otherwise)."""
     if expected_shards is not None:
-        missing = sorted(set(range(expected_shards)) - committed_shards(out_url, storage_options=storage_options))
+        missing = sorted(set(range(expected_shards)) - committed_shards(out_url))
         if missing:
             raise StorageError(
                 f"cannot mark {redact_url(out_url)} complete: {len(missing)} of {expected_shards} shards "
                 f"are not committed (first: {missing[0]})"
             )
-    put_bytes(join(out_url, SUCCESS_NAME), json_bytes(redact(summary), indent=2), storage_options=storage_options)
+    put_bytes(join(out_url, SUCCESS_NAME), json_bytes(redact(summary), indent=2))
 
 
-def is_complete(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> bool:
+def is_complete(out_url: str) -> bool:
     """True once ``_SUCCESS`` exists, i.e. the dataset is whole."""
-    return exists(join(out_url, SUCCESS_NAME), storage_options=storage_options)
+    return exists(join(out_url, SUCCESS_NAME))
 
 
-def _probe_options(url: str, storage_options: Mapping[str, Any] | None, timeout: float) -> dict[str, Any]:
-    options = dict(storage_options or {})
+def _probe_options(url: str, timeout: float) -> dict[str, Any]:
+    options: dict[str, Any] = {}
     if protocol(url) in S3_PROTOCOLS:
         # Short timeouts and a single botocore attempt: an unreachable endpoint must fail in
         # seconds, not after botocore's and s3fs' layered retries (about a minute).
         config = {"connect_timeout": timeout, "read_timeout": timeout, "retries": {"max_attempts": 1}}
-        options["config_kwargs"] = {**config, **(options.get("config_kwargs") or {})}
+        options["config_kwargs"] = config
     # A private instance: the probe's settings must not leak into the job's cached filesystem.
     options["skip_instance_cache"] = True
     return options
 
 
-def ensure_writable(
-    out_url: str, *, storage_options: Mapping[str, Any] | None = None, timeout: float = 5.0
-) -> None:
+def ensure_writable(out_url: str, *, timeout: float = 5.0) -> None:
     """Fail fast, before any work, if ``out_url`` cannot be written: write and delete a probe.
 
     Raises StorageError (one line) for an unreachable endpoint, a missing bucket, no permission or
     a local path that is not a writable folder.
     """
-    fs, path = filesystem(out_url, **_probe_options(out_url, storage_options, timeout))
+    fs, path = filesystem(out_url, **_probe_options(out_url, timeout))
     if hasattr(fs, "retries"):
         fs.retries = 1  # s3fs' own retry loop on top of botocore's; one try is enough for a probe
     probe = join(path, f".cytosynth-probe-{uuid.uuid4().hex}")

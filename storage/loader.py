@@ -118,21 +118,21 @@ def collate_detection(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[
     return list(images), list(targets)
 
 
-def resolve_shards(source: Sources, *, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+def resolve_shards(source: Sources) -> list[str]:
     """Shard URLs of a source (a URL ``shard_urls`` takes, or a list of them); StorageError if none."""
     urls = [source] if isinstance(source, str) else list(source)
-    shards = [s for url in urls for s in shard_urls(url, storage_options=storage_options)]
+    shards = [s for url in urls for s in shard_urls(url)]
     if not shards:
         raise StorageError(f"no committed shards found at {', '.join(map(str, urls)) or '(no URL)'}")
     return shards
 
 
-def count_samples(shards: Sequence[str], *, storage_options: Mapping[str, Any] | None = None) -> int | None:
+def count_samples(shards: Sequence[str]) -> int | None:
     """Samples in ``shards`` from their stats JSON (commit markers), no tar read; None if one lacks it."""
     total = 0
     for shard in shards:
         try:
-            stats = marker_of(shard, storage_options=storage_options)
+            stats = marker_of(shard)
             total += int(stats["tiles"])
         except (StorageError, KeyError, TypeError, ValueError):
             return None  # a bare .tar written by other tools (no marker): the count is unknown, not an error
@@ -146,10 +146,10 @@ def split_shards(shards: Sequence[str], slot: int, slots: int) -> tuple[list[str
     return list(shards[slot:whole:slots]), list(shards[whole:])
 
 
-def _raw_samples(url: str, storage_options: Mapping[str, Any] | None) -> Iterator[dict[str, Any]]:
+def _raw_samples(url: str) -> Iterator[dict[str, Any]]:
     """Undecoded samples of one shard, tagged with ``__url__``; a bad shard is a StorageError."""
     try:
-        with open_shard(url, storage_options=storage_options) as stream:
+        with open_shard(url) as stream:
             for raw in iter_tar_samples(stream):
                 yield {**raw, "__url__": url}
     except StorageError:
@@ -166,21 +166,19 @@ def _decoded(raw: Mapping[str, Any], labels: str) -> tuple[torch.Tensor, dict[st
 
 
 def shard_detection_samples(
-    source: Sources, labels: str = "abnormal", *, storage_options: Mapping[str, Any] | None = None
+    source: Sources, labels: str = "abnormal"
 ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """Every sample of a shard set once, in shard order, in this process (evaluation).
     The shard list is resolved now, so a missing set fails here rather than at the first item."""
     _check_label_set(labels)
-    shards = resolve_shards(source, storage_options=storage_options)
-    return (_decoded(raw, labels) for url in shards for raw in _raw_samples(url, storage_options))
+    shards = resolve_shards(source)
+    return (_decoded(raw, labels) for url in shards for raw in _raw_samples(url))
 
 
 def coco_detection_samples(
     annotations_url: str,
     images_url: str | None = None,
     labels: str = "abnormal",
-    *,
-    storage_options: Mapping[str, Any] | None = None,
 ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """Every image of a COCO detection set, in the JSON's order, as detection inputs.
 
@@ -191,11 +189,11 @@ def coco_detection_samples(
     StorageError here; an unreadable or wrongly sized image one when its turn comes.
     """
     _check_label_set(labels)
-    images = read_coco_images(annotations_url, images_url, storage_options=storage_options)
+    images = read_coco_images(annotations_url, images_url)
 
     def samples() -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         for info in images:
-            image = read_image(info.url, storage_options=storage_options)
+            image = read_image(info.url)
             if image.shape[:2] != (info.height, info.width):
                 raise StorageError(
                     f"{info.url} is {image.shape[1]}x{image.shape[0]} but {annotations_url} says {info.width}x{info.height}"
@@ -235,7 +233,6 @@ class ShardDetectionDataset(IterableDataset):
         shuffle: bool = True,
         shuffle_buffer: int = 64,
         transform: Transform | None = None,
-        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         fraction = float(synthetic_fraction)
@@ -251,9 +248,8 @@ class ShardDetectionDataset(IterableDataset):
         self.rank, self.world_size = _distributed_place(rank, world_size)
         self.synthetic_fraction, self.labels, self.seed = fraction, labels, int(seed)
         self.shuffle, self.shuffle_buffer, self.transform = shuffle, shuffle_buffer, transform
-        self.storage_options = storage_options
-        self.real_shards = resolve_shards(real, storage_options=storage_options) if fraction < 1 else []
-        self.synthetic_shards = resolve_shards(synthetic, storage_options=storage_options) if fraction > 0 else []
+        self.real_shards = resolve_shards(real) if fraction < 1 else []
+        self.synthetic_shards = resolve_shards(synthetic) if fraction > 0 else []
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -283,8 +279,8 @@ class ShardDetectionDataset(IterableDataset):
             shards = [shards[i] for i in order]
         whole, shared = split_shards(shards, slot, slots)
         stream = _chain(
-            (raw for url in whole for raw in _raw_samples(url, self.storage_options)),
-            (raw for i, raw in enumerate(r for url in shared for r in _raw_samples(url, self.storage_options))
+            (raw for url in whole for raw in _raw_samples(url)),
+            (raw for i, raw in enumerate(r for url in shared for r in _raw_samples(url))
              if i % slots == slot),
         )
         if not self.shuffle:

@@ -30,6 +30,9 @@ MANIFEST_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("image_format", pa.string()),  # png, jpg, webp (lossy) or webp-lossless
         ("image_bytes", pa.int64()),  # size of the encoded image in its shard
+        # Where it starts in the shard's tar: the image is bytes [image_offset, image_offset +
+        # image_bytes), one ranged read. Null in rows of markers written before it was recorded.
+        ("image_offset", pa.int64()),
     ]
 )
 assert tuple(MANIFEST_SCHEMA.names) == MANIFEST_FIELDS
@@ -43,13 +46,12 @@ def shard_rows(stats: Mapping[str, Any]) -> list[dict[str, Any]]:
 def manifest_rows(
     out_url: str,
     *,
-    storage_options: Mapping[str, Any] | None = None,
     stats: Iterable[Mapping[str, Any]] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Manifest rows of every committed shard (or of ``stats``, shard stats in shard order), in
     tile order (no tar is opened)."""
     if stats is None:
-        stats = iter_shard_stats(out_url, storage_options=storage_options)
+        stats = iter_shard_stats(out_url)
     for shard in stats:
         yield from shard_rows(shard)
 
@@ -62,7 +64,6 @@ def manifest_table(rows: Iterator[Mapping[str, Any]] | list[Mapping[str, Any]]) 
 def write_manifest(
     out_url: str,
     *,
-    storage_options: Mapping[str, Any] | None = None,
     stats: Iterable[Mapping[str, Any]] | None = None,
 ) -> str:
     """Write ``manifest.parquet`` under ``out_url`` from the committed shards; return its URL.
@@ -73,15 +74,15 @@ def write_manifest(
     error, not at all. ``stats`` lets a caller that also reads the shard stats (e.g. to add up
     totals) pass them in, so they are read once.
     """
-    rows = manifest_rows(out_url, storage_options=storage_options, stats=stats)
+    rows = manifest_rows(out_url, stats=stats)
     url = join(out_url, MANIFEST_NAME)
-    with open_whole(url, storage_options=storage_options) as f, pq.ParquetWriter(f, MANIFEST_SCHEMA) as writer:
+    with open_whole(url) as f, pq.ParquetWriter(f, MANIFEST_SCHEMA) as writer:
         while chunk := list(islice(rows, ROW_GROUP_ROWS)):
             writer.write_table(manifest_table(chunk))
     return url
 
 
-def read_manifest(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
+def read_manifest(out_url: str) -> pa.Table:
     """The manifest as an Arrow table (``.to_pylist()`` for dicts, ``.to_pandas()`` for a frame)."""
-    data = get_bytes(join(out_url, MANIFEST_NAME), storage_options=storage_options)
+    data = get_bytes(join(out_url, MANIFEST_NAME))
     return pq.read_table(io.BytesIO(data))

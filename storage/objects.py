@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from itertools import islice
-from typing import IO, Any, Mapping, TypeVar
+from typing import IO, TypeVar
 
 import fsspec
 
@@ -79,11 +79,10 @@ def put_bytes(
     url: str,
     data: bytes,
     *,
-    storage_options: Mapping[str, Any] | None = None,
     retry: Retry = DEFAULT_RETRY,
 ) -> None:
     """Write ``data`` to ``url`` so that it appears whole (replacing any existing object)."""
-    fs, path = filesystem(url, **(storage_options or {}))
+    fs, path = filesystem(url)
     retrying(partial(write_whole, fs, path, data), url, action="write", policy=retry)
 
 
@@ -91,7 +90,6 @@ def create_bytes(
     url: str,
     data: bytes,
     *,
-    storage_options: Mapping[str, Any] | None = None,
     retry: Retry = DEFAULT_RETRY,
 ) -> bool:
     """Write ``data`` to ``url`` only if nothing is there (atomically); False if something was.
@@ -99,7 +97,7 @@ def create_bytes(
     A retried attempt that finds the object may find its own earlier attempt (the response was
     lost): callers read what is there and compare, they do not assume another writer.
     """
-    fs, path = filesystem(url, **(storage_options or {}))
+    fs, path = filesystem(url)
 
     def create() -> bool:
         try:
@@ -114,11 +112,10 @@ def create_bytes(
 def get_bytes(
     url: str,
     *,
-    storage_options: Mapping[str, Any] | None = None,
     retry: Retry = DEFAULT_RETRY,
 ) -> bytes:
     """Read the whole object at ``url``."""
-    fs, path = filesystem(url, **(storage_options or {}))
+    fs, path = filesystem(url)
     return retrying(lambda: fs.cat_file(path), url, action="read", policy=retry)
 
 
@@ -127,22 +124,20 @@ def get_range(
     start: int,
     end: int,
     *,
-    storage_options: Mapping[str, Any] | None = None,
     retry: Retry = DEFAULT_RETRY,
 ) -> bytes:
     """Bytes ``[start, end)`` of the object at ``url`` (S3: one ranged GET)."""
-    fs, path = filesystem(url, **(storage_options or {}))
+    fs, path = filesystem(url)
     return retrying(lambda: fs.cat_file(path, start=start, end=end), url, action="read", policy=retry)
 
 
 def exists(
     url: str,
     *,
-    storage_options: Mapping[str, Any] | None = None,
     retry: Retry = DEFAULT_RETRY,
 ) -> bool:
     """True if an object (or folder) exists at ``url``; asks the store, not a listing cache."""
-    fs, path = filesystem(url, **(storage_options or {}))
+    fs, path = filesystem(url)
 
     def check() -> bool:
         fs.invalidate_cache(posixpath.dirname(path))  # another process may have written it
@@ -154,11 +149,10 @@ def exists(
 def list_names(
     url: str,
     *,
-    storage_options: Mapping[str, Any] | None = None,
     retry: Retry = DEFAULT_RETRY,
 ) -> list[str]:
     """Sorted base names of the objects directly under folder ``url``; [] if it does not exist."""
-    fs, path = filesystem(url, **(storage_options or {}))
+    fs, path = filesystem(url)
 
     def ls() -> list[str]:
         fs.invalidate_cache(path)  # listings are cached per instance; resume needs the truth
@@ -174,11 +168,10 @@ def list_names(
 def delete(
     url: str,
     *,
-    storage_options: Mapping[str, Any] | None = None,
     retry: Retry = DEFAULT_RETRY,
 ) -> None:
     """Remove the object at ``url``; nothing there is fine."""
-    fs, path = filesystem(url, **(storage_options or {}))
+    fs, path = filesystem(url)
 
     def rm() -> None:
         try:
@@ -210,7 +203,7 @@ def map_ordered(fn: Callable[[T], R], items: Iterable[T], concurrency: int = REA
 
 
 @contextmanager
-def open_whole(url: str, *, storage_options: Mapping[str, Any] | None = None) -> Iterator[IO[bytes]]:
+def open_whole(url: str) -> Iterator[IO[bytes]]:
     """A binary file to stream an object into: it appears at ``url`` whole when the block ends,
     and not at all if the block raises (StorageError for a storage failure).
 
@@ -218,7 +211,7 @@ def open_whole(url: str, *, storage_options: Mapping[str, Any] | None = None) ->
     upload of ``STREAM_PART_BYTES`` parts, completed at the end, aborted on error). Other stores
     are buffered and written with one put, as ``put_bytes`` does.
     """
-    fs, path = filesystem(url, **(storage_options or {}))
+    fs, path = filesystem(url)
     if is_local(fs):
         opened = _local_stream(path)
     elif _is_s3(fs):

@@ -9,9 +9,8 @@ inside ``ray_dataset`` only, as storage never imports Ray otherwise.
 
 from __future__ import annotations
 
-import functools
 import random
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import webdataset as wds
@@ -31,13 +30,13 @@ RAY_COLUMNS = ("key", "tile_index", "image", "image_format", "width", "height", 
                "category_ids", "normal_boxes")
 
 
-def _shard_list(url: str | list[str], storage_options: Mapping[str, Any] | None) -> list[str]:
+def _shard_list(url: str | list[str]) -> list[str]:
     """An output's committed shards (strict), or the shards a pattern / list names."""
     if isinstance(url, (list, tuple)):
-        return [s for u in url for s in shard_urls(u, storage_options=storage_options)]
+        return [s for u in url for s in shard_urls(u)]
     if str(url).endswith(".tar") or any(c in str(url) for c in "*?[{"):
-        return shard_urls(url, storage_options=storage_options)
-    return committed_shard_urls(url, storage_options=storage_options)
+        return shard_urls(url)
+    return committed_shard_urls(url)
 
 
 def webdataset_pipeline(
@@ -47,7 +46,6 @@ def webdataset_pipeline(
     seed: int = 0,
     shuffle_buffer: int = 1000,
     decode: str | None = "rgb8",
-    storage_options: Mapping[str, Any] | None = None,
 ) -> wds.DataPipeline:
     """A ``wds.DataPipeline`` of the samples of ``url`` (an output, local or any fsspec URL; or a
     shard pattern or list), split across torch.distributed ranks and DataLoader workers.
@@ -61,14 +59,14 @@ def webdataset_pipeline(
     Like any webdataset split, a reader gets no shard when there are fewer shards than
     ranks x workers: use ``ShardDetectionDataset`` for exactly-once epochs over any shard count.
     """
-    shards = _shard_list(url, storage_options)
+    shards = _shard_list(url)
     stages: list[Any] = [wds.SimpleShardList(shards)]
     if shuffle:
         stages.append(wds.detshuffle(bufsize=len(shards), initial=len(shards), seed=seed))
     stages += [
         wds.split_by_node,
         wds.split_by_worker,
-        functools.partial(open_shards, storage_options=storage_options),
+        open_shards,
         tar_file_expander,
         group_by_keys,
     ]
@@ -99,17 +97,17 @@ def _json_decoded(sample: dict[str, Any]) -> dict[str, Any]:
     return {**sample, "json": parse_json(sample["json"], f"{sample['__key__']}.json")}
 
 
-def ray_dataset(url: str, *, storage_options: Mapping[str, Any] | None = None) -> "ray.data.Dataset":
+def ray_dataset(url: str) -> "ray.data.Dataset":
     """The committed samples of the output ``url`` (local or any fsspec URL, ``s3://`` endpoints
-    from $AWS_ENDPOINT_URL or ``storage_options``) as a Ray Dataset with columns ``RAY_COLUMNS``:
+    from $AWS_ENDPOINT_URL or fsspec's configuration) as a Ray Dataset with columns ``RAY_COLUMNS``:
     ``image`` decoded (HxWx3 uint8, from png, jpg or webp), ``boxes`` / ``normal_boxes`` as [N, 4]
     int32 xyxy, ``labels`` the class names and ``category_ids`` their ids (ASC-US 1 ... HSIL 4)."""
     import ray.data  # storage never imports Ray at module level
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    shards = committed_shard_urls(url, storage_options=storage_options)
-    fs, _ = filesystem(url, **(storage_options or {}))
-    paths = [filesystem(shard, **(storage_options or {}))[1] for shard in shards]
+    shards = committed_shard_urls(url)
+    fs, _ = filesystem(url)
+    paths = [filesystem(shard)[1] for shard in shards]
     raw = ray.data.read_webdataset(paths, filesystem=PyFileSystem(FSSpecHandler(fs)), decoder=None)
     return raw.map(_ray_row)
 

@@ -99,11 +99,9 @@ def write_preview(
     out_url: str,
     max_tiles: int = 16,
     tile_px: int = 256,
-    *,
-    storage_options: Mapping[str, Any] | None = None,
 ) -> str:
     """Write ``preview.png`` under ``out_url`` from the dataset's first committed samples; return its URL."""
-    with closing(read_samples(out_url, storage_options=storage_options)) as samples:
+    with closing(read_samples(out_url)) as samples:
         first = list(islice(samples, max_tiles))
     if not first:
         raise StorageError(f"no committed shards to preview at {redact_url(out_url)}")
@@ -111,5 +109,5 @@ def write_preview(
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     url = join(out_url, PREVIEW_NAME)
-    put_bytes(url, buf.getvalue(), storage_options=storage_options)
+    put_bytes(url, buf.getvalue())
     return url

@@ -23,15 +23,15 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 _PATTERN = re.compile(r"[*?\[{]")
 
 
-def shard_urls(url: str, *, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+def shard_urls(url: str) -> list[str]:
     """Shard URLs named by ``url``: a job output folder (its committed shards), one ``.tar``,
     a brace pattern (``.../{000000..000003}.tar``, taken as named) or a glob (``.../shards/*.tar``,
     committed shards only)."""
     url = str(url)
     if "{" in url:
         # braceexpand is what webdataset expands "{000000..000009}" with, so both read the same shards.
-        return [u for pattern in braceexpand(url) for u in shard_urls(pattern, storage_options=storage_options)]
-    fs, path = filesystem(url, **(storage_options or {}))
+        return [u for pattern in braceexpand(url) for u in shard_urls(pattern)]
+    fs, path = filesystem(url)
     if _PATTERN.search(url):
         fs.invalidate_cache()
         found = sorted(fs.glob(path))
@@ -40,7 +40,7 @@ def shard_urls(url: str, *, storage_options: Mapping[str, Any] | None = None) ->
         return [fs.unstrip_protocol(p) for p in found]
     if url.endswith(".tar"):
         return [url]
-    return [shard_url(url, i) for i in sorted(committed_shards(url, storage_options=storage_options))]
+    return [shard_url(url, i) for i in sorted(committed_shards(url))]
 
 
 def _is_committed(fs: Any, path: str) -> bool:
@@ -51,7 +51,7 @@ def _is_committed(fs: Any, path: str) -> bool:
     return fs.exists(marker)
 
 
-def committed_shard_urls(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+def committed_shard_urls(out_url: str) -> list[str]:
     """The exact list of committed shard URLs of the output ``out_url`` (local or any fsspec URL),
     in shard order: hand it to webdataset, Ray Data or Hugging Face ``datasets`` as it is.
 
@@ -59,14 +59,14 @@ def committed_shard_urls(out_url: str, *, storage_options: Mapping[str, Any] | N
     shard, or a committed shard (marker written, or counted in ``_SUCCESS``) has no tar.
     """
     name = redact_url(out_url)
-    committed = sorted(committed_shards(out_url, storage_options=storage_options))
+    committed = sorted(committed_shards(out_url))
     if not committed:
-        if not exists(join(out_url, JOB_NAME), storage_options=storage_options):
+        if not exists(join(out_url, JOB_NAME)):
             raise StorageError(f"{name} is not a cytosynth output (no {JOB_NAME} and no {STATS_DIR}/ folder)")
         raise StorageError(f"{name} has no committed shard yet (no {STATS_DIR}/*.json)")
-    tars = set(list_names(join(out_url, SHARDS_DIR), storage_options=storage_options))
+    tars = set(list_names(join(out_url, SHARDS_DIR)))
     missing = [i for i in committed if f"{shard_name(i)}.tar" not in tars]
-    expected = _success_shards(out_url, storage_options)
+    expected = _success_shards(out_url)
     if expected is not None:
         missing += sorted(set(range(expected)) - set(committed))
     if missing:
@@ -77,13 +77,13 @@ def committed_shard_urls(out_url: str, *, storage_options: Mapping[str, Any] | N
     return [shard_url(out_url, i) for i in committed]
 
 
-def _success_shards(out_url: str, storage_options: Mapping[str, Any] | None) -> int | None:
+def _success_shards(out_url: str) -> int | None:
     """Shard count ``_SUCCESS`` records, or None before the job is complete."""
     url = join(out_url, SUCCESS_NAME)
-    if not exists(url, storage_options=storage_options):
+    if not exists(url):
         return None
     try:
-        summary = to_plain(parse_json(get_bytes(url, storage_options=storage_options), redact_url(url)))
+        summary = to_plain(parse_json(get_bytes(url), redact_url(url)))
     except ValueError as err:  # names the file already
         raise StorageError(str(err)) from None
     shards = summary.get("shards") if isinstance(summary, dict) else None
@@ -92,11 +92,9 @@ def _success_shards(out_url: str, storage_options: Mapping[str, Any] | None) -> 
     return shards
 
 
-def open_shard(
-    url: str, *, storage_options: Mapping[str, Any] | None = None, retry: Retry = DEFAULT_RETRY
-) -> IO[bytes]:
+def open_shard(url: str, *, retry: Retry = DEFAULT_RETRY) -> IO[bytes]:
     """Open a shard for streaming reads (any fsspec URL)."""
-    fs, path = filesystem(url, **(storage_options or {}))
+    fs, path = filesystem(url)
     return retrying(lambda: fs.open(path, "rb"), url, action="open", policy=retry)
 
 
@@ -117,17 +115,15 @@ def decode_sample(raw: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def read_samples(
-    url: str | Sequence[str], *, storage_options: Mapping[str, Any] | None = None
-) -> Iterator[dict[str, Any]]:
+def read_samples(url: str | Sequence[str]) -> Iterator[dict[str, Any]]:
     """Yield decoded samples from committed shards, streaming one shard at a time.
 
     ``url`` is anything ``shard_urls`` accepts, or a list of shard URLs.
     """
     urls = [url] if isinstance(url, str) else list(url)
-    for shard in (s for u in urls for s in shard_urls(u, storage_options=storage_options)):
+    for shard in (s for u in urls for s in shard_urls(u)):
         try:
-            with open_shard(shard, storage_options=storage_options) as stream:
+            with open_shard(shard) as stream:
                 for raw in iter_tar_samples(stream):
                     yield decode_sample(raw)
         except StorageError:
@@ -136,13 +132,11 @@ def read_samples(
             raise StorageError(f"cannot read shard {redact_url(shard)}: {describe(err)}") from None
 
 
-def open_shards(
-    sources: Iterable[Mapping[str, Any]], *, storage_options: Mapping[str, Any] | None = None
-) -> Iterator[dict[str, Any]]:
+def open_shards(sources: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
     """webdataset pipeline stage: ``{"url"}`` -> ``{"url", "stream"}`` through fsspec.
 
     webdataset opens local paths itself; this stage lets it read ``s3://`` or ``memory://`` shards:
     ``wds.DataPipeline(wds.SimpleShardList(urls), open_shards, tar_file_expander, group_by_keys)``.
     """
     for source in sources:
-        yield {**source, "stream": open_shard(source["url"], storage_options=storage_options)}
+        yield {**source, "stream": open_shard(source["url"])}

@@ -27,7 +27,7 @@ from .images import IMAGE_FORMATS, check_image, encode_image, image_extension
 from .jsonio import json_bytes, parse_json
 from .objects import exists, get_bytes, list_names, map_ordered, put_bytes
 from .retry import DEFAULT_RETRY, Retry
-from .tars import tar_bytes
+from .tars import tar_layout
 from .urls import join
 
 SHARDS_DIR = "shards"  # the tars, and nothing else
@@ -38,8 +38,8 @@ _MARKER = re.compile(r"^(\d{6,})\.json$")
 _TAR = re.compile(r"^(\d{6,})\.tar$")
 
 __all__ = [
-    "SHARDS_DIR", "STATS_DIR", "ShardWriter", "check_marker_config", "committed_shards", "iter_shard_stats", "marker_url",
-    "read_shard_stats", "sample_key", "shard_name", "shard_url", "stats_url",
+    "SHARDS_DIR", "STATS_DIR", "ShardWriter", "check_marker_config", "committed_shards", "iter_shard_stats", "marked_shards",
+    "marker_url", "read_marker", "read_shard_stats", "sample_key", "shard_name", "shard_place", "shard_url", "stats_url",
 ]
 
 
@@ -60,27 +60,42 @@ def stats_url(out_url: str, index: int) -> str:
     return join(out_url, STATS_DIR, f"{shard_name(index)}.json")
 
 
-def marker_url(tar_url: str) -> str | None:
-    """The commit marker of the shard at ``tar_url`` (``OUT/shards/NNNNNN.tar``), or None for a
-    tar outside that layout (written by other tools: it has no marker)."""
+def shard_place(tar_url: str) -> tuple[str, int] | None:
+    """(job output URL, shard index) of the tar at ``tar_url`` (``OUT/shards/NNNNNN.tar``), or
+    None for a tar outside that layout (written by other tools: it has no marker)."""
     folder, _, name = str(tar_url).rstrip("/").rpartition("/")
     out_url, _, shards = folder.rpartition("/")
     match = _TAR.match(name)
     if not (match and shards == SHARDS_DIR and out_url):
         return None
-    return stats_url(out_url, int(match.group(1)))
+    return out_url, int(match.group(1))
 
 
-def marker_of(tar_url: str, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+def marker_url(tar_url: str) -> str | None:
+    """The commit marker of the shard at ``tar_url``, or None for a tar outside an output's layout."""
+    place = shard_place(tar_url)
+    return None if place is None else stats_url(*place)
+
+
+def marker_of(tar_url: str) -> dict[str, Any] | None:
     """The stats JSON (commit marker) of the shard at ``tar_url``, read by the tar's URL, as the
     readers of a shard set have it; None for a tar without one (written by other tools). A marker
     that is there but unreadable is a one-line StorageError."""
     marker = marker_url(tar_url)
-    if marker is None or not exists(marker, storage_options=storage_options):
+    if marker is None or not exists(marker):
         return None
-    stats = parse_json(get_bytes(marker, storage_options=storage_options), redact_url(marker))
+    return read_marker(marker)
+
+
+def read_marker(url: str) -> dict[str, Any]:
+    """The stats JSON at the marker URL ``url`` (one GET); one that is not a JSON object is a
+    one-line StorageError."""
+    try:
+        stats = parse_json(get_bytes(url), redact_url(url))
+    except ValueError as err:  # names the marker already
+        raise StorageError(str(err)) from None
     if not isinstance(stats, dict):
-        raise StorageError(f"{redact_url(marker)} is not a cytosynth shard marker")
+        raise StorageError(f"{redact_url(url)} is not a cytosynth shard marker")
     return stats
 
 
@@ -98,14 +113,13 @@ class ShardWriter:
         shard_index: int,
         image_format: str = "png",
         *,
-        storage_options: Mapping[str, Any] | None = None,
         retry: Retry = DEFAULT_RETRY,
         config_sha256: str | None = None,
     ) -> None:
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"unknown image format {image_format!r}; expected one of {', '.join(IMAGE_FORMATS)}")
         self.out_url, self.shard_index, self.image_format = out_url, shard_index, image_format
-        self._storage_options, self._retry = storage_options, retry
+        self._retry = retry
         self.config_sha256 = config_sha256  # the job's identity, recorded in the marker
         self._samples: dict[int, tuple[dict[str, Any], bytes, bytes]] = {}  # tile -> (ann, json, image)
         self._started = time.monotonic()
@@ -128,17 +142,21 @@ class ShardWriter:
         # Encode before touching the buffer, so a failure cannot leave half a sample behind.
         self._samples[tile_index] = (ann, json_bytes(ann), encode_image(image, self.image_format))
 
-    def _tar(self) -> bytes:
+    def _tar(self) -> tuple[bytes, dict[int, int]]:
+        """The shard's tar, and per tile the byte offset of its image in it."""
+        tiles = sorted(self._samples)
+
         def members() -> Iterator[tuple[str, bytes]]:
-            for tile_index in sorted(self._samples):
+            for tile_index in tiles:
                 _, ann_json, image_bytes = self._samples[tile_index]
                 key = sample_key(tile_index)
                 yield f"{key}.json", ann_json
                 yield f"{key}.{image_extension(self.image_format)}", image_bytes
 
-        return tar_bytes(members())
+        tar, offsets = tar_layout(members())
+        return tar, dict(zip(tiles, offsets[1::2]))  # each sample is its json, then its image
 
-    def _stats(self, tar: bytes, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    def _stats(self, tar: bytes, image_offsets: Mapping[int, int], extra: Mapping[str, Any] | None) -> dict[str, Any]:
         annotations = [self._samples[t][0] for t in sorted(self._samples)]
         cells = Counter(label for ann in annotations for label in ann["labels"])
         computed = {
@@ -151,7 +169,8 @@ class ShardWriter:
             "tar_sha256": hashlib.sha256(tar).hexdigest(),
             **({"config_sha256": self.config_sha256} if self.config_sha256 else {}),
             "samples": [
-                manifest_row(a, self.shard_index, self.image_format, len(self._samples[a["tile_index"]][2]))
+                manifest_row(a, self.shard_index, self.image_format, len(self._samples[a["tile_index"]][2]),
+                             image_offsets[a["tile_index"]])
                 for a in annotations
             ],
         }
@@ -170,11 +189,10 @@ class ShardWriter:
         if self._committed:
             raise RuntimeError(f"shard {self.shard_index} is already committed")
         self._check_tiles(tiles)
-        tar = self._tar()
-        shard_stats = self._stats(tar, stats)
-        options = {"storage_options": self._storage_options, "retry": self._retry}
-        put_bytes(shard_url(self.out_url, self.shard_index), tar, **options)
-        put_bytes(stats_url(self.out_url, self.shard_index), json_bytes(shard_stats), **options)
+        tar, image_offsets = self._tar()
+        shard_stats = self._stats(tar, image_offsets, stats)
+        put_bytes(shard_url(self.out_url, self.shard_index), tar, retry=self._retry)
+        put_bytes(stats_url(self.out_url, self.shard_index), json_bytes(shard_stats), retry=self._retry)
         self._committed = True
         self._samples.clear()  # free the buffered images
         return shard_stats
@@ -202,23 +220,27 @@ def check_marker_config(stats: Mapping[str, Any], config_sha256: str | None, url
         )
 
 
-def committed_shards(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> set[int]:
+def committed_shards(out_url: str) -> set[int]:
     """Indices of the committed shards under ``out_url`` (those whose .json marker exists).
 
     An output written with the old layout (markers beside the tars in ``shards/``) is refused with
     a StorageError rather than taken as empty: a resume would otherwise redo every shard.
     """
-    names = list_names(join(out_url, STATS_DIR), storage_options=storage_options)
-    committed = {int(m.group(1)) for m in map(_MARKER.match, names) if m}
+    committed = marked_shards(out_url)
     if not committed:
-        refuse_old_layout(out_url, storage_options=storage_options)
+        refuse_old_layout(out_url)
     return committed
 
 
-def refuse_old_layout(out_url: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
+def marked_shards(out_url: str) -> set[int]:
+    """Indices of the markers in ``out_url``'s ``stats/`` (one listing; no check of the layout)."""
+    return {int(m.group(1)) for m in map(_MARKER.match, list_names(join(out_url, STATS_DIR))) if m}
+
+
+def refuse_old_layout(out_url: str) -> None:
     """StorageError if ``out_url`` holds commit markers in ``shards/`` (the layout before markers
     moved to ``stats/``)."""
-    names = list_names(join(out_url, SHARDS_DIR), storage_options=storage_options)
+    names = list_names(join(out_url, SHARDS_DIR))
     if any(map(_MARKER.match, names)):
         raise StorageError(
             f"{redact_url(out_url)} was written with an older cytosynth layout (commit markers in {SHARDS_DIR}/, "
@@ -230,14 +252,13 @@ def read_shard_stats(
     out_url: str,
     index: int,
     *,
-    storage_options: Mapping[str, Any] | None = None,
     config_sha256: str | None = None,
 ) -> dict[str, Any]:
     """The stats JSON of committed shard ``index``; with ``config_sha256``, checked to belong to
     that job (``check_marker_config``)."""
     url = stats_url(out_url, index)
     try:
-        stats = parse_json(get_bytes(url, storage_options=storage_options), redact_url(url))
+        stats = parse_json(get_bytes(url), redact_url(url))
     except ValueError as err:
         raise StorageError(f"{err}; run `cytosynth verify --repair` or use a new --out") from None
     missing = [f for f in STATS_FIELDS if not isinstance(stats, dict) or f not in stats]
@@ -250,13 +271,11 @@ def read_shard_stats(
     return stats
 
 
-def iter_shard_stats(
-    out_url: str, *, storage_options: Mapping[str, Any] | None = None, config_sha256: str | None = None
-) -> Iterator[dict[str, Any]]:
+def iter_shard_stats(out_url: str, *, config_sha256: str | None = None) -> Iterator[dict[str, Any]]:
     """Stats of every committed shard, in shard order (each checked against ``config_sha256``), read
     concurrently (``map_ordered``): at 100k shards on S3, one GET after another would take tens of minutes."""
-    indices = sorted(committed_shards(out_url, storage_options=storage_options))
+    indices = sorted(committed_shards(out_url))
     yield from map_ordered(
-        lambda index: read_shard_stats(out_url, index, storage_options=storage_options, config_sha256=config_sha256),
+        lambda index: read_shard_stats(out_url, index, config_sha256=config_sha256),
         indices,
     )

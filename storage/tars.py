@@ -17,7 +17,14 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
 
 def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
     """A tar archive of ``(name, data)`` members in the given order, byte-for-byte reproducible."""
+    return tar_layout(members)[0]
+
+
+def tar_layout(members: Iterable[tuple[str, bytes]]) -> tuple[bytes, list[int]]:
+    """``tar_bytes`` of ``members`` and the byte offset where each member's data starts in it, in
+    member order (member i is bytes ``[offset, offset + len(data))``: one ranged read)."""
     buf = io.BytesIO()
+    offsets = []
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
@@ -25,7 +32,12 @@ def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
             # Fixed metadata: the bytes depend on the names and contents alone.
             info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o644, 0, 0, "", ""
             tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+            offsets.append(tar.offset - _padded(len(data)))  # the data, padded to whole blocks, ends at tar.offset
+    return buf.getvalue(), offsets
+
+
+def _padded(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
 def split_member(name: str) -> tuple[str, str] | None:

@@ -9,6 +9,7 @@ import os
 from typing import Any, Mapping
 
 import fsspec
+import fsspec.config
 from fsspec.core import split_protocol, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
@@ -50,7 +51,10 @@ def _with_s3_pool(options: Mapping[str, Any]) -> dict[str, Any]:
 def filesystem(url: str, **options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
     """``(fs, path)`` for ``url``; ``options`` are fsspec storage options (e.g. s3fs ``key``/``secret``)."""
     if protocol(url) in S3_PROTOCOLS:
-        options = _with_s3_pool(_with_s3_endpoint(options))
+        # fsspec's own configuration first: an explicit client_kwargs / config_kwargs replaces its
+        # whole dict there, so the endpoint and pool size added here must extend it, not hide it.
+        configured = {k: v for name in S3_PROTOCOLS for k, v in fsspec.config.conf.get(name, {}).items()}
+        options = _with_s3_pool(_with_s3_endpoint({**configured, **options}))
     return url_to_fs(str(url), **options)
 
 

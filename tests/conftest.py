@@ -157,3 +157,15 @@ def one_error_line(capsys, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in err, err
     return err
+
+
+def as_markers_before_image_offsets(out_url: str, shards: list[int] | None = None) -> None:
+    """Rewrite the commit markers of ``out_url`` (``shards``, default all committed) as cytosynth
+    wrote them before their sample rows recorded ``image_offset``: an older version's output."""
+    from cytosynth import storage
+    from cytosynth.storage.jsonio import json_bytes
+
+    for index in sorted(storage.committed_shards(out_url)) if shards is None else shards:
+        stats = storage.read_shard_stats(out_url, index)
+        stats["samples"] = [{k: v for k, v in row.items() if k != "image_offset"} for row in stats["samples"]]
+        storage.put_bytes(storage.stats_url(out_url, index), json_bytes(stats))

@@ -16,10 +16,11 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import one_error_line
+from conftest import as_markers_before_image_offsets, one_error_line
 from cytosynth import storage
 from cytosynth.generation.generate_config import GenerateConfig, JobLayout
 from cytosynth.generation.shard_maker import ShardMaker
@@ -231,6 +232,13 @@ def test_verify_repair_rebuilds_a_deleted_manifest(job, pristine, capsys):
     assert "manifest.parquet: it is missing" in capsys.readouterr().out
     assert verify(job, "--repair") == 0
     assert storage.read_manifest(str(job)).equals(storage.read_manifest(str(pristine)))
+
+
+def test_an_output_written_before_markers_recorded_image_offsets_is_whole(job, capsys):
+    as_markers_before_image_offsets(str(job))
+    manifest = job / "manifest.parquet"
+    pq.write_table(pq.read_table(manifest).drop_columns(["image_offset"]), manifest)  # as it was written then
+    assert verify(job) == 0, capsys.readouterr().out
 
 
 def test_verify_of_a_folder_that_is_no_output_is_one_line(tmp_path, capsys):

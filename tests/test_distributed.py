@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -266,6 +267,32 @@ def test_replicas_that_cannot_be_placed_stop_the_job_after_the_replica_timeout_r
     assert "1 CPU and 3 GPUs each" in err[0] and "re-run the same command to resume" in err[0]
     assert not storage.committed_shards(str(out))
     storage.check_not_foreign(str(out))  # the re-run may use this --out
+
+
+def real_tile_output(out: str, tiles: int) -> str:
+    """A cytosynth output of `tiles` noise tiles of 256 px, one shard each: a --real-tiles set."""
+    for i in range(tiles):
+        writer = storage.ShardWriter(out, i)
+        image = np.random.default_rng(i).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+        writer.add(i, image, {"tile_index": i, "width": 256, "height": 256, "boxes": [], "labels": [], "normal_boxes": []})
+        writer.commit()
+    return out
+
+
+@pytest.mark.slow
+def test_real_tiles_on_two_ray_replicas_write_the_tars_of_an_in_process_run(ray_session, tmp_path):
+    real = real_tile_output(str(tmp_path / "real"), 4)
+    job = ("--normal-source", "real", "--real-tiles", real, "--num-tiles", "4", "--tiles-per-shard", "1",
+           "--steps", "1", "--tile-size", "256", "--cells", "1-1", "--seed", "7", "--device", "cpu", "--quiet")
+    on_ray, in_process = str(tmp_path / "ray"), str(tmp_path / "local")
+    assert main(["generate", "--out", on_ray, *job, "--workers", "2"]) == 0
+    assert main(["generate", "--out", in_process, *job]) == 0
+    stats = list(storage.iter_shard_stats(on_ray))
+    assert all(s["worker"] != "local" for s in stats)  # Ray replicas made them
+    assert [row["source"] for row in storage.manifest_rows(on_ray)] == ["real-to-synthetic"] * 4
+    assert sum(sum(s["cells"].values()) for s in stats) == 4  # one edited cell per tile: stage 2 ran on the replicas
+    # The replicas read tile i through the job's index, as this process did; on CPU not one byte differs.
+    assert shard_bytes(on_ray) == shard_bytes(in_process)
 
 
 # ------------------------------------------------------------------ the driver killed and resumed

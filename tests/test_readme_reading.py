@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import s3fs
-from reading_helpers import SIZE, write_output
+from reading_helpers import SIZE, tile, write_output
 from training_helpers import RAY_SETTINGS, moto_bucket
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -99,6 +100,8 @@ def test_every_reading_recipe_runs_as_written(outputs, ray_session, backend, tmp
     assert len(namespace["shards"]) == SHARDS
     assert namespace["image"]["file_name"].endswith(".png") and (work / namespace["path"]).exists()
     assert len(namespace["manifest"]) == TILES
+    first = int(namespace["first"].tile_index)
+    np.testing.assert_array_equal(np.asarray(namespace["tile"]), tile(first)[0])  # one ranged read, the tile
     assert namespace["row"]["image"].shape == (SIZE, SIZE, 3)
     assert namespace["ds"].num_rows == TILES
 

@@ -1,6 +1,7 @@
-"""Real tiles at scale (issue 15, item 1): a real-tile set is indexed once, from headers alone,
-the index is kept in the job's output, and every reader (replica, resume) takes tile i from it by
-one ranged read, never by listing the set again or skipping through it.
+"""Real tiles at scale (issue 15, item 1): a real-tile set is indexed once, from headers alone
+(a cytosynth output: from its commit markers alone), the index is kept in the job's output, and
+every reader (replica, resume) takes tile i from it by one ranged read, never by listing the set
+again or skipping through it.
 
 Jobs here are cheap: 256 px tiles, no abnormal cell (`--cells 0-0`: no stage-2 call, so tile i
 of the output is real tile i, pixel for pixel), 1 step, CPU.
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import one_error_line
+from conftest import as_markers_before_image_offsets, one_error_line
 from cytosynth import storage
 from cytosynth.generation.generate_config import GenerateConfig, JobLayout
 from cytosynth.generation.real_tiles import RealTileSource
@@ -65,6 +66,10 @@ def output_images(out: str) -> dict[int, np.ndarray]:
     return {s["tile_index"]: s["image"] for s in storage.read_samples(out)}
 
 
+def entries(index: storage.ImageIndex) -> list[storage.IndexEntry]:
+    return [index.entry(i) for i in range(len(index))]
+
+
 # --------------------------------------------------------------------------- the index
 
 
@@ -80,7 +85,7 @@ def test_a_folder_is_indexed_from_image_headers_and_tile_i_is_its_i_th_file(stor
         np.testing.assert_array_equal(storage.read_indexed_image(index, i), expected)
 
 
-def test_a_shard_set_is_indexed_from_tar_headers_and_tile_i_is_one_ranged_read(storage_root):
+def test_a_shard_set_is_indexed_by_its_image_members_and_tile_i_is_one_ranged_read(storage_root):
     tiles = [tile(i) for i in range(5)]
     out = shard_set(storage.join(storage_root, "real"), tiles)
     index = storage.index_image_set(out)
@@ -93,6 +98,45 @@ def test_a_shard_set_is_indexed_from_tar_headers_and_tile_i_is_one_ranged_read(s
             member = tar.getmember(f"{storage.sample_key(i)}.png")
         assert (entry.offset, entry.length) == (member.offset_data, member.size)  # the member, nothing else
         np.testing.assert_array_equal(storage.read_indexed_image(index, i), expected)
+
+
+def test_an_outputs_index_from_its_markers_is_the_one_its_headers_give(storage_root):
+    out = shard_set(storage.join(storage_root, "real"), [tile(i, 64, 40 + i) for i in range(5)])
+    from_markers = storage.index_image_set(out)
+    assert [(e.width, e.height) for e in entries(from_markers)] == [(64, 40 + i) for i in range(5)]
+    as_markers_before_image_offsets(out, [1])  # a resumed older output: markers of both kinds
+    assert entries(storage.index_image_set(out)) == entries(from_markers)
+    as_markers_before_image_offsets(out)  # wholly an older version's: every shard from its headers
+    assert entries(storage.index_image_set(out)) == entries(from_markers)
+
+
+def test_an_outputs_index_reads_its_markers_and_no_tar(tmp_path):
+    out = shard_set(str(tmp_path / "real"), [tile(i, 64, 64) for i in range(4)])
+    index = storage.index_image_set(out)
+    for tar in (tmp_path / "real" / "shards").glob("*.tar"):
+        tar.write_bytes(bytes(tar.stat().st_size))  # the size the listing vouches for, no tar in it
+    assert entries(storage.index_image_set(out)) == entries(index)
+
+
+def test_only_an_outputs_committed_shards_are_indexed_in_shard_order(tmp_path):
+    tiles = [tile(i, 64, 64) for i in range(6)]
+    out = shard_set(str(tmp_path / "real"), tiles)
+    storage.uncommit(out, [1])  # its tar stays, invisible
+    index = storage.index_image_set(out)
+    assert index.urls == (storage.shard_url(out, 0), storage.shard_url(out, 2))
+    for position, i in enumerate([0, 1, 4, 5]):
+        np.testing.assert_array_equal(storage.read_indexed_image(index, position), tiles[i])
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda tar: tar.write_bytes(tar.read_bytes()[:1000]), "its tar is 1000 bytes, its marker says "),
+    (Path.unlink, "its tar is missing"),
+])
+def test_an_outputs_tar_that_is_not_what_its_marker_says_is_one_line_naming_it(tmp_path, damage, problem):
+    out = shard_set(str(tmp_path / "real"), [tile(i, 64, 64) for i in range(4)])
+    damage(Path(storage.shard_url(out, 1)))
+    with pytest.raises(StorageError, match=rf"^cannot index shard .*000001.tar: {problem}"):
+        storage.index_image_set(out)
 
 
 def test_the_index_round_trips_through_its_parquet_file(storage_root):

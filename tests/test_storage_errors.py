@@ -161,11 +161,11 @@ def test_ensure_writable_accepts_good_outputs(tmp_path, s3_bucket):
     assert list((tmp_path / "new" / "out").iterdir()) == []  # the probe is removed
 
 
-def _assert_one_line_storage_error(url, *, storage_options=None):
+def _assert_one_line_storage_error(url):
     # How fast it fails is a benchmark matter (bench/, never a test): the probe's own timeout and
     # single attempt are what make it fast, and a slow machine must not fail this test.
     with pytest.raises(StorageError) as failure:
-        ensure_writable(url, storage_options=storage_options, timeout=2)
+        ensure_writable(url, timeout=2)
     message = str(failure.value)
     assert message.startswith(f"output {url} is not writable: ") and "\n" not in message
     return message
@@ -181,10 +181,10 @@ def test_ensure_writable_rejects_a_missing_bucket(s3_bucket):
     assert "FileNotFoundError" in message
 
 
-def test_ensure_writable_fails_fast_when_the_endpoint_is_down(s3_bucket):
+def test_ensure_writable_fails_fast_when_the_endpoint_is_down(s3_bucket, monkeypatch):
     with socket.socket() as sock:  # a loopback port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    dead = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
-    message = _assert_one_line_storage_error(s3_bucket + "/out", storage_options=dead)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    message = _assert_one_line_storage_error(s3_bucket + "/out")
     assert "EndpointConnectionError" in message

@@ -3,6 +3,7 @@ written last; credentials never reach any file (docs/design.md §4, invariant 7)
 
 from __future__ import annotations
 
+import fsspec.config
 import pytest
 
 from cytosynth.storage import (
@@ -43,24 +44,26 @@ def test_same_config_resumes_and_a_different_one_is_refused(tmp_path):
     assert read_job_json(out) == first
 
 
-def test_credentials_never_reach_the_output(s3_bucket, make_tile):
+def test_credentials_never_reach_the_output(s3_bucket, make_tile, monkeypatch):
     out = s3_bucket + "/run"
     secrets = {"key": "testing", "secret": FAKE_SECRET}
+    monkeypatch.setitem(fsspec.config.conf, "s3", secrets)  # how a user gives s3fs credentials
     config = {**CONFIG, "storage_options": {**secrets, "client_kwargs": {"region_name": "us-east-1"}},
               "weights": f"https://user:{FAKE_SECRET}@example.invalid/w.safetensors"}
-    record = write_job_json(out, config, storage_options=secrets)
+    record = write_job_json(out, config)
     assert record["config"]["storage_options"] == {
         "key": "<redacted>", "secret": "<redacted>", "client_kwargs": {"region_name": "us-east-1"}}
     assert record["config"]["weights"] == "https://***@example.invalid/w.safetensors"
 
-    writer = ShardWriter(out, 0, storage_options=secrets)
+    writer = ShardWriter(out, 0)
     writer.add(0, *make_tile(0))
     writer.commit({"replica": "w0"})
     for write in (write_manifest, write_coco, write_preview):
-        write(out, storage_options=secrets)
-    write_success(out, {"tiles": 1, "storage_options": secrets}, expected_shards=1, storage_options=secrets)
+        write(out)
+    write_success(out, {"tiles": 1, "storage_options": secrets}, expected_shards=1)
 
-    fs, path = filesystem(out, **secrets)
+    fs, path = filesystem(out)
+    assert fs.storage_options["secret"] == FAKE_SECRET  # the secret was in use
     files = fs.find(path)
     assert len(files) == 7  # job.json, _SUCCESS, manifest, coco, preview, shard tar + json
     for name in files:

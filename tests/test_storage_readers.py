@@ -46,6 +46,17 @@ def output(tmp_path_factory) -> str:
     return write_output(str(tmp_path_factory.mktemp("readers") / "out"))
 
 
+def only_in_fsspec_config(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Say where the store is the way a user can without cytosynth's help: fsspec's configuration
+    (``fsspec.config.conf``, or ``$FSSPEC_S3`` at import), no endpoint in the environment."""
+    import fsspec.config
+    import s3fs
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"client_kwargs": {"endpoint_url": endpoint}, "key": "testing", "secret": "testing"})
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 def one_line_error(exc_info: pytest.ExceptionInfo) -> str:
     message = str(exc_info.value)
     assert "\n" not in message, message
@@ -177,19 +188,20 @@ def test_export_coco_refuses_the_old_layout_with_one_error_line(tmp_path, capsys
 
 
 @pytest.mark.parametrize("image_format", IMAGE_FORMATS)
-def test_manifest_format_columns_match_the_tars(tmp_path, image_format):
+def test_manifest_format_and_byte_range_columns_match_the_tars(tmp_path, image_format):
     out = write_output(str(tmp_path / "out"), image_format)
     rows = {row["key"]: row for row in read_manifest(out).to_pylist()}
     members = {}
     for url in committed_shard_urls(out):
         with tarfile.open(url) as tar:
-            members.update({m.name: (m.size, tar.extractfile(m).read()) for m in tar.getmembers()})
+            members.update({m.name: (m.size, tar.extractfile(m).read(), m.offset_data) for m in tar.getmembers()})
     assert len(rows) == len(TILES) and len(members) == 2 * len(TILES)
     ext = image_extension(image_format)
     for key, row in rows.items():
         annotation = json.loads(members[f"{key}.json"][1])
         assert row["image_format"] == image_format
         assert row["image_bytes"] == members[f"{key}.{ext}"][0] > 0
+        assert row["image_offset"] == members[f"{key}.{ext}"][2]  # its bytes: one ranged read of the tar
         assert row["category_ids"] == annotation["category_ids"] == [CATEGORY_IDS[x] for x in CELLS[int(key)]]
 
 
@@ -314,15 +326,10 @@ def test_train_detector_takes_only_the_abnormal_and_nilm_label_sets(output, tmp_
 # --------------------------------------------------------------------------- webdataset_pipeline
 
 
-def test_webdataset_pipeline_streams_s3_with_the_endpoint_in_storage_options(s3_bucket, s3_server, monkeypatch):
+def test_webdataset_pipeline_streams_s3_with_the_endpoint_in_fsspecs_config(s3_bucket, s3_server, monkeypatch):
     out = write_output(s3_bucket + "/run1")
-    # Only storage_options say where the store is: no endpoint in the environment.
-    monkeypatch.delenv("AWS_ENDPOINT_URL")
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    options = {"client_kwargs": {"endpoint_url": s3_server}, "key": "testing", "secret": "testing"}
-    samples = list(webdataset_pipeline(out, shuffle=False, storage_options=options))
+    only_in_fsspec_config(s3_server, monkeypatch)
+    samples = list(webdataset_pipeline(out, shuffle=False))
     assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in TILES]
     for sample in samples:
         image, annotation = tile(int(sample["__key__"]))
@@ -440,14 +447,10 @@ def test_ray_dataset_has_decoded_images_and_box_columns(ray_session, tmp_path, i
 
 
 @pytest.mark.slow
-def test_ray_dataset_reads_s3_with_the_endpoint_in_storage_options(ray_session, s3_bucket, s3_server, monkeypatch):
+def test_ray_dataset_reads_s3_with_the_endpoint_in_fsspecs_config(ray_session, s3_bucket, s3_server, monkeypatch):
     out = write_output(s3_bucket + "/run1")
-    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the Ray workers never had it: only storage_options say where
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    options = {"client_kwargs": {"endpoint_url": s3_server}, "key": "testing", "secret": "testing"}
-    rows = storage.ray_dataset(out, storage_options=options).take_all()
+    only_in_fsspec_config(s3_server, monkeypatch)  # the Ray workers have neither: the driver's filesystem travels
+    rows = storage.ray_dataset(out).take_all()
     assert sorted(row["tile_index"] for row in rows) == list(TILES)
     for row in rows:
         np.testing.assert_array_equal(row["image"], tile(row["tile_index"])[0])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fsspec.config
 import pytest
 
 from cytosynth.storage import ShardWriter, filesystem, join, shard_url, shard_urls
+from cytosynth.storage.urls import READ_CONCURRENCY
 
 
 @pytest.mark.parametrize("parts, expected", [
@@ -31,6 +33,14 @@ def test_s3_endpoint_comes_from_the_environment_unless_given(s3_bucket, s3_serve
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     fs, _ = filesystem(s3_bucket)
     assert "endpoint_url" not in (fs.client_kwargs or {})
+
+
+def test_fsspecs_own_s3_configuration_is_extended_by_the_endpoint_and_pool_size_not_replaced(s3_bucket, s3_server, monkeypatch):
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"client_kwargs": {"region_name": "eu-west-3"},
+                                                   "config_kwargs": {"connect_timeout": 7}})
+    fs, _ = filesystem(s3_bucket)
+    assert fs.client_kwargs == {"region_name": "eu-west-3", "endpoint_url": s3_server}
+    assert fs.config_kwargs == {"connect_timeout": 7, "max_pool_connections": READ_CONCURRENCY}
 
 
 def test_shard_urls_accepts_folder_single_tar_brace_and_glob(tmp_path, make_tile):
