@@ -156,7 +156,7 @@ def child_new(url: str, index_url: str) -> dict[str, Any]:
 
 
 def child_old(url: str) -> dict[str, Any]:
-    from cytosynth.generation.synthesis import RealTileSource
+    from cytosynth.cluster.synthesis import RealTileSource  # the baseline's layout (before generation/)
 
     def driver() -> int:
         source = RealTileSource(url)

@@ -41,7 +41,7 @@ from .cell_crops import CropBatch
 from .cfg_dropout import GROUNDING_DROPOUT, PROMPT_DROPOUT
 from .classes import ABNORMAL_CLASSES
 from .models import acs_unet_from_base
-from .training import diffusion_loss, freeze_all_but, sample_latents
+from .ldm_training import diffusion_loss, freeze_all_but, sample_latents
 
 ACS_TRAINABLE = re.compile(r"\.fuser\.|^position_net\.|^conv_in\.weight$")
 

@@ -36,18 +36,21 @@ from conftest import FAKE_CREDENTIALS  # noqa: E402
 from ray_processes import actor_processes  # noqa: E402
 
 NUM_TILES = 8
+# The signal test's job: three interruptions, each after one more shard, must leave work to do
+# however fast the 2 replicas (up to 4 shards in flight) run.
+LONG_NUM_TILES = 24
 RUNTIME = Runtime(device="cpu", batch_size=2, progress=False)
 
 
-def config(out: str) -> GenerateConfig:
+def config(out: str, num_tiles: int = NUM_TILES) -> GenerateConfig:
     return GenerateConfig(
-        out=out, num_tiles=NUM_TILES, tiles_per_shard=1, normal_source="phantom", seed=7,
+        out=out, num_tiles=num_tiles, tiles_per_shard=1, normal_source="phantom", seed=7,
         synthesis=SynthesisSettings(steps=2, tile_size=256),
     )
 
 
-# The same job as `config` on the command line.
-JOB_ARGS = ("--num-tiles", str(NUM_TILES), "--tiles-per-shard", "1", "--normal-source", "phantom", "--steps", "2",
+# The same job as `config` on the command line (--num-tiles apart).
+JOB_ARGS = ("--tiles-per-shard", "1", "--normal-source", "phantom", "--steps", "2",
             "--tile-size", "256", "--seed", "7", "--device", "cpu", "--batch-size", "2", "--quiet")
 
 
@@ -83,11 +86,11 @@ def shard_bytes(out: str) -> dict[str, bytes]:
     return {url.rsplit("/", 1)[-1]: storage.get_bytes(url) for url in storage.shard_urls(out)}
 
 
-def check_exactly_once(out: str) -> None:
+def check_exactly_once(out: str, num_tiles: int = NUM_TILES) -> None:
     keys = [s["tile_index"] for s in storage.read_samples(out)]
-    assert sorted(keys) == list(range(NUM_TILES))
+    assert sorted(keys) == list(range(num_tiles))
     manifest = storage.read_manifest(out).to_pylist()
-    assert sorted(int(row["key"]) for row in manifest) == list(range(NUM_TILES))
+    assert sorted(int(row["key"]) for row in manifest) == list(range(num_tiles))
     assert storage.is_complete(out)
 
 
@@ -249,7 +252,8 @@ def test_unreachable_ray_address(tmp_path, capsys):
 @pytest.mark.parametrize("value", ["0", "-5", "nan"])
 def test_a_replica_timeout_that_is_not_a_positive_number_of_seconds_is_one_line_with_nothing_written(value, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["generate", "--out", str(out), *JOB_ARGS, "--workers", "2", "--replica-timeout", value])
+    code = main(["generate", "--out", str(out), "--num-tiles", str(NUM_TILES), *JOB_ARGS, "--workers", "2",
+                 "--replica-timeout", value])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: --replica-timeout must be a positive")
     assert not out.exists()
@@ -259,8 +263,8 @@ def test_replicas_that_cannot_be_placed_stop_the_job_after_the_replica_timeout_r
     # The session has 2 GPUs; a replica asking for 3 is never placed (on a cluster: no node big
     # enough and no autoscaler to add one). This process's Ray is the job's "cluster".
     out = tmp_path / "out"
-    code = main(["generate", "--out", str(out), *JOB_ARGS, "--workers", "2", "--gpus-per-replica", "3",
-                 "--replica-timeout", "0.5"])
+    code = main(["generate", "--out", str(out), "--num-tiles", str(NUM_TILES), *JOB_ARGS, "--workers", "2",
+                 "--gpus-per-replica", "3", "--replica-timeout", "0.5"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_STOPPED, err
     assert len(err) == 1 and err[0].startswith("error: no replica was up for 0.5 s (--replica-timeout)"), err
@@ -288,7 +292,7 @@ def test_real_tiles_on_two_ray_replicas_write_the_tars_of_an_in_process_run(ray_
     assert main(["generate", "--out", on_ray, *job, "--workers", "2"]) == 0
     assert main(["generate", "--out", in_process, *job]) == 0
     stats = list(storage.iter_shard_stats(on_ray))
-    assert all(s["worker"] != "local" for s in stats)  # Ray replicas made them
+    assert all(s["replica"] != "local" for s in stats)  # Ray replicas made them
     assert [row["source"] for row in storage.manifest_rows(on_ray)] == ["real-to-synthetic"] * 4
     assert sum(sum(s["cells"].values()) for s in stats) == 4  # one edited cell per tile: stage 2 ran on the replicas
     # The replicas read tile i through the job's index, as this process did; on CPU not one byte differs.
@@ -298,9 +302,10 @@ def test_real_tiles_on_two_ray_replicas_write_the_tars_of_an_in_process_run(ray_
 # ------------------------------------------------------------------ the driver killed and resumed
 
 
-def start_generate(out: Path, log: Path) -> subprocess.Popen:
+def start_generate(out: Path, log: Path, num_tiles: int = NUM_TILES) -> subprocess.Popen:
     """`cytosynth generate --workers 2` in a new process (and process group), as a user runs it."""
-    argv = [sys.executable, "-m", "cytosynth.jobs.cli", "generate", "--out", str(out), "--workers", "2", *JOB_ARGS]
+    argv = [sys.executable, "-m", "cytosynth.jobs.cli", "generate", "--out", str(out), "--workers", "2",
+            "--num-tiles", str(num_tiles), *JOB_ARGS]
     with open(log, "w") as err:
         return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
 
@@ -350,11 +355,11 @@ def assert_gone(procs: list[psutil.Process], what: str, timeout: float = 30) -> 
 
 
 @pytest.mark.slow
-def test_driver_killed_interrupted_and_terminated_resumes_to_the_reference_dataset(reference, tmp_path):
+def test_driver_killed_interrupted_and_terminated_resumes_to_the_reference_dataset(tmp_path):
     out, log = tmp_path / "out", tmp_path / "stderr.txt"
 
     # 1. kill -9 the driver once a shard is committed: its local Ray dies with it.
-    proc = start_generate(out, log)
+    proc = start_generate(out, log, LONG_NUM_TILES)
     wait_for_new_commit(out, proc, set())
     ray_processes = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGKILL)
@@ -364,10 +369,10 @@ def test_driver_killed_interrupted_and_terminated_resumes_to_the_reference_datas
     assert_gone([p for p in ray_processes if not is_ray_agent(p)], "the killed driver's Ray")
     kill([p for p in ray_processes if is_ray_agent(p)])
     after_kill = committed_files(out)
-    assert 0 < len(after_kill) < 2 * NUM_TILES and not storage.is_complete(str(out))
+    assert 0 < len(after_kill) < 2 * LONG_NUM_TILES and not storage.is_complete(str(out))
 
     # 2. Re-run; interrupt it (SIGINT, like Ctrl-C) after one more shard: it stops cleanly.
-    proc = start_generate(out, log)
+    proc = start_generate(out, log, LONG_NUM_TILES)
     wait_for_new_commit(out, proc, {int(name[:6]) for name in after_kill})
     ray_processes = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGINT)
@@ -378,7 +383,7 @@ def test_driver_killed_interrupted_and_terminated_resumes_to_the_reference_datas
     assert {k: after_interrupt[k] for k in after_kill} == after_kill  # committed shards untouched
 
     # 3. Re-run; SIGTERM it (Kubernetes, a scheduler) after one more shard: as Ctrl-C, exit 143.
-    proc = start_generate(out, log)
+    proc = start_generate(out, log, LONG_NUM_TILES)
     wait_for_new_commit(out, proc, {int(name[:6]) for name in after_interrupt})
     ray_processes = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGTERM)
@@ -389,13 +394,15 @@ def test_driver_killed_interrupted_and_terminated_resumes_to_the_reference_datas
     assert {k: after_terminate[k] for k in after_interrupt} == after_interrupt
 
     # 4. Re-run to the end: only the missing shards are made; the dataset is the reference.
-    proc = start_generate(out, log)
+    proc = start_generate(out, log, LONG_NUM_TILES)
     assert proc.wait(timeout=300) == 0, log.read_text()
     final = committed_files(out)
     assert {k: final[k] for k in after_terminate} == after_terminate
-    assert len(final) == 2 * NUM_TILES
-    check_exactly_once(str(out))
-    assert shard_bytes(str(out)) == reference
+    assert len(final) == 2 * LONG_NUM_TILES
+    check_exactly_once(str(out), LONG_NUM_TILES)
+    reference = tmp_path / "reference"  # the same job uninterrupted, in this process
+    run_local(config(str(reference), LONG_NUM_TILES), RUNTIME)
+    assert shard_bytes(str(out)) == shard_bytes(str(reference))
 
 
 def wait_for_replicas(proc: subprocess.Popen, timeout: float = 300) -> list[psutil.Process]:
