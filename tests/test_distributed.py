@@ -302,10 +302,18 @@ def test_real_tiles_on_two_ray_replicas_write_the_tars_of_an_in_process_run(ray_
 # ------------------------------------------------------------------ the driver killed and resumed
 
 
+_CLI_WITH_CTRL_C = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from cytosynth.jobs.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
 def start_generate(out: Path, log: Path, num_tiles: int = NUM_TILES) -> subprocess.Popen:
-    """`cytosynth generate --workers 2` in a new process (and process group), as a user runs it."""
-    argv = [sys.executable, "-m", "cytosynth.jobs.cli", "generate", "--out", str(out), "--workers", "2",
-            "--num-tiles", str(num_tiles), *JOB_ARGS]
+    """`cytosynth generate --workers 2` in a new process (and process group), as a user runs it
+    from a terminal: Ctrl-C raises KeyboardInterrupt even where this test's own process ignores
+    SIGINT (a background job of a non-interactive shell does, and its children inherit that)."""
+    args = ["generate", "--out", str(out), "--workers", "2", "--num-tiles", str(num_tiles), *JOB_ARGS]
+    argv = [sys.executable, "-c", _CLI_WITH_CTRL_C, *args]
     with open(log, "w") as err:
         return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
 
