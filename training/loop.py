@@ -149,14 +149,15 @@ def start_job(config: TrainConfig, task: TrainingTask) -> tuple[TrainConfig, int
 def check_config(config: TrainConfig, settled: bool = True) -> None:
     """Options that are wrong whatever the data: one-line InvalidInputError before any work.
     Unless `settled`, --steps and --lr may still be unset (the task's `settle` sets them)."""
+    def given(value: Any) -> bool:
+        return value is not None or settled
+
     for name in ("steps", "batch_size", "workers", "checkpoint_every", "sample_every", "log_every", "keep_checkpoints"):
-        if getattr(config, name) is None and not settled:
-            continue
-        if getattr(config, name) < 1:
+        if given(getattr(config, name)) and getattr(config, name) < 1:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be at least 1")
     if config.optimizer not in OPTIMIZERS:
         raise InvalidInputError(f"unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if not (config.lr is None and not settled) and not config.lr > 0:
+    if given(config.lr) and not config.lr > 0:
         raise InvalidInputError("--lr must be positive")
     if config.zero_stage not in (0, 1, 2):
         raise InvalidInputError("--zero-stage must be 0, 1 or 2")
