@@ -28,7 +28,7 @@ from PIL import Image
 from cytosynth.cluster.feature_replicas import FeatureReplica
 from cytosynth.evaluation.features import ExtractorFile, FeatureSettings, SetFeaturizer, SetOptions, Slice
 from cytosynth.storage.imagesets import list_image_units
-from cytosynth.synth.extractors import clean_preprocess, load_feature_extractor
+from cytosynth.synth.extractors import clean_preprocess
 
 
 class InceptionLike(torch.nn.Module):
@@ -59,7 +59,7 @@ def write_images(folder: Path, count: int, size: int) -> None:
 def time_in_process(extractor: ExtractorFile, images: list[np.ndarray], batch_size: int) -> dict[str, float]:
     """Seconds per image for the clean-fid resize and for the extractor, on one torch thread."""
     torch.set_num_threads(1)
-    loaded = load_feature_extractor(extractor.data, extractor.kind, extractor.name)
+    loaded = extractor.load()
     start = time.perf_counter()
     batch = clean_preprocess(images[:batch_size])
     resize = (time.perf_counter() - start) / len(batch)
@@ -117,7 +117,7 @@ def main() -> None:
             ray.shutdown()
         # In-process worker with every core, for comparison with the replicas.
         torch.set_num_threads(os.cpu_count() or 1)
-        worker = SetFeaturizer(load_feature_extractor(extractor.data, extractor.kind, extractor.name),
+        worker = SetFeaturizer(extractor.load(),
                                {"bench": SetOptions()}, FeatureSettings(args.batch_size, threads=os.cpu_count() or 1))
         start = time.perf_counter()
         in_process = sum(worker.add(work) for work in slices) / (time.perf_counter() - start)

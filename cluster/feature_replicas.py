@@ -29,7 +29,6 @@ from cytosynth.evaluation.features import (
 )
 from cytosynth.storage.imagesets import ImageUnit
 from cytosynth.synth import InvalidInputError
-from cytosynth.synth.extractors import load_feature_extractor
 from cytosynth.synth.metrics import SetStatistics
 
 from .failures import USER_ERRORS, first_line, raised_error
@@ -42,8 +41,7 @@ class FeatureReplica:
     """Body of the ``FeatureReplica`` Ray actor: one SetFeaturizer, its extractor loaded once."""
 
     def __init__(self, extractor: ExtractorFile, options: Mapping[str, SetOptions], settings: FeatureSettings, device: str) -> None:
-        loaded = load_feature_extractor(extractor.data, extractor.kind, extractor.name, device)
-        self._featurizer = SetFeaturizer(loaded, options, settings)
+        self._featurizer = SetFeaturizer(extractor.load(device), options, settings)
 
     def add(self, work: Slice) -> int:
         return self._featurizer.add(work)

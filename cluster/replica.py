@@ -33,18 +33,18 @@ class ShardReplica:
         self.device = device or ("cuda" if gpus else "cpu")
         self.identity = {"replica": context.get_actor_id(), "node": context.get_node_id(), "gpus": gpus, "pid": os.getpid()}
         self._make_shard_maker = make_shard_maker
-        self._worker: ShardMaker | None = None
+        self._maker: ShardMaker | None = None
 
     def load(self) -> dict[str, Any]:
         """Load the models; returns their fingerprints and where this replica runs."""
-        if self._worker is None:
-            self._worker = self._make_shard_maker(device=self.device, identity=self.identity)
-        return {"fingerprints": self._worker.fingerprints, **self._worker.identity}
+        if self._maker is None:
+            self._maker = self._make_shard_maker(device=self.device, identity=self.identity)
+        return {"fingerprints": self._maker.fingerprints, **self._maker.identity}
 
     def run(self, shard: int, layout: JobLayout, attempt: int) -> dict[str, Any]:
         """Make and commit one shard; its stats without the manifest rows (they stay in storage,
         so the driver never receives per-tile data)."""
-        assert self._worker is not None, "load() first"
-        stats = self._worker.run(shard, layout, attempt)
+        assert self._maker is not None, "load() first"
+        stats = self._maker.run(shard, layout, attempt)
         stats.pop("samples", None)
         return stats

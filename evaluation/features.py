@@ -43,6 +43,10 @@ class ExtractorFile:
     name: str  # the path the user gave, for messages
     data: bytes
 
+    def load(self, device: str | torch.device = "cpu") -> FeatureExtractor:
+        """The extractor on `device`, checked (`synth.extractors.load_feature_extractor`)."""
+        return load_feature_extractor(self.data, self.kind, self.name, device)
+
 
 def read_extractor_file(path: str, flag: str, inception: bool = False) -> ExtractorFile:
     """The extractor file at `path` (local or URL) as `cytosynth fid` reads it: clean-fid's
@@ -156,8 +160,7 @@ def featurize_here(
     device: str, on_images: Callable[[int], Any],
 ) -> dict[str, SetStatistics]:
     """Every slice in this process on `device`, one extractor; `on_images(n)` as slices finish."""
-    loaded = load_feature_extractor(extractor.data, extractor.kind, extractor.name, device)
-    featurizer = SetFeaturizer(loaded, options, settings)
+    featurizer = SetFeaturizer(extractor.load(device), options, settings)
     for work in slices:
         on_images(featurizer.add(work))
     return featurizer.take_results()

@@ -57,13 +57,12 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run_fid(args: argparse.Namespace) -> int:
     from cytosynth.cluster.feature_replicas import featurize_sets  # torch; Ray only with --workers
     from cytosynth.evaluation.features import FeatureSettings, SetOptions
-    from cytosynth.synth.extractors import load_feature_extractor
     from cytosynth.synth.metrics import compare_sets, statistics_to_npz
 
     _check_args(args)
     device = args.device or synth.default_device()
     extractor = _read_extractor(args)
-    loaded = load_feature_extractor(extractor.data, extractor.kind, extractor.name)  # fail fast, before Ray
+    loaded = extractor.load()  # fail fast, before Ray
     if args.inception_score and not loaded.num_classes:
         raise InvalidInputError(
             f"--is needs class logits: {extractor.name} returns features only; give --inception, "

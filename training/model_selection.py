@@ -33,7 +33,7 @@ import torch
 from cytosynth import storage
 from cytosynth.storage.imagesets import list_image_units
 from cytosynth.synth import InvalidInputError
-from cytosynth.synth.extractors import FeatureExtractor, clean_preprocess, load_feature_extractor
+from cytosynth.synth.extractors import FeatureExtractor, clean_preprocess
 from cytosynth.synth.metrics import FeatureStats, frechet_distance
 
 from cytosynth.evaluation.features import SetFeaturizer, SetOptions, Slice, read_extractor_file
@@ -75,7 +75,7 @@ class FidSelection:
     def fingerprint(self) -> dict[str, Any]:
         """What job.json records of the extractor: as `cytosynth fid` reports it."""
         file = read_extractor_file(self.extractor, EXTRACTOR_FLAG)
-        loaded = load_feature_extractor(file.data, file.kind, file.name)
+        loaded = file.load()
         return {"kind": file.kind, "sha256": loaded.sha256, "dim": loaded.dim}
 
     def record(self) -> dict[str, Any]:
@@ -99,7 +99,7 @@ class FidScorer:
     @classmethod
     def build(cls, selection: FidSelection, device: torch.device) -> "FidScorer":
         file = read_extractor_file(selection.extractor, EXTRACTOR_FLAG)
-        extractor = load_feature_extractor(file.data, file.kind, file.name, device)
+        extractor = file.load(device)
         worker = SetFeaturizer(extractor, {"real": SetOptions()})
         for unit in list_image_units(selection.real):
             worker.add(Slice("real", unit))
