@@ -99,17 +99,29 @@ def write_nilm_shards(out: str, tiles: list) -> str:
     return out
 
 
-def cell_crops(tiles: list, crop: int = 256) -> tuple[list[np.ndarray], list[int]]:
-    """256x256 crops centred on every cell (clamped to the tile, as fid --per-class crops them)
-    and their class indices into CELL_CLASSES."""
-    from cytosynth.synth.paste import crop_origin
+def centred_crop(image: np.ndarray, box, side: int = 256) -> np.ndarray:
+    """The side x side window centred on the box, glass (the tile's median colour) where it runs off.
 
+    The classifier looks at the centre of what it is given (mini_classifier.Front); a crop clamped
+    to the tile (as the ACS and fid --per-class take them) moves a cell near the tile's edge out of
+    that centre: three cells in four of a 512 tile lie within 128 px of an edge.
+    """
+    x0, y0, x1, y1 = (int(v) for v in box)
+    half = side // 2
+    glass = np.median(image.reshape(-1, 3), axis=0).astype(image.dtype)
+    padded = np.empty((image.shape[0] + side, image.shape[1] + side, 3), image.dtype)
+    padded[:] = glass
+    padded[half : half + image.shape[0], half : half + image.shape[1]] = image
+    cx, cy = (x0 + x1) // 2 + half, (y0 + y1) // 2 + half
+    return padded[cy - half : cy + half, cx - half : cx + half]
+
+
+def cell_crops(tiles: list, crop: int = 256) -> tuple[list[np.ndarray], list[int]]:
+    """Crops centred on every cell (`centred_crop`) and their class indices into CELL_CLASSES."""
     images, labels = [], []
     for tile in tiles:
-        size = tile.image.shape[0]
         for box, label in zip(tile.boxes, tile.labels):
-            left, top = crop_origin(tuple(int(v) for v in box), size, crop)
-            images.append(tile.image[top : top + crop, left : left + crop])
+            images.append(centred_crop(tile.image, box, crop))
             labels.append(CELL_CLASSES.index(label))
     return images, labels
 
@@ -155,4 +167,4 @@ def count_classes(tiles: list) -> dict[str, int]:
     return counts
 
 
-__all__ = ["NILM", "Sizes", "write_all", "cell_crops", "abnormal_tiles", "nilm_tiles", "seeds", "count_classes"]
+__all__ = ["NILM", "Sizes", "write_all", "cell_crops", "centred_crop", "abnormal_tiles", "nilm_tiles", "seeds", "count_classes"]

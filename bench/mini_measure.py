@@ -23,7 +23,7 @@ from PIL import Image
 
 from cytosynth import storage
 from cytosynth.synth.phantom_classes import CELL_CLASSES
-from cytosynth.synth.paste import crop_origin, edit_region
+from cytosynth.synth.paste import edit_region
 from cytosynth.synth.settings import SynthesisSettings
 
 from mini_classifier import accuracy, predict
@@ -46,14 +46,14 @@ def _generate(cytosynth, out: str, model_dir: str, study, *extra: str) -> str:
 
 
 def edited_crops(url: str) -> tuple[list[np.ndarray], list[int], list[dict]]:
-    """256 crops centred on every edited box of a generate output (as fid --per-class crops them)."""
+    """256 crops centred on every edited box of a generate output (`mini_data.centred_crop`), as the
+    classifier's real crops are."""
     crops, labels, samples = [], [], []
     for sample in storage.read_samples(url):
         image, ann = sample["image"], sample["json"]
         samples.append({"image": image, "boxes": ann["boxes"], "labels": ann["labels"]})
         for box, label in zip(ann["boxes"], ann["labels"]):
-            left, top = crop_origin(tuple(box), image.shape[0], 256)
-            crops.append(image[top : top + 256, left : left + 256])
+            crops.append(mini_data.centred_crop(image, box))
             labels.append(CELL_CLASSES.index(label))
     return crops, labels, samples
 

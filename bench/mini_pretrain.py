@@ -4,9 +4,10 @@ The only step of the miniature the paper does not have, so it lives here in the 
 in `generate`'s path. A VAE learns to reconstruct base-domain tiles (many stain styles); then a
 text-to-image UNet learns those tiles' latents conditioned on their caption (the style's name),
 with the caption dropped 10% of the time so the empty prompt exists for classifier-free guidance.
-The text encoder is the preset's seeded random CLIP tower, frozen: distinct captions still get
-distinct embeddings, which is all conditioning needs. The result is a diffusers SD folder
-(vae/ unet/ text_encoder/ tokenizer/ scheduler/) that `--model-dir` reads.
+The text encoder is the preset's seeded CLIP tower, first taught to tell the miniature's words
+apart (`train_text_encoder`): a random tower gives every caption nearly the same embedding, so
+nothing downstream could be conditioned on it. It is then frozen, as CLIP is in SD1.5. The result
+is a diffusers SD folder (vae/ unet/ text_encoder/ tokenizer/ scheduler/) that `--model-dir` reads.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 
+from cytosynth.synth.abnormal import CELL_PROMPT
 from cytosynth.synth.models import _seeded, build_text_encoder, offline_tokenizer
+from cytosynth.synth.normal import NORMAL_PROMPT
+from cytosynth.synth.phantom_classes import CELL_CLASSES, STYLES
 from cytosynth.synth.presets import get_preset
-from cytosynth.synth.sampling import encode_text
+from cytosynth.synth.sampling import decode_latents, encode_images, encode_text
 from cytosynth.synth.ldm_training import diffusion_loss, noise_scheduler, pixels
 
 CAPTION_DROPOUT = 0.1
@@ -35,11 +39,70 @@ def warmup_cosine(opt: torch.optim.Optimizer, steps: int, warmup: float = 0.05) 
         opt, lambda i: (i + 1) / w if i < w else 0.5 * (1 + np.cos(np.pi * (i - w) / max(1, steps - w))))
 
 
-def load_folder(folder: str) -> tuple[np.ndarray, list[str]]:
+def concept_captions() -> list[tuple[str, int]]:
+    """(caption, concept) pairs: every prompt the miniature's jobs use, and each bare word, by what it names."""
+    concepts = [[""], [NORMAL_PROMPT]]
+    concepts += [[style.caption, name] for name, style in STYLES.items()]
+    concepts += [[CELL_PROMPT.format(cls=c), c] for c in CELL_CLASSES]
+    return [(caption, i) for i, captions in enumerate(concepts) for caption in captions]
+
+
+def text_similarity(tokenizer, text_encoder, captions: list[str]) -> float:
+    """The highest cosine similarity between the pooled embeddings of two different captions."""
+    with torch.no_grad():
+        _, pooled = encode_text(tokenizer, text_encoder, captions)
+    pooled = torch.nn.functional.normalize(pooled, dim=1)
+    cos = pooled @ pooled.T
+    return float(cos[~torch.eye(len(captions), dtype=torch.bool)].max())
+
+
+def train_text_encoder(preset: str, steps: int, seed: int, log):
+    """The CLIP stand-in: the seeded tower trained until each concept's captions have their own
+    direction, pooled (GLIGEN's phrase input) and averaged over tokens (what cross-attention reads).
+
+    The loss is a cosine softmax over the concepts (temperature 0.1), so the directions must part,
+    not just the logits. Measured on the preset's random tower: the four class phrases' pooled
+    embeddings have cosine similarity up to 0.94, the style captions up to 0.98; a base UNet trained
+    1,000 steps on them drew the same tile for every style (bench/RESULTS.md, the second run).
+    """
+    p = get_preset(preset)
+    with _seeded(seed):
+        text_encoder = build_text_encoder(p)
+    tokenizer = offline_tokenizer(p.tokenizer_max_length)
+    pairs = concept_captions()
+    tokens = tokenizer([c for c, _ in pairs], padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt").input_ids
+    target = torch.tensor([i for _, i in pairs])
+    width = text_encoder.config.hidden_size
+    heads = torch.nn.Parameter(torch.randn(2, int(target.max()) + 1, width, generator=torch.Generator().manual_seed(seed)))
+    opt = torch.optim.AdamW([*text_encoder.parameters(), heads], lr=1e-3, weight_decay=0.0)
+    before = text_similarity(tokenizer, text_encoder, CELL_CLASSES)
+    for step in range(steps):
+        out = text_encoder(tokens)
+        loss = 0.0
+        for head, features in zip(heads, (out.pooler_output, out.last_hidden_state.mean(dim=1))):
+            cos = torch.nn.functional.normalize(features, dim=1) @ torch.nn.functional.normalize(head, dim=1).T
+            loss = loss + torch.nn.functional.cross_entropy(cos / 0.1, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    text_encoder.eval().requires_grad_(False)
+    after = text_similarity(tokenizer, text_encoder, CELL_CLASSES)
+    log(f"text encoder: {steps} steps, loss {loss.item():.4f}; class phrases' max cosine {before:.3f} -> {after:.3f}")
+    return text_encoder, tokenizer, {"text_steps": steps, "class_phrase_max_cosine": [round(before, 3), round(after, 3)],
+                                     "style_caption_max_cosine": round(text_similarity(
+                                         tokenizer, text_encoder, [s.caption for s in STYLES.values()]), 3)}
+
+
+def load_pngs(folder: str) -> np.ndarray:
     names = sorted(n for n in os.listdir(folder) if n.endswith(".png"))
-    tiles = np.stack([np.asarray(Image.open(os.path.join(folder, n)).convert("RGB")) for n in names])
+    return np.stack([np.asarray(Image.open(os.path.join(folder, n)).convert("RGB")) for n in names])
+
+
+def load_folder(folder: str) -> tuple[np.ndarray, list[str]]:
+    """A base-domain folder: its tiles and their captions (captions.json, in file order)."""
     with open(os.path.join(folder, "captions.json")) as fh:
-        return tiles, json.load(fh)
+        return load_pngs(folder), json.load(fh)
 
 
 def train_vae(tiles: np.ndarray, preset: str, steps: int, batch: int, crop: int, seed: int, log) -> AutoencoderKL:
@@ -79,14 +142,12 @@ def encode_all(vae: AutoencoderKL, tiles: np.ndarray, batch: int = 16) -> tuple[
     return torch.cat(means), torch.cat(stds)
 
 
-def train_unet(vae: AutoencoderKL, tiles: np.ndarray, captions: list[str], preset: str, steps: int, batch: int,
-               seed: int, log):
+def train_unet(vae: AutoencoderKL, text_encoder, tokenizer, tiles: np.ndarray, captions: list[str], preset: str,
+               steps: int, batch: int, seed: int, log) -> UNet2DConditionModel:
     """Text-to-image LDM training, caption = style, caption dropout for CFG."""
     p = get_preset(preset)
     with _seeded(seed):
-        text_encoder = build_text_encoder(p).eval().requires_grad_(False)
         unet = UNet2DConditionModel(**p.unet)
-    tokenizer = offline_tokenizer(p.tokenizer_max_length)
     styles = sorted(set(captions))
     with torch.no_grad():
         table, _ = encode_text(tokenizer, text_encoder, styles + [""])
@@ -111,24 +172,48 @@ def train_unet(vae: AutoencoderKL, tiles: np.ndarray, captions: list[str], prese
         sched.step()
         if step % 50 == 0 or step == steps - 1:
             log(f"unet step {step}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)")
-    return unet.eval().requires_grad_(False), text_encoder, tokenizer
+    return unet.eval().requires_grad_(False)
 
 
-def pretrain_base(data: str, out: str, preset: str, vae_steps: int, vae_crop: int, unet_steps: int, unet_batch: int,
-                  seed: int, log) -> dict:
-    """Train and save the base model (a diffusers SD folder) into `out`; returns what was done."""
+def reconstruction_check(vae: AutoencoderKL, folder: str) -> dict:
+    """How the VAE reconstructs the tiles in `folder` (the paper's Fig. 3 check): PSNR, and the
+    pink (eosinophilic) pixels' red-minus-blue, drawn and reconstructed (is their hue kept?)."""
+    tiles = load_pngs(folder)
+    with torch.no_grad():
+        rec = np.concatenate([decode_latents(vae, encode_images(vae, tiles[i : i + 8])) for i in range(0, len(tiles), 8)])
+    drawn, rec = tiles.astype(np.float64), rec.astype(np.float64)
+    mse = float(((rec - drawn) ** 2).mean())
+    pink = drawn[..., 0] - drawn[..., 2] > 15
+    return {"psnr_db": round(float(10 * np.log10(255.0**2 / mse)), 2),
+            "pink_red_minus_blue": [round(float((x[pink][:, 0] - x[pink][:, 2]).mean()), 1) for x in (drawn, rec)]}
+
+
+def pretrain_base(data: str, vae_extra: str, check: str, out: str, preset: str, text_steps: int, vae_steps: int,
+                  vae_crop: int, unet_steps: int, unet_batch: int, seed: int, log) -> dict:
+    """Train and save the base model (a diffusers SD folder) into `out`; returns what was done.
+
+    The VAE also sees the tiles of `vae_extra` (target-style NILM tiles): the paper relies on SD1.5's
+    autoencoder reconstructing Pap images faithfully (its Fig. 3) and trains none, so the stand-in
+    has seen them too. The UNet sees the base domain alone. `check` (held-out target tiles)
+    measures the reconstruction (`reconstruction_check`).
+    """
     tiles, captions = load_folder(data)
     t0 = time.time()
-    vae = train_vae(tiles, preset, vae_steps, batch=8, crop=vae_crop, seed=seed, log=log)
+    text_encoder, tokenizer, text_record = train_text_encoder(preset, text_steps, seed, log)
+    vae = train_vae(np.concatenate([tiles, load_pngs(vae_extra)]), preset, vae_steps, batch=8, crop=vae_crop,
+                    seed=seed, log=log)
+    reconstruction = reconstruction_check(vae, check)
+    log(f"vae on the held-out target tiles: {reconstruction}")
     t1 = time.time()
-    unet, text_encoder, tokenizer = train_unet(vae, tiles, captions, preset, unet_steps, batch=unet_batch, seed=seed,
-                                               log=log)
+    unet = train_unet(vae, text_encoder, tokenizer, tiles, captions, preset, unet_steps, batch=unet_batch, seed=seed,
+                      log=log)
     t2 = time.time()
     vae.save_pretrained(os.path.join(out, "vae"))
     unet.save_pretrained(os.path.join(out, "unet"))
     text_encoder.save_pretrained(os.path.join(out, "text_encoder"))
     tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
     DDIMScheduler(**get_preset(preset).scheduler).save_pretrained(os.path.join(out, "scheduler"))
-    return {"tiles": len(tiles), "styles": sorted(set(captions)), "vae_steps": vae_steps, "vae_crop": vae_crop,
-            "vae_batch": 8, "unet_steps": unet_steps, "unet_batch": unet_batch,
+    return {"tiles": len(tiles), "styles": sorted(set(captions)), **text_record, "vae_steps": vae_steps,
+            "vae_crop": vae_crop, "vae_batch": 8, "vae_extra_tiles": len(load_pngs(vae_extra)),
+            "vae_on_target": reconstruction, "unet_steps": unet_steps, "unet_batch": unet_batch,
             "vae_seconds": round(t1 - t0), "unet_seconds": round(t2 - t1)}

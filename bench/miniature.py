@@ -32,9 +32,10 @@ import time
 from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# One intra-op thread per process (this one and every job it starts, through the environment): on
-# a CPU shared with other work, a second spinning OpenMP thread made a VAE step 10x slower (measured).
-THREADS = os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Every step runs alone, so each process takes the machine's two cores (a UNet step of batch 16:
+# 0.63 s on one thread, 0.34 s on two, idle machine). On a CPU shared with other work set
+# OMP_NUM_THREADS=1: there a second spinning OpenMP thread made a VAE step 10x slower (measured).
+THREADS = os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
 os.environ.setdefault("MKL_NUM_THREADS", THREADS)
 
 import mini_data  # noqa: E402
@@ -44,6 +45,7 @@ from mini_data import Sizes  # noqa: E402
 @dataclass(frozen=True)
 class Study:
     sizes: Sizes
+    text_steps: int  # the CLIP stand-in's (mini_pretrain.train_text_encoder)
     vae_steps: int
     vae_crop: int  # the VAE trains on random crops of this side (it is convolutional)
     unet_steps: int
@@ -62,17 +64,17 @@ class Study:
 
 
 FULL = Study(
-    sizes=Sizes(base=96, target_nilm=32, target_real=24, abnormal_train=64, detector_real=12,
-                abnormal_test=16, edit_sources=12),
-    vae_steps=400, vae_crop=64, unet_steps=350, unet_batch=8, lora_steps=150, lora_lr=1e-3, acs_steps=300,
-    acs_lr=5e-4, nilm_detector_steps=8, detector_steps=8, detector_seeds=(0,), classifier_steps=300,
-    table1_tiles=16, edit_cells="3-3", sample_steps=10,
+    sizes=Sizes(base=384, target_nilm=64, target_real=48, abnormal_train=192, detector_real=12,
+                abnormal_test=32, edit_sources=24),
+    text_steps=200, vae_steps=2500, vae_crop=64, unet_steps=2500, unet_batch=16, lora_steps=300, lora_lr=1e-3,
+    acs_steps=1500, acs_lr=5e-4, nilm_detector_steps=8, detector_steps=8, detector_seeds=(0, 1),
+    classifier_steps=600, table1_tiles=48, edit_cells="3-3", sample_steps=25,
 )
 QUICK = Study(
     sizes=Sizes(base=24, target_nilm=8, target_real=8, abnormal_train=16, detector_real=8,
                 abnormal_test=8, edit_sources=4),
-    vae_steps=20, vae_crop=64, unet_steps=20, unet_batch=4, lora_steps=6, lora_lr=1e-3, acs_steps=6, acs_lr=5e-4,
-    nilm_detector_steps=2, detector_steps=2, detector_seeds=(0,), classifier_steps=30,
+    text_steps=20, vae_steps=20, vae_crop=64, unet_steps=20, unet_batch=4, lora_steps=6, lora_lr=1e-3, acs_steps=6,
+    acs_lr=5e-4, nilm_detector_steps=2, detector_steps=2, detector_seeds=(0,), classifier_steps=30,
     table1_tiles=4, edit_cells="2-2", sample_steps=4,
 )
 PRESET = "mini"
@@ -149,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from mini_pretrain import pretrain_base
 
-    records["base"] = steps.run("base", pretrain_base, paths["base"], base, PRESET, study.vae_steps,
-                                study.vae_crop, study.unet_steps, study.unet_batch, args.seed, log)
+    records["base"] = steps.run("base", pretrain_base, paths["base"], paths["target_nilm"], paths["real_a"], base,
+                                PRESET, study.text_steps, study.vae_steps, study.vae_crop, study.unet_steps,
+                                study.unet_batch, args.seed, log)
     records["lora"] = steps.run("lora", lambda: {"command": cytosynth(
         "finetune-normal", "--data", paths["target_nilm"], "--model-dir", base, "--preset", PRESET,
         "--tile-size", str(mini_data.STAGE1_TILE), "--sample-count", "2", "--sample-steps", "10", "--out", lora,
