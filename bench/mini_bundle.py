@@ -87,7 +87,7 @@ def assemble(out: str, base: str, lora: str, acs: str, records: dict, argv: list
         "made_by": "python bench/miniature.py " + " ".join(argv),
         "git_commit": _git_commit(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), {platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
         "data": {"sizes": records["study"]["sizes"], "generator": "cytosynth.synth.phantom_classes.draw_labelled_tile",
                  "seed_blocks": "bench/mini_data.py SEED_BLOCKS"},
         "steps": {k: records[k] for k in ("base", "lora", "acs") if k in records},
