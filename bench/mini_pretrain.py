@@ -132,6 +132,22 @@ def train_vae(tiles: np.ndarray, preset: str, steps: int, batch: int, crop: int,
 
 
 @torch.no_grad()
+def set_latent_scale(vae: AutoencoderKL, tiles: np.ndarray, batch: int = 16) -> dict:
+    """Set the VAE's `scaling_factor` to 1 / the std of its latents on `tiles`, as LDM chose SD's.
+
+    SD1.5's 0.18215 is that number for SD1.5's autoencoder (latent std about 5.5); a VAE trained
+    here has latents of std about 1, so the preset's 0.18215 left the diffusion models latents of
+    std 0.215: a signal-to-noise ratio 1/20 of the schedule's at every timestep (bench/RESULTS.md,
+    the third run). Every job reads the factor from vae/config.json.
+    """
+    mean, std = encode_all(vae, tiles, batch)
+    latent_std = float((mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))).std())
+    before = vae.config.scaling_factor
+    vae.register_to_config(scaling_factor=round(1.0 / latent_std, 5))
+    return {"latent_std": round(latent_std, 4), "scaling_factor": [before, vae.config.scaling_factor]}
+
+
+@torch.no_grad()
 def encode_all(vae: AutoencoderKL, tiles: np.ndarray, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every tile's latent (sampled afresh at each training step)."""
     means, stds = [], []
@@ -202,6 +218,8 @@ def pretrain_base(data: str, vae_extra: str, check: str, out: str, preset: str, 
     text_encoder, tokenizer, text_record = train_text_encoder(preset, text_steps, seed, log)
     vae = train_vae(np.concatenate([tiles, load_pngs(vae_extra)]), preset, vae_steps, batch=8, crop=vae_crop,
                     seed=seed, log=log)
+    scale = set_latent_scale(vae, tiles)
+    log(f"vae latent std {scale['latent_std']}: scaling_factor {scale['scaling_factor'][0]} -> {scale['scaling_factor'][1]}")
     reconstruction = reconstruction_check(vae, check)
     log(f"vae on the held-out target tiles: {reconstruction}")
     t1 = time.time()
@@ -215,5 +233,5 @@ def pretrain_base(data: str, vae_extra: str, check: str, out: str, preset: str, 
     DDIMScheduler(**get_preset(preset).scheduler).save_pretrained(os.path.join(out, "scheduler"))
     return {"tiles": len(tiles), "styles": sorted(set(captions)), **text_record, "vae_steps": vae_steps,
             "vae_crop": vae_crop, "vae_batch": 8, "vae_extra_tiles": len(load_pngs(vae_extra)),
-            "vae_on_target": reconstruction, "unet_steps": unet_steps, "unet_batch": unet_batch,
+            "vae_latent_scale": scale, "vae_on_target": reconstruction, "unet_steps": unet_steps, "unet_batch": unet_batch,
             "vae_seconds": round(t1 - t0), "unet_seconds": round(t2 - t1)}

@@ -67,3 +67,17 @@ def test_edits_of_the_trained_acs_are_classified_above_chance_and_above_the_untr
     untrained = _edit_accuracy(tmp_path, "untrained", "--acs-unet", untrained_acs)
     assert trained > CHANCE + 0.15, (trained, untrained)
     assert trained > untrained, (trained, untrained)
+
+
+def test_the_shipped_vae_gives_latents_of_unit_std_as_the_noise_schedule_assumes():
+    """SD1.5's scaling_factor (0.18215) fits SD1.5's autoencoder only; the miniature's VAE carries its own."""
+    import torch
+
+    from cytosynth.synth.phantom_classes import draw_labelled_tile
+    from cytosynth.synth.ldm_training import sample_latents
+
+    vae = load_bundle(BUNDLE, preset="mini").vae.float()
+    tiles = np.stack([draw_labelled_tile(s, 256, scale=0.5, abnormal=(0, 0)).image for s in range(900_000, 900_004)])
+    with torch.no_grad():
+        std = float(sample_latents(vae, torch.from_numpy(tiles)).std())
+    assert 0.7 < std < 1.4
