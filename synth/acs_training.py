@@ -14,8 +14,12 @@ What learns, as in the paper and in GLIGEN's own inpainting training (which the 
   conv's weight in inpainting mode).
 
 Everything else stays frozen: ResNet blocks, self- and cross-attention (the paper guides the class
-"through the frozen cross-attention layers"), the VAE and the text encoder. The loss is the plain
-LDM objective (`synth.ldm_training.diffusion_loss`) on the 9-channel input [z_t, z0 * mask, mask].
+"through the frozen cross-attention layers"), the VAE and the text encoder. The loss is the LDM
+objective (`synth.ldm_training.diffusion_loss`) on the 9-channel input [z_t, z0 * mask, mask],
+counted inside the box only: the box is all the UNet must paint and all that is pasted back.
+Outside it the noise is a linear function of z_t and the given z0; counted over the whole crop,
+that copy (most of a crop's area) took the few trainable parameters, and the trained ACS drew
+the cell worse than the untrained one (bench/RESULTS.md, "Fourth full run").
 
 Classifier-free guidance is trained, as GLIGEN trains it: each crop independently has its prompt
 replaced by the empty prompt (`PROMPT_DROPOUT`) and its grounding token hidden (GLIGEN masks = 0,
@@ -129,7 +133,7 @@ class ACSTrainingModel(torch.nn.Module):
     def loss(self, batch: CropBatch) -> torch.Tensor:
         """The LDM loss of a batch of crops: noise z0 of the crop, predict the noise from
         [z_t, z0 * mask, mask], the class prompt and the (box, phrase) grounding token, each
-        dropped at its rate (the module docstring)."""
+        dropped at its rate; the error counted inside the box only (the module docstring)."""
         images = torch.from_numpy(batch.images).to(self.vae.device)
         dtype = self.unet.dtype
         z0 = sample_latents(self.vae, images).to(dtype)
@@ -139,12 +143,14 @@ class ACSTrainingModel(torch.nn.Module):
         keep_grounding = (torch.rand(n) >= self.grounding_dropout).float()
         phrases = embeddings.phrases(batch.labels).to(dtype)
         grounding = grounding_inputs(batch.boxes, phrases, batch.images.shape[1], keep_grounding)
+        condition = inpainting_condition(z0, batch.boxes)
         return diffusion_loss(
             self.unet,
             self.noise_scheduler,
             z0,
             prompts.to(dtype),
-            conditioning=inpainting_condition(z0, batch.boxes),
+            conditioning=condition,
+            region=1.0 - condition[:, -1:],  # the mask channel is 0 in the box
             cross_attention_kwargs={"gligen": grounding},
         )
 

@@ -107,13 +107,15 @@ def diffusion_loss(
     latents: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
     conditioning: torch.Tensor | None = None,
+    region: torch.Tensor | None = None,
     **unet_kwargs: Any,
 ) -> torch.Tensor:
     """The LDM loss of one batch: MSE between the UNet's prediction and the noise (or v) target.
 
     `conditioning` is concatenated to the noisy latents on the channel axis (an inpainting
-    UNet's mask + masked latents); `unet_kwargs` reach the UNet (e.g. `cross_attention_kwargs`
-    with GLIGEN's boxes and phrase embeddings).
+    UNet's mask + masked latents); `region` (N, 1, h, w), 1 where the error counts, limits the
+    mean to those latent pixels (None: all); `unet_kwargs` reach the UNet (e.g.
+    `cross_attention_kwargs` with GLIGEN's boxes and phrase embeddings).
     """
     noise = torch.randn_like(latents)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
@@ -125,4 +127,7 @@ def diffusion_loss(
     else:
         target = noise
     # In float32 even under bf16: the mean of many small squared errors loses precision otherwise.
-    return F.mse_loss(prediction.float(), target.float())
+    if region is None:
+        return F.mse_loss(prediction.float(), target.float())
+    region = region.float().expand_as(target)
+    return ((prediction.float() - target.float()) ** 2 * region).sum() / region.sum().clamp(min=1.0)

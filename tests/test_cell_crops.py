@@ -181,6 +181,27 @@ def test_training_conditions_the_unet_exactly_as_sampling_does(bundle):
     assert torch.all(x_train[:, 4:8][x_train[:, 8:].expand(-1, 4, -1, -1) == 0] == 0)
 
 
+def test_the_training_loss_counts_only_the_latents_inside_the_box(bundle):
+    """Outside the box the UNet is given the background and the edit is not pasted there, so what it
+    predicts there must not move the loss; inside, every latent pixel does."""
+    batch = collate_crops(cell_crops(noise_tile(8), [[200, 220, 260, 300], [0, 0, 40, 70]], ["ASC-H", "HSIL"]))
+    model = ACSTrainingModel(bundle.acs_unet, bundle.vae, embed_classes(bundle.tokenizer, bundle.text_encoder),
+                             noise_scheduler(bundle.scheduler.config), prompt_dropout=0, grounding_dropout=0)
+    in_box = 1.0 - inpainting_condition(torch.zeros(2, 4, 32, 32), batch.boxes)[:, -1:]
+
+    def loss(perturbation):
+        handle = model.unet.register_forward_hook(lambda module, args, out: type(out)(sample=out.sample + perturbation))
+        try:
+            torch.manual_seed(0)
+            return model.loss(batch).item()
+        finally:
+            handle.remove()
+
+    plain = loss(0.0)
+    assert loss(5.0 * (1.0 - in_box)) == pytest.approx(plain, rel=1e-6)
+    assert loss(5.0 * in_box) > plain + 1.0
+
+
 def test_the_unconditional_cfg_half_has_neither_the_prompt_nor_the_grounding_token(bundle):
     batch = collate_crops(cell_crops(noise_tile(8), [[200, 220, 260, 300], [0, 0, 40, 70]], ["ASC-H", "HSIL"]))
     embeddings = embed_classes(bundle.tokenizer, bundle.text_encoder)
