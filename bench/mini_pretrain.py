@@ -119,11 +119,10 @@ def train_vae(tiles: np.ndarray, target: np.ndarray, preset: str, steps: int, ba
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     sched = warmup_cosine(opt, steps)
-    tiles = np.concatenate([tiles, target])
+    base, tiles = len(tiles), np.concatenate([tiles, target])  # target tiles are indices base..
     size = tiles.shape[1]
     start = time.time()
     for step in range(steps):
-        base = len(tiles) - len(target)
         idx = np.concatenate([rng.integers(0, base, batch - batch // 2), rng.integers(base, len(tiles), batch // 2)])
         ys, xs = rng.integers(0, size - crop + 1, (2, batch))
         batch_px = np.stack([tiles[i, y : y + crop, x : x + crop] for i, y, x in zip(idx, ys, xs)])
@@ -217,9 +216,9 @@ def pretrain_base(data: str, vae_extra: str, check: str, out: str, preset: str, 
                   vae_crop: int, unet_steps: int, unet_batch: int, seed: int, log) -> dict:
     """Train and save the base model (a diffusers SD folder) into `out`; returns what was done.
 
-    The VAE also sees the tiles of `vae_extra` (target-style NILM tiles, half of each batch): the paper relies on SD1.5's
-    autoencoder reconstructing Pap images faithfully (its Fig. 3) and trains none, so the stand-in
-    has seen them too. The UNet sees the base domain alone. `check` (held-out target tiles)
+    The VAE also sees the tiles of `vae_extra` (target-style NILM tiles, half of each batch): the
+    paper relies on SD1.5's autoencoder reconstructing Pap images faithfully (its Fig. 3) and trains
+    none, so the stand-in has seen them too. The UNet sees the base domain alone. `check` (held-out target tiles)
     measures the reconstruction (`reconstruction_check`).
     """
     tiles, captions = load_folder(data)
