@@ -92,7 +92,7 @@ def assemble(out: str, base: str, lora: str, acs: str, records: dict, argv: list
                  "seed_blocks": "bench/mini_data.py SEED_BLOCKS"},
         "steps": {k: records[k] for k in ("base", "lora", "acs") if k in records},
         "storage": "unet/ and acs_unet/ weights float16 (loaded as float32); the rest float32",
-        "use": "cytosynth generate --preset mini --model-dir models/mini --tile-size 512 --normal-source phantom ...",
+        "use": "cytosynth generate --preset mini --model-dir models/mini --tile-size 1024 --normal-source phantom ...",
         "total_bytes": sum(f["bytes"] for f in files.values()),
         "files": files,
     }

@@ -18,9 +18,14 @@ from PIL import Image
 from cytosynth import storage
 from cytosynth.synth.phantom_classes import BASE_STYLES, CELL_CLASSES, NILM, TARGET_STYLE, draw_labelled_tile
 
-SCALE = 0.5  # cells as in draw_phantom_tile(seed, 512): the domain's magnification everywhere
-STAGE1_TILE = 256  # stage-1 tiles (32x32 latents)
-EDIT_TILE = 512  # tiles whose cells are edited and detected (256 crops around cells fit)
+# The paper's magnification (x20, 1024x1024 tiles): cells as in draw_phantom_tile(seed, 1024),
+# everywhere. At half of it (the first five runs) a normal nucleus was 7 px across, one latent pixel
+# under the VAE's 8x downsampling, and the shipped VAE lost what tells LSIL apart (bench/RESULTS.md,
+# "Sixth full run").
+SCALE = 1.0
+STAGE1_TILE = 256  # stage-1 tiles (32x32 latents): a 256 field of the slide, one to three cells
+LABELLED_TILE = 512  # labelled tiles with abnormal cells (ACS crops, classifier, detector R and test)
+EDIT_TILE = int(1024 * SCALE)  # tiles whose cells are edited: the paper's 1024 (phantom source: same scale)
 PER_SHARD = 16
 
 
@@ -31,10 +36,10 @@ class Sizes:
     base: int  # base-domain 256 tiles, many styles (base pretraining)
     target_nilm: int  # target-style 256 NILM tiles (finetune-normal, NILM detector)
     target_real: int  # per real-vs-real set of 256 NILM tiles (Table I), two disjoint sets
-    abnormal_train: int  # 512 tiles with abnormal cells (ACS, classifier, detector R)
+    abnormal_train: int  # labelled tiles with abnormal cells (ACS, classifier, detector R)
     detector_real: int  # R: the first tiles of abnormal_train the Table II detectors get
-    abnormal_test: int  # held-out 512 tiles with abnormal cells, two halves for the floor
-    edit_sources: int  # 512 NILM tiles that generate edits (--normal-source real)
+    abnormal_test: int  # held-out labelled tiles with abnormal cells, two halves for the floor
+    edit_sources: int  # 1024 NILM tiles that generate edits (--normal-source real)
 
 
 # Seed ranges: one block of 100k seeds per set, so no two sets share a tile.
@@ -70,8 +75,8 @@ def nilm_tiles(block: str, count: int, size: int) -> list:
 
 
 def abnormal_tiles(block: str, count: int) -> list:
-    """Target-style 512 tiles with 1-3 abnormal cells each among NILM cells."""
-    return [draw_labelled_tile(s, EDIT_TILE, scale=SCALE, abnormal=(1, 3)) for s in seeds(block, count)]
+    """Target-style labelled tiles with 1-3 abnormal cells each among NILM cells."""
+    return [draw_labelled_tile(s, LABELLED_TILE, scale=SCALE, abnormal=(1, 3)) for s in seeds(block, count)]
 
 
 def write_labelled_shards(out: str, tiles: list) -> str:
@@ -104,7 +109,7 @@ def centred_crop(image: np.ndarray, box, side: int = 256) -> np.ndarray:
 
     The classifier looks at the centre of what it is given (mini_classifier.Front); a crop clamped
     to the tile (as the ACS and fid --per-class take them) moves a cell near the tile's edge out of
-    that centre: three cells in four of a 512 tile lie within 128 px of an edge.
+    that centre: most cells of a labelled tile lie within 128 px of an edge.
     """
     x0, y0, x1, y1 = (int(v) for v in box)
     half = side // 2
@@ -129,7 +134,7 @@ def cell_crops(tiles: list, crop: int = 256) -> tuple[list[np.ndarray], list[int
 def write_all(root: str, sizes: Sizes) -> dict[str, str]:
     """Every set under `root`; returns their paths by name. Re-running with the same sizes reuses them."""
     done = os.path.join(root, "DONE.json")
-    if os.path.exists(done) and json.load(open(done))["sizes"] == sizes.__dict__:
+    if os.path.exists(done) and json.load(open(done)).get("scale") == SCALE and json.load(open(done))["sizes"] == sizes.__dict__:
         return json.load(open(done))["paths"]
     p = {name: os.path.join(root, name) for name in (
         "base", "target_nilm", "target_nilm_shards", "real_a", "real_a_shards", "real_b", "abnormal_train", "detector_real",
@@ -155,7 +160,7 @@ def write_all(root: str, sizes: Sizes) -> dict[str, str]:
     write_labelled_shards(p["test"], test_a + test_b)
     write_png_folder(p["edit_sources"], [t.image for t in nilm_tiles("edit_sources", sizes.edit_sources, EDIT_TILE)])
     with open(done, "w") as fh:
-        json.dump({"sizes": sizes.__dict__, "paths": p}, fh)
+        json.dump({"sizes": sizes.__dict__, "scale": SCALE, "paths": p}, fh)
     return p
 
 

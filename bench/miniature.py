@@ -66,14 +66,14 @@ class Study:
 FULL = Study(
     sizes=Sizes(base=384, target_nilm=64, target_real=48, abnormal_train=192, detector_real=12,
                 abnormal_test=32, edit_sources=24),
-    text_steps=200, vae_steps=2500, vae_crop=64, unet_steps=2500, unet_batch=16, lora_steps=300, lora_lr=1e-3,
+    text_steps=200, vae_steps=2500, vae_crop=128, unet_steps=2500, unet_batch=16, lora_steps=300, lora_lr=1e-3,
     acs_steps=1500, acs_lr=5e-4, nilm_detector_steps=8, detector_steps=8, detector_seeds=(0, 1),
     classifier_steps=600, table1_tiles=48, edit_cells="3-3", sample_steps=25,
 )
 QUICK = Study(
     sizes=Sizes(base=24, target_nilm=8, target_real=8, abnormal_train=16, detector_real=8,
                 abnormal_test=8, edit_sources=4),
-    text_steps=20, vae_steps=20, vae_crop=64, unet_steps=20, unet_batch=4, lora_steps=6, lora_lr=1e-3, acs_steps=6,
+    text_steps=20, vae_steps=20, vae_crop=128, unet_steps=20, unet_batch=4, lora_steps=6, lora_lr=1e-3, acs_steps=6,
     acs_lr=5e-4, nilm_detector_steps=2, detector_steps=2, detector_seeds=(0,), classifier_steps=30,
     table1_tiles=4, edit_cells="2-2", sample_steps=4,
 )
