@@ -43,7 +43,7 @@ def _edit_accuracy(tmp_path, name: str, *extra: str) -> float:
 
     out = str(tmp_path / name)
     code = cytosynth(["generate", "--preset", "mini", "--model-dir", BUNDLE, "--normal-source", "phantom",
-                      "--tile-size", "512", "--num-tiles", "1", "--cells", "8-8", "--steps", "10", "--seed", "3",
+                      "--tile-size", "1024", "--num-tiles", "1", "--cells", "8-8", "--steps", "10", "--seed", "3",
                       "--device", "cpu", "--quiet", "--out", out, *extra])
     assert code == 0
     crops, labels, _ = edited_crops(out)
@@ -77,7 +77,7 @@ def test_the_shipped_vae_gives_latents_of_unit_std_as_the_noise_schedule_assumes
     from cytosynth.synth.ldm_training import sample_latents
 
     vae = load_bundle(BUNDLE, preset="mini").vae.float()
-    tiles = np.stack([draw_labelled_tile(s, 256, scale=0.5, abnormal=(0, 0)).image for s in range(900_000, 900_004)])
+    tiles = np.stack([draw_labelled_tile(s, 256, scale=1.0, abnormal=(0, 0)).image for s in range(900_000, 900_004)])
     with torch.no_grad():
         std = float(sample_latents(vae, torch.from_numpy(tiles)).std())
     assert 0.7 < std < 1.4
