@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cytosynth.synth import PRESETS
+from cytosynth.synth.cell_selection import BOX_SIZES
 from cytosynth.synth.cfg_dropout import GROUNDING_DROPOUT, PROMPT_DROPOUT
 
 from .options import from_args
@@ -31,6 +32,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--grounding-dropout", type=float, default=GROUNDING_DROPOUT,
         help=f"share of crops trained without the grounding token, for CFG (default {GROUNDING_DROPOUT}, GLIGEN's)",
+    )
+    parser.add_argument(
+        "--box-size", choices=BOX_SIZES, default=BOX_SIZES[0],
+        help="the box each training crop is grounded on and painted in: 'cell', the abnormal cell's own (the paper); "
+        "'normal', grown to a normal cell's of the same tile (shards' normal_boxes), as generate's boxes are",
     )
     # The paper: AdamW, lr 1e-4, batch 4, 50k iterations. It does not state the weight decay;
     # GLIGEN's trainer, which it follows, uses 0 (the harness default).

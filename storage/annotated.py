@@ -159,25 +159,27 @@ def entries_for_rank(entries: Sequence[dict[str, Any]], rank: int, world_size: i
 
 
 def read_tiles(entries: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """``{**entry, "image": HxWx3 uint8}`` per entry, in order; a shard's run of entries is one pass
-    over the shard, decoding only the samples asked for."""
+    """``{**entry, "image": HxWx3 uint8, "normal_boxes": [[x0, y0, x1, y1], ...]}`` per entry, in
+    order; a shard's run of entries is one pass over the shard, decoding only the samples asked
+    for. Normal (NILM) boxes come from a shard sample's json; a COCO image has none."""
     for source, group in groupby(entries, key=lambda e: e["source"]):
         run = list(group)
         if run[0]["key"] is not None:
-            pairs = _shard_images(source, run)
+            samples = _shard_images(source, run)
         else:
-            pairs = ((e, read_image(source)) for e in run)
-        for entry, image in pairs:
+            samples = ((e, read_image(source), []) for e in run)
+        for entry, image, normal_boxes in samples:
             if image.shape[:2] != (entry["height"], entry["width"]):
                 raise StorageError(
                     f"{source}: image {entry['key'] or ''} is {image.shape[1]}x{image.shape[0]}, "
                     f"its annotation says {entry['width']}x{entry['height']}"
                 )
-            yield {**entry, "image": image}
+            yield {**entry, "image": image, "normal_boxes": normal_boxes}
 
 
-def _shard_images(shard: str, run: list[dict[str, Any]]) -> Iterator[tuple[dict, np.ndarray]]:
-    """(entry, image) for a shard's entries (in shard order, as the index lists them), decoding no other sample."""
+def _shard_images(shard: str, run: list[dict[str, Any]]) -> Iterator[tuple[dict, np.ndarray, list]]:
+    """(entry, image, normal boxes) for a shard's entries (in shard order, as the index lists
+    them), decoding no other sample."""
     pending = iter(run)
     entry = next(pending, None)
     with open_shard(shard) as stream:
@@ -186,10 +188,11 @@ def _shard_images(shard: str, run: list[dict[str, Any]]) -> Iterator[tuple[dict,
                 return
             if raw["__key__"] == entry["key"]:
                 try:
-                    image = decode_sample(raw)["image"]
-                except (OSError, ValueError) as exc:
+                    sample = decode_sample(raw)
+                    normal_boxes = [[int(v) for v in box] for box in sample["json"].get("normal_boxes", [])]
+                except (OSError, ValueError, TypeError, AttributeError) as exc:
                     raise StorageError(f"cannot decode sample {entry['key']} of {shard}: {describe(exc)}") from None
-                yield entry, image
+                yield entry, sample["image"], normal_boxes
                 entry = next(pending, None)
     if entry is not None:
         raise StorageError(f"shard {shard} lacks sample {entry['key']} that its stats list")

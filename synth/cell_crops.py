@@ -68,19 +68,48 @@ def check_annotation(
             raise InvalidInputError(f"{where}: box {list(box)} is not inside the {width}x{height} tile")
 
 
+def grown_to(box: Sequence[int], other: Sequence[int], width: int, height: int) -> Box:
+    """`box` grown about its centre to at least the width and height of `other`, shifted inside
+    the width x height tile (as crops are), and no larger than the tile."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    spans = []
+    for lo, hi, other_side, limit in ((x0, x1, other[2] - other[0], width), (y0, y1, other[3] - other[1], height)):
+        side = min(max(hi - lo, int(other_side)), limit)
+        start = min(max(0, (lo + hi - side) // 2), limit - side)
+        spans.append((start, start + side))
+    (gx0, gx1), (gy0, gy1) = spans
+    return gx0, gy0, gx1, gy1
+
+
 def cell_crops(
-    tile: np.ndarray, boxes: Sequence[Sequence[int]], labels: Sequence[str], crop_size: int = CROP_SIZE, where: str = "tile"
+    tile: np.ndarray,
+    boxes: Sequence[Sequence[int]],
+    labels: Sequence[str],
+    crop_size: int = CROP_SIZE,
+    where: str = "tile",
+    grow_to: Sequence[Sequence[int] | None] | None = None,
 ) -> list[CellCrop]:
-    """One crop per box that fits in a crop (larger boxes are left out: `box_fits`)."""
+    """One crop per box that fits in a crop (larger boxes are left out: `box_fits`).
+
+    `grow_to` (one box or None per box) trains the ACS on the geometry `generate` asks it with:
+    there its box is a detected normal cell's, and a small abnormal cell (ASC-H, HSIL) trained
+    only in its own tight box fills a normal cell's box with itself. Each box is grown to the size
+    of its `grow_to` box (a normal cell of the same tile: `grown_to`), the crop centred on the
+    grown box, which is what the UNet is grounded on and paints; a grown box that no longer fits
+    the crop stays as it was.
+    """
     if tile.ndim != 3 or tile.shape[2] != 3 or tile.dtype != np.uint8:
         raise InvalidInputError(f"{where}: expected an HxWx3 uint8 image, got {tile.shape} {tile.dtype}")
     height, width = tile.shape[:2]
     check_annotation(width, height, boxes, labels, where, crop_size)
     crops = []
-    for box, label in zip(boxes, labels):
+    for i, (box, label) in enumerate(zip(boxes, labels)):
         box = tuple(int(v) for v in box)
         if not box_fits(box, crop_size):
             continue
+        other = grow_to[i] if grow_to is not None else None
+        if other is not None and box_fits(grown := grown_to(box, other, width, height), crop_size):
+            box = grown
         # crop_origin is per axis, so a non-square tile takes x from its width and y from its height.
         left, _ = crop_origin(box, width, crop_size)
         _, top = crop_origin(box, height, crop_size)

@@ -19,6 +19,9 @@ from .errors import InvalidInputError
 
 MAX_CELLS_PER_TILE = 8
 CROP_SIZE = 256  # the abnormal cell editor works on crops of this size
+# finetune-abnormal --box-size: each training cell is painted in its own box ("cell", the paper) or
+# in that box grown to a normal cell's size ("normal"), as generate asks (synth.cell_crops.cell_crops).
+BOX_SIZES = ("cell", "normal")
 CROP_MARGIN = 16  # context kept around the box inside the crop
 MAX_BOX_SIDE = CROP_SIZE - 2 * CROP_MARGIN  # 224
 # Side range of placed (fallback) boxes at a 1024 tile, scaled with the tile size.

@@ -4,6 +4,7 @@ that index annotated tiles from shards and COCO files (the paper's Section IV-A 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from pathlib import Path
 
@@ -16,10 +17,12 @@ from cytosynth.storage.annotated import coco_index, entries_for_rank, read_tiles
 from cytosynth.synth import InvalidInputError, random_bundle
 from cytosynth.synth.abnormal import LATENT_SCALE, edit_cells, embed_classes, grounding_inputs, inpainting_condition
 from cytosynth.synth.acs_training import GROUNDING_DROPOUT, PROMPT_DROPOUT, ACSTrainingModel
-from cytosynth.synth.cell_crops import cell_crops, collate_crops, crop_batches
+from cytosynth.synth.cell_crops import cell_crops, collate_crops, crop_batches, grown_to
 from cytosynth.synth.paste import crop_origin
 from cytosynth.synth.sampling import encode_images, encode_text, seeded_noise
 from cytosynth.synth.ldm_training import noise_scheduler
+from cytosynth.synth.cell_selection import BOX_SIZES
+from cytosynth.training.abnormal_cells import AbnormalCellTask
 
 
 def noise_tile(seed: int, width: int = 512, height: int = 512) -> np.ndarray:
@@ -50,6 +53,32 @@ def test_crops_at_tile_edges_shift_inside_the_tile_as_the_generator_places_them(
     left, top = origin
     np.testing.assert_array_equal(crop.image, tile[top : top + 256, left : left + 256])
     assert crop.box == (box[0] - left, box[1] - top, box[2] - left, box[3] - top)
+
+
+@pytest.mark.parametrize(
+    "box, normal, grown",
+    [
+        ([100, 100, 140, 130], [0, 0, 100, 90], (70, 70, 170, 160)),  # about the cell's centre
+        ([0, 0, 40, 30], [0, 0, 100, 90], (0, 0, 100, 90)),  # shifted inside the tile at its edge
+        ([480, 490, 512, 512], [0, 0, 100, 90], (412, 422, 512, 512)),
+        ([100, 100, 200, 200], [0, 0, 50, 50], (100, 100, 200, 200)),  # never smaller than the cell's own box
+        ([100, 100, 140, 130], [0, 0, 60, 10], (90, 100, 150, 130)),  # per axis
+    ],
+)
+def test_a_box_grown_to_a_normal_cell_keeps_its_centre_and_stays_inside_the_tile(box, normal, grown):
+    assert grown_to(box, normal, 512, 512) == grown
+
+
+def test_a_crop_grown_to_a_normal_cell_is_centred_on_the_grown_box_which_it_is_grounded_on():
+    tile = noise_tile(3)
+    (crop,) = cell_crops(tile, [[200, 220, 240, 250]], ["HSIL"], grow_to=[[0, 0, 120, 110]])
+    # grown box (160, 180, 280, 290): centre (220, 235) -> window from (92, 107)
+    np.testing.assert_array_equal(crop.image, tile[107:363, 92:348])
+    assert crop.box == (68, 73, 188, 183)
+    (tight,) = cell_crops(tile, [[200, 220, 240, 250]], ["HSIL"], grow_to=[None])  # a tile without normal cells
+    assert tight.box == (108, 113, 148, 143)
+    (kept,) = cell_crops(tile, [[200, 220, 240, 250]], ["HSIL"], grow_to=[[0, 0, 300, 300]])  # would not fit the crop
+    assert kept.box == tight.box
 
 
 def test_non_square_tiles_are_clamped_per_axis():
@@ -266,7 +295,8 @@ def write_shards(out: str, tiles_per_shard: list[list[int]], size: int = 288) ->
         writer = ShardWriter(out, shard)
         for i in tiles:
             boxes = [[10 * k, 20, 10 * k + 40, 80] for k in range(i % 3)]
-            annotation = {"boxes": boxes, "labels": ["LSIL", "ASC-US"][: len(boxes)], "seed": i, "source": "real"}
+            annotation = {"boxes": boxes, "labels": ["LSIL", "ASC-US"][: len(boxes)], "seed": i, "source": "real",
+                          "normal_boxes": [[100, 100 + i, 190, 200 + i]] * (i % 2)}
             image = noise_tile(i, size, size)
             writer.add(i, image, annotation)
             written[i] = (image, annotation)
@@ -285,6 +315,20 @@ def test_shard_index_lists_the_tiles_with_abnormal_boxes_and_streams_their_image
     tiles = list(read_tiles(entries))
     for tile in tiles:
         np.testing.assert_array_equal(tile["image"], written[int(tile["key"])][0])
+        assert tile["normal_boxes"] == written[int(tile["key"])][1]["normal_boxes"]  # what --box-size normal grows to
+
+
+def test_box_size_normal_trains_each_cell_in_a_box_grown_to_a_normal_cell_of_its_tile(tmp_path):
+    out = str(tmp_path / "data")
+    write_shards(out, [[0, 1, 2], [3, 4, 5]])  # odd tiles list one normal cell, 90x100
+    crops = {}
+    for box_size in BOX_SIZES:
+        task = AbnormalCellTask(data=out, box_size=box_size)
+        crops[box_size] = list(itertools.islice(task._crops(rank=0, world_size=1, seed=0), 6))  # one epoch
+    sides = {size: sorted((c.box[2] - c.box[0], c.box[3] - c.box[1]) for c in crops[size]) for size in BOX_SIZES}
+    assert sides["cell"] == [(40, 60)] * 6  # the paper: each cell's own box
+    # tiles 1 and 5 list a normal cell: their 3 boxes grow to it; tiles 2 and 4 list none: their 3 stay
+    assert sides["normal"] == [(40, 60)] * 3 + [(90, 100)] * 3
 
 
 def test_shards_without_stats_are_indexed_from_their_json_members(tmp_path):

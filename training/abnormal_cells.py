@@ -39,7 +39,7 @@ from cytosynth.synth.cell_crops import CellCrop, CropBatch, cell_crops, check_an
 from cytosynth.synth.models import SD_COMPONENTS, acs_unet_from_base
 from cytosynth.synth.paste import paste_back
 from cytosynth.synth.settings import SynthesisSettings
-from cytosynth.synth.cell_selection import CROP_SIZE, box_fits
+from cytosynth.synth.cell_selection import BOX_SIZES, CROP_SIZE, box_fits
 from cytosynth.synth.ldm_training import load_sd_components, noise_scheduler
 
 ACS_DIR = "acs_unet"
@@ -60,11 +60,12 @@ class AbnormalCellTask:
     sample_steps: int = 25
     prompt_dropout: float = PROMPT_DROPOUT  # CFG training: the empty prompt instead of the class prompt
     grounding_dropout: float = GROUNDING_DROPOUT  # CFG training: the grounding token hidden (masks = 0)
+    box_size: str = "cell"  # "cell": the abnormal cell's own box (the paper); "normal": grown to a normal cell's
     name: str = "finetune-abnormal"
     trains_in_bf16: ClassVar[bool] = True
 
     def record(self) -> dict[str, Any]:
-        keep = ("data", "coco", "images", "model_dir", "preset", "prompt_dropout", "grounding_dropout")
+        keep = ("data", "coco", "images", "model_dir", "preset", "prompt_dropout", "grounding_dropout", "box_size")
         return {**{k: v for k, v in asdict(self).items() if k in keep}, "crop_size": CROP_SIZE}
 
     def validate(self) -> None:
@@ -75,6 +76,8 @@ class AbnormalCellTask:
         for option in ("shuffle_buffer", "sample_count", "sample_steps"):
             if getattr(self, option) < 1:
                 raise InvalidInputError(f"--{option.replace('_', '-')} must be at least 1")
+        if self.box_size not in BOX_SIZES:
+            raise InvalidInputError(f"--box-size must be one of {', '.join(BOX_SIZES)}, got {self.box_size!r}")
         for option in ("prompt_dropout", "grounding_dropout"):
             if not 0.0 <= getattr(self, option) < 1.0:
                 raise InvalidInputError(f"--{option.replace('_', '-')} must be in [0, 1), got {getattr(self, option)}")
@@ -132,8 +135,19 @@ class AbnormalCellTask:
             mine = entries_for_rank(self.entries, rank, world_size, seed=seed, epoch=epoch)
             if not mine:
                 raise InvalidInputError(f"{len(self.entries)} tiles with abnormal cells are too few for {world_size} workers")
+            rng = np.random.default_rng([seed, rank, epoch])
             for tile in read_tiles(mine):
-                yield from cell_crops(tile["image"], tile["boxes"], tile["labels"], where=_where(tile))
+                grow_to = self._normal_cells_for(tile, rng) if self.box_size == "normal" else None
+                yield from cell_crops(tile["image"], tile["boxes"], tile["labels"], where=_where(tile), grow_to=grow_to)
+
+    @staticmethod
+    def _normal_cells_for(tile: dict[str, Any], rng: np.random.Generator) -> list[list[int]] | None:
+        """`--box-size normal`: a normal cell of the same tile, drawn afresh each epoch, for each
+        abnormal box to grow to (`cell_crops`); None where the tile lists no normal cell."""
+        normal = tile["normal_boxes"]
+        if not normal:
+            return None
+        return [normal[i] for i in rng.integers(0, len(normal), len(tile["boxes"]))]
 
     def loss(self, model: ACSTrainingModel, batch: CropBatch) -> torch.Tensor:
         return model.loss(batch)
