@@ -10,7 +10,8 @@ Steps, each resumable (a finished step is skipped when re-run with the same --ou
 2. base: VAE + text-to-image UNet pretrained on the many-style base domain (`bench/mini_pretrain.py`),
    the stand-in for SD1.5. Not a product job: nothing in `generate` trains.
 3. `cytosynth finetune-normal` on target-style NILM tiles (the LoRA).
-4. `cytosynth finetune-abnormal` on 256x256 crops of abnormal cells (the ACS).
+4. `cytosynth finetune-abnormal --box-size normal` on 256x256 crops of abnormal cells (the ACS),
+   each cell in a box of a normal cell's size, as generate edits.
 5. `cytosynth train-detector --labels nilm` (the cell detector stage 2 picks cells from).
 6. a 5-class cell classifier on real crops, exported as a .pt2 for `cytosynth fid --feature-extractor`.
 7. the bundle: base + LoRA + ACS, a `--model-dir` folder (`--preset mini`) with MANIFEST.json.
@@ -67,7 +68,7 @@ FULL = Study(
     sizes=Sizes(base=384, target_nilm=64, target_real=48, abnormal_train=192, detector_real=12,
                 abnormal_test=32, edit_sources=24),
     text_steps=200, vae_steps=2500, vae_crop=128, unet_steps=2500, unet_batch=16, lora_steps=300, lora_lr=1e-3,
-    acs_steps=1500, acs_lr=5e-4, nilm_detector_steps=8, detector_steps=8, detector_seeds=(0, 1),
+    acs_steps=6000, acs_lr=5e-4, nilm_detector_steps=8, detector_steps=8, detector_seeds=(0, 1),
     classifier_steps=600, table1_tiles=48, edit_cells="3-3", sample_steps=25,
 )
 QUICK = Study(
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         *train_steps(study.lora_steps, 2, study.lora_lr), "--seed", str(args.seed))})
     records["acs"] = steps.run("acs", lambda: {"command": cytosynth(
         "finetune-abnormal", "--data", paths["abnormal_train"], "--model-dir", base, "--preset", PRESET,
-        "--sample-count", "2", "--sample-steps", "10", "--out", acs,
+        "--box-size", "normal", "--sample-count", "2", "--sample-steps", "10", "--out", acs,
         *train_steps(study.acs_steps, 4, study.acs_lr), "--seed", str(args.seed))})
     records["nilm_detector"] = steps.run("nilm_detector", lambda: {"command": cytosynth(
         "train-detector", "--real", paths["target_nilm_shards"], "--labels", "nilm",
