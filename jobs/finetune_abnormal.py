@@ -36,7 +36,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--box-size", choices=BOX_SIZES, default=BOX_SIZES[0],
         help="the box each training crop is grounded on and painted in: 'cell', the abnormal cell's own (the paper); "
-        "'normal', grown to a normal cell's of the same tile (shards' normal_boxes), as generate's boxes are",
+        "'normal', grown to a normal cell's of the same tile (shards' normal_boxes, COCO NILM boxes), as generate's boxes are",
     )
     # The paper: AdamW, lr 1e-4, batch 4, 50k iterations. It does not state the weight decay;
     # GLIGEN's trainer, which it follows, uses 0 (the harness default).

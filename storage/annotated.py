@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .classes import CLASSES
+from .classes import CLASSES, NORMAL_LABEL
 from .coco import read_coco_images
 from .errors import StorageError, describe
 from .jsonio import parse_json
@@ -81,24 +81,26 @@ def _shard_annotations(shard: str) -> list[dict[str, Any]]:
 def coco_index(annotations_url: str, images_url: str | None = None) -> list[dict[str, Any]]:
     """Entries of the images with abnormal boxes in a COCO detection file.
 
-    Categories are matched by name (case-insensitive) to ASC-US, ASC-H, LSIL and HSIL; others
-    (NILM, bacteria...) and crowd regions are ignored, as the paper filters public sets. Float
-    boxes are rounded outwards to whole pixels. Images live at ``images_url`` (default: the JSON's
-    folder) + ``file_name``; every one that has boxes must exist and have the size the file says.
+    Categories are matched by name (case-insensitive) to ASC-US, ASC-H, LSIL and HSIL, and NILM
+    boxes kept apart as the entry's ``normal_boxes``; others (bacteria...) and crowd regions are
+    ignored, as the paper filters public sets. Float boxes are rounded outwards to whole pixels.
+    Images live at ``images_url`` (default: the JSON's folder) + ``file_name``; every one that has
+    abnormal boxes must exist and have the size the file says.
     """
-    images = read_coco_images(annotations_url, images_url, CLASSES)
-    entries = [
-        {
-            "source": image.url,
-            "key": None,
-            "width": image.width,
-            "height": image.height,
-            "boxes": [_pixel_box(box, annotations_url) for box in image.boxes],
-            "labels": image.labels,
-        }
-        for image in images
-        if image.boxes
-    ]
+    entries = []
+    for image in read_coco_images(annotations_url, images_url, (*CLASSES, NORMAL_LABEL)):
+        cells = [(_pixel_box(box, annotations_url), label) for box, label in zip(image.boxes, image.labels)]
+        abnormal = [(box, label) for box, label in cells if label != NORMAL_LABEL]
+        if abnormal:
+            entries.append({
+                "source": image.url,
+                "key": None,
+                "width": image.width,
+                "height": image.height,
+                "boxes": [box for box, _ in abnormal],
+                "labels": [label for _, label in abnormal],
+                "normal_boxes": [box for box, label in cells if label == NORMAL_LABEL],
+            })
     if not entries:
         raise StorageError(f"{annotations_url}: no annotated abnormal cell (categories are matched by name to {', '.join(CLASSES)})")
     _check_image_sizes(entries, annotations_url)
@@ -161,13 +163,13 @@ def entries_for_rank(entries: Sequence[dict[str, Any]], rank: int, world_size: i
 def read_tiles(entries: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """``{**entry, "image": HxWx3 uint8, "normal_boxes": [[x0, y0, x1, y1], ...]}`` per entry, in
     order; a shard's run of entries is one pass over the shard, decoding only the samples asked
-    for. Normal (NILM) boxes come from a shard sample's json; a COCO image has none."""
+    for. Normal (NILM) boxes come from a shard sample's json, or the COCO file's NILM boxes."""
     for source, group in groupby(entries, key=lambda e: e["source"]):
         run = list(group)
         if run[0]["key"] is not None:
             samples = _shard_images(source, run)
         else:
-            samples = ((e, read_image(source), []) for e in run)
+            samples = ((e, read_image(source), e.get("normal_boxes", [])) for e in run)
         for entry, image, normal_boxes in samples:
             if image.shape[:2] != (entry["height"], entry["width"]):
                 raise StorageError(

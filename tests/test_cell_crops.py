@@ -385,6 +385,16 @@ def test_coco_index_keeps_abnormal_categories_by_name_and_rounds_boxes_outwards(
     (tile,) = read_tiles([entry])
     assert tile["image"].shape == (260, 300, 3)
     assert [c.label for c in cell_crops(tile["image"], tile["boxes"], tile["labels"])] == ["LSIL", "HSIL"]
+    assert tile["normal_boxes"] == []
+
+
+def test_coco_nilm_boxes_are_the_normal_cells_box_size_normal_grows_to(coco_set):
+    folder, images, annotations = coco_set
+    nilm = {"id": 5, "image_id": 10, "category_id": 2, "bbox": [200.5, 150, 80, 90]}
+    (entry,) = coco_index(write_coco(folder, images, [*annotations, nilm]))  # image b's NILM alone: still no entry
+    assert entry["labels"] == ["LSIL", "HSIL"] and entry["normal_boxes"] == [[200, 150, 281, 240]]
+    (tile,) = read_tiles([entry])
+    assert tile["normal_boxes"] == [[200, 150, 281, 240]]
 
 
 @pytest.mark.parametrize(
