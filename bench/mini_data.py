@@ -134,8 +134,11 @@ def cell_crops(tiles: list, crop: int = 256) -> tuple[list[np.ndarray], list[int
 def write_all(root: str, sizes: Sizes) -> dict[str, str]:
     """Every set under `root`; returns their paths by name. Re-running with the same sizes reuses them."""
     done = os.path.join(root, "DONE.json")
-    if os.path.exists(done) and json.load(open(done)).get("scale") == SCALE and json.load(open(done))["sizes"] == sizes.__dict__:
-        return json.load(open(done))["paths"]
+    if os.path.exists(done):
+        with open(done) as fh:
+            record = json.load(fh)
+        if record.get("scale") == SCALE and record["sizes"] == sizes.__dict__:
+            return record["paths"]
     p = {name: os.path.join(root, name) for name in (
         "base", "target_nilm", "target_nilm_shards", "real_a", "real_a_shards", "real_b", "abnormal_train", "detector_real",
         "test_a", "test_b", "test", "edit_sources")}

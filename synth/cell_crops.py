@@ -69,16 +69,14 @@ def check_annotation(
 
 
 def grown_to(box: Sequence[int], other: Sequence[int], width: int, height: int) -> Box:
-    """`box` grown about its centre to at least the width and height of `other`, shifted inside
-    the width x height tile (as crops are), and no larger than the tile."""
+    """`box` grown about its centre to at least the width and height of `other`, no larger than
+    the tile, and placed inside it as a crop is (`crop_origin`, per axis)."""
     x0, y0, x1, y1 = (int(v) for v in box)
-    spans = []
-    for lo, hi, other_side, limit in ((x0, x1, other[2] - other[0], width), (y0, y1, other[3] - other[1], height)):
-        side = min(max(hi - lo, int(other_side)), limit)
-        start = min(max(0, (lo + hi - side) // 2), limit - side)
-        spans.append((start, start + side))
-    (gx0, gx1), (gy0, gy1) = spans
-    return gx0, gy0, gx1, gy1
+    w = min(max(x1 - x0, int(other[2] - other[0])), width)
+    h = min(max(y1 - y0, int(other[3] - other[1])), height)
+    left, _ = crop_origin((x0, y0, x1, y1), width, w)
+    _, top = crop_origin((x0, y0, x1, y1), height, h)
+    return left, top, left + w, top + h
 
 
 def cell_crops(

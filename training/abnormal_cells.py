@@ -60,7 +60,7 @@ class AbnormalCellTask:
     sample_steps: int = 25
     prompt_dropout: float = PROMPT_DROPOUT  # CFG training: the empty prompt instead of the class prompt
     grounding_dropout: float = GROUNDING_DROPOUT  # CFG training: the grounding token hidden (masks = 0)
-    box_size: str = "cell"  # "cell": the abnormal cell's own box (the paper); "normal": grown to a normal cell's
+    box_size: str = BOX_SIZES[0]  # "cell": the abnormal cell's own box (the paper); "normal": grown to a normal cell's
     name: str = "finetune-abnormal"
     trains_in_bf16: ClassVar[bool] = True
 
