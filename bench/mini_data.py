@@ -40,11 +40,14 @@ class Sizes:
     detector_real: int  # R: the first tiles of abnormal_train the Table II detectors get
     abnormal_test: int  # held-out labelled tiles with abnormal cells, two halves for the floor
     edit_sources: int  # 1024 NILM tiles that generate edits (--normal-source real)
+    # Table II's S is made from as many LABELLED_TILE NILM tiles as R has (`detector_real`): the
+    # detector resizes every tile to one side, so S's tiles must be R's size for its cells to be R's.
 
 
 # Seed ranges: one block of 100k seeds per set, so no two sets share a tile.
 SEED_BLOCKS = {"base": 0, "target_nilm": 1, "real_a": 2, "real_b": 3, "abnormal_train": 4,
-               "test_a": 5, "test_b": 6, "edit_sources": 7, "classifier_val": 8}
+               "test_a": 5, "test_b": 6, "edit_sources": 7, "classifier_val": 8,
+               "detector_sources": 9}
 
 
 def seeds(block: str, count: int) -> range:
@@ -131,17 +134,19 @@ def cell_crops(tiles: list, crop: int = 256) -> tuple[list[np.ndarray], list[int
     return images, labels
 
 
+SETS = ("base", "target_nilm", "target_nilm_shards", "real_a", "real_a_shards", "real_b", "abnormal_train",
+        "detector_real", "detector_sources", "test_a", "test_b", "test", "edit_sources")
+
+
 def write_all(root: str, sizes: Sizes) -> dict[str, str]:
     """Every set under `root`; returns their paths by name. Re-running with the same sizes reuses them."""
     done = os.path.join(root, "DONE.json")
     if os.path.exists(done):
         with open(done) as fh:
             record = json.load(fh)
-        if record.get("scale") == SCALE and record["sizes"] == sizes.__dict__:
+        if record.get("scale") == SCALE and record["sizes"] == sizes.__dict__ and set(record["paths"]) == set(SETS):
             return record["paths"]
-    p = {name: os.path.join(root, name) for name in (
-        "base", "target_nilm", "target_nilm_shards", "real_a", "real_a_shards", "real_b", "abnormal_train", "detector_real",
-        "test_a", "test_b", "test", "edit_sources")}
+    p = {name: os.path.join(root, name) for name in SETS}
     tiles, captions = base_tiles(sizes.base)
     write_png_folder(p["base"], tiles)
     with open(os.path.join(p["base"], "captions.json"), "w") as fh:
@@ -162,6 +167,8 @@ def write_all(root: str, sizes: Sizes) -> dict[str, str]:
     write_labelled_shards(p["test_b"], test_b)
     write_labelled_shards(p["test"], test_a + test_b)
     write_png_folder(p["edit_sources"], [t.image for t in nilm_tiles("edit_sources", sizes.edit_sources, EDIT_TILE)])
+    write_png_folder(p["detector_sources"],
+                     [t.image for t in nilm_tiles("detector_sources", sizes.detector_real, LABELLED_TILE)])
     with open(done, "w") as fh:
         json.dump({"sizes": sizes.__dict__, "scale": SCALE, "paths": p}, fh)
     return p

@@ -8,7 +8,8 @@
   accuracy on crops centred on the edited boxes (4 abnormal classes: chance 25%).
 - Locality and annotation truth: every pixel outside the edited boxes equals the source tile; every
   box holds changed pixels (the edited cell).
-- Table II analog: `cytosynth augmentation-study` (R vs R + S, Faster R-CNN, COCO AP) per seed.
+- Table II analog: `cytosynth augmentation-study` (R vs R + S, Faster R-CNN, COCO AP) per seed; S
+  is `generate`'s edits of held-out NILM tiles of R's size.
 - The NILM detector: `cytosynth eval-detector --labels nilm` on held-out NILM tiles.
 """
 
@@ -185,14 +186,19 @@ def measure(out: str, paths: dict, study, cytosynth, log) -> dict:
     # Table II: R vs R + S, one augmentation-study per seed.
     from miniature import train_steps
 
+    # S: edits of NILM tiles of R's size with as many abnormal cells as R's tiles hold (1-3), so
+    # that both reach the detector at one scale (it resizes every tile to --image-size).
+    synthetic = _generate(cytosynth, os.path.join(m, "edits_detector"), bundle, study, "--normal-source", "real",
+                          "--real-tiles", paths["detector_sources"], "--tile-size", str(mini_data.LABELLED_TILE),
+                          "--cells", "1-3", "--seed", "3")
     table2 = []
     res["table2"] = table2
     for seed in study.detector_seeds:
         folder = os.path.join(m, f"table2_seed{seed}")
         cytosynth("augmentation-study", "--real", paths["detector_real"], "--synthetic",
-                  os.path.join(m, "edits_trained"), "--synthetic-fraction", "0.5", "--labels", "abnormal",
+                  synthetic, "--synthetic-fraction", "0.5", "--labels", "abnormal",
                   "--image-size", "256", "--loader-workers", "1", "--test", paths["test"], "--out", folder,
-                  *train_steps(study.detector_steps, 2), "--seed", str(seed))
+                  *train_steps(study.detector_steps, 2, study.detector_lr), "--seed", str(seed))
         table2.append(json.load(open(os.path.join(folder, "augmentation_study.json"))))
         res["table2"] = table2
         _save_partial(m, res)

@@ -157,6 +157,25 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(options, message,
     assert not out.exists() or not any(out.iterdir())  # at most the empty folder of the writability probe
 
 
+@pytest.mark.parametrize("synthetic_side, warned", [(128, True), (64, False)])
+def test_real_and_synthetic_tiles_of_different_sides_are_warned_of_before_training(synthetic_side, warned,
+                                                                                    tmp_path, capsys):
+    # Both are resized to --image-size: 64 px real tiles beside 128 px synthetic ones put a cell of
+    # the same magnification in front of the detector at twice the size (the miniature's Table II
+    # first mixed 512 px real tiles with 1024 px edits so).
+    real = write_phantom_shards(str(tmp_path / "real"), tiles=2, per_shard=2, size=64, abnormal=True)
+    synthetic = write_phantom_shards(str(tmp_path / "synthetic"), tiles=2, per_shard=2, size=synthetic_side,
+                                     abnormal=True)
+    DetectorTask(real=real, synthetic=synthetic, synthetic_fraction=0.5, image_size=64).validate()
+    err = capsys.readouterr().err.strip()
+    if warned:
+        assert err == ("warning: --real tiles are 64x64 and --synthetic tiles 128x128; both are resized to "
+                       "--image-size 64, so a real cell reaches the detector 0.5x the size of a synthetic cell "
+                       "of the same magnification"), err
+    else:
+        assert err == ""
+
+
 @pytest.mark.slow
 def test_a_failure_inside_a_training_worker_is_one_line_naming_its_real_cause(tmp_path, capsys):
     # --lr 1e30 passes every up-front check; the loss turns non-finite on the ranks' second step.

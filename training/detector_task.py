@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -75,12 +76,17 @@ class DetectorTask:
             raise InvalidInputError("--real shards are needed unless --synthetic-fraction is 1")
         if self.image_size < 32:
             raise InvalidInputError(f"--image-size must be at least 32, got {self.image_size}")
+        sides = {}
         for source in self.sources():
             shards = storage.resolve_shards(source)
             if count_boxes(shards, self.labels) == 0:
                 raise InvalidInputError(f"{source} holds no {self.labels} boxes to train on")
             # Reading the first sample proves the shards decode (image and annotation JSON).
-            next(storage.shard_detection_samples(shards[:1], self.labels), None)
+            first = next(storage.shard_detection_samples(shards[:1], self.labels), None)
+            if first is not None:
+                sides[source] = tuple(first[0].shape[-2:])
+        if len(set(sides.values())) > 1:
+            warn_scale_mismatch(sides, self.image_size)
 
     def settle(self, config: DetectorTrainConfig) -> DetectorTrainConfig:
         """The harness's steps and lr, after `validate` (the steps of --epochs are counted from the
@@ -150,6 +156,18 @@ class DetectorTask:
             with open(path, "rb") as fh:
                 storage.put_bytes(url, fh.read())
         return url
+
+
+def warn_scale_mismatch(sides: dict[str, tuple[int, int]], image_size: int) -> None:
+    """Real and synthetic tiles of different sides are both resized to --image-size, so their cells
+    reach the detector at different scales: a warning, not an error, since tiles of different
+    magnifications may need exactly that."""
+    (real, real_side), (synthetic, synthetic_side) = sides.items()
+    ratio = max(real_side) / max(synthetic_side)
+    print(f"warning: --real tiles are {real_side[1]}x{real_side[0]} and --synthetic tiles "
+          f"{synthetic_side[1]}x{synthetic_side[0]}; both are resized to --image-size {image_size}, so a real "
+          f"cell reaches the detector {ratio:.2g}x the size of a synthetic cell of the same magnification",
+          file=sys.stderr)
 
 
 def count_boxes(shards: list[str], labels: str) -> int | None:
