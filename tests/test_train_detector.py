@@ -170,7 +170,7 @@ def test_real_and_synthetic_tiles_of_different_sides_are_warned_of_before_traini
     err = capsys.readouterr().err.strip()
     if warned:
         assert err == ("warning: --real tiles are 64x64 and --synthetic tiles 128x128; both are resized to "
-                       "--image-size 64, so a real cell reaches the detector 0.5x the size of a synthetic cell "
+                       "--image-size 64, so a real cell reaches the detector 2x the size of a synthetic cell "
                        "of the same magnification"), err
     else:
         assert err == ""

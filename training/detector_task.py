@@ -162,8 +162,8 @@ def warn_scale_mismatch(sides: dict[str, tuple[int, int]], image_size: int) -> N
     """Real and synthetic tiles of different sides are both resized to --image-size, so their cells
     reach the detector at different scales: a warning, not an error, since tiles of different
     magnifications may need exactly that."""
-    (real, real_side), (synthetic, synthetic_side) = sides.items()
-    ratio = max(real_side) / max(synthetic_side)
+    real_side, synthetic_side = sides.values()
+    ratio = max(synthetic_side) / max(real_side)  # torchvision scales a tile by image_size / its longer side
     print(f"warning: --real tiles are {real_side[1]}x{real_side[0]} and --synthetic tiles "
           f"{synthetic_side[1]}x{synthetic_side[0]}; both are resized to --image-size {image_size}, so a real "
           f"cell reaches the detector {ratio:.2g}x the size of a synthetic cell of the same magnification",
