@@ -184,27 +184,35 @@ def measure(out: str, paths: dict, study, cytosynth, log) -> dict:
     _save_partial(m, res)
 
     # Table II: R vs R + S, one augmentation-study per seed.
+    res["table2"] = []
+    for report_of_seed in table2(m, paths, bundle, study, cytosynth):
+        res["table2"].append(report_of_seed)
+        _save_partial(m, res)
+
+    figures(out, res)
+    return {k: v for k, v in res.items() if not k.startswith("_")}
+
+
+def table2(m: str, paths: dict, bundle: str, study, cytosynth):
+    """`cytosynth augmentation-study` per seed (R vs R + S, Faster R-CNN from scratch, COCO AP on the
+    held-out tiles); yields each seed's report as it finishes.
+
+    S: edits of NILM tiles of R's size with as many abnormal cells as R's tiles hold (1-3), so that
+    both reach the detector at one scale (it resizes every tile to --image-size)."""
     from miniature import train_steps
 
-    # S: edits of NILM tiles of R's size with as many abnormal cells as R's tiles hold (1-3), so
-    # that both reach the detector at one scale (it resizes every tile to --image-size).
     synthetic = _generate(cytosynth, os.path.join(m, "edits_detector"), bundle, study, "--normal-source", "real",
                           "--real-tiles", paths["detector_sources"], "--tile-size", str(mini_data.LABELLED_TILE),
                           "--cells", "1-3", "--seed", "3")
-    table2 = []
-    res["table2"] = table2
     for seed in study.detector_seeds:
         folder = os.path.join(m, f"table2_seed{seed}")
         cytosynth("augmentation-study", "--real", paths["detector_real"], "--synthetic",
                   synthetic, "--synthetic-fraction", "0.5", "--labels", "abnormal",
                   "--image-size", "256", "--loader-workers", "1", "--test", paths["test"], "--out", folder,
-                  *train_steps(study.detector_steps, 2, study.detector_lr), "--seed", str(seed))
-        table2.append(json.load(open(os.path.join(folder, "augmentation_study.json"))))
-        res["table2"] = table2
-        _save_partial(m, res)
-
-    figures(out, res)
-    return {k: v for k, v in res.items() if not k.startswith("_")}
+                  *train_steps(study.detector_steps, 2, study.detector_lr),
+                  "--max-grad-norm", str(study.detector_max_grad_norm), "--seed", str(seed))
+        with open(os.path.join(folder, "augmentation_study.json")) as fh:
+            yield json.load(fh)
 
 
 def _save_partial(folder: str, res: dict) -> None:
