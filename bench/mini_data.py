@@ -40,8 +40,6 @@ class Sizes:
     detector_real: int  # R: the first tiles of abnormal_train the Table II detectors get
     abnormal_test: int  # held-out labelled tiles with abnormal cells, two halves for the floor
     edit_sources: int  # 1024 NILM tiles that generate edits (--normal-source real)
-    # Table II's S is made from as many LABELLED_TILE NILM tiles as R has (`detector_real`): the
-    # detector resizes every tile to one side, so S's tiles must be R's size for its cells to be R's.
 
 
 # Seed ranges: one block of 100k seeds per set, so no two sets share a tile.
@@ -167,6 +165,8 @@ def write_all(root: str, sizes: Sizes) -> dict[str, str]:
     write_labelled_shards(p["test_b"], test_b)
     write_labelled_shards(p["test"], test_a + test_b)
     write_png_folder(p["edit_sources"], [t.image for t in nilm_tiles("edit_sources", sizes.edit_sources, EDIT_TILE)])
+    # Table II's S is made from as many NILM tiles as R has, of R's size: the detector resizes every
+    # tile to one side, so only then are S's cells R's size.
     write_png_folder(p["detector_sources"],
                      [t.image for t in nilm_tiles("detector_sources", sizes.detector_real, LABELLED_TILE)])
     with open(done, "w") as fh:

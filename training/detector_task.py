@@ -76,7 +76,7 @@ class DetectorTask:
             raise InvalidInputError("--real shards are needed unless --synthetic-fraction is 1")
         if self.image_size < 32:
             raise InvalidInputError(f"--image-size must be at least 32, got {self.image_size}")
-        sides = {}
+        sides = []  # (height, width) of each source's first tile: real, then synthetic
         for source in self.sources():
             shards = storage.resolve_shards(source)
             if count_boxes(shards, self.labels) == 0:
@@ -84,9 +84,9 @@ class DetectorTask:
             # Reading the first sample proves the shards decode (image and annotation JSON).
             first = next(storage.shard_detection_samples(shards[:1], self.labels), None)
             if first is not None:
-                sides[source] = tuple(first[0].shape[-2:])
-        if len(set(sides.values())) > 1:
-            warn_scale_mismatch(sides, self.image_size)
+                sides.append(tuple(first[0].shape[-2:]))
+        if len(set(sides)) > 1:
+            warn_scale_mismatch(*sides, self.image_size)
 
     def settle(self, config: DetectorTrainConfig) -> DetectorTrainConfig:
         """The harness's steps and lr, after `validate` (the steps of --epochs are counted from the
@@ -158,11 +158,10 @@ class DetectorTask:
         return url
 
 
-def warn_scale_mismatch(sides: dict[str, tuple[int, int]], image_size: int) -> None:
+def warn_scale_mismatch(real_side: tuple[int, int], synthetic_side: tuple[int, int], image_size: int) -> None:
     """Real and synthetic tiles of different sides are both resized to --image-size, so their cells
     reach the detector at different scales: a warning, not an error, since tiles of different
     magnifications may need exactly that."""
-    real_side, synthetic_side = sides.values()
     ratio = max(synthetic_side) / max(real_side)  # torchvision scales a tile by image_size / its longer side
     print(f"warning: --real tiles are {real_side[1]}x{real_side[0]} and --synthetic tiles "
           f"{synthetic_side[1]}x{synthetic_side[0]}; both are resized to --image-size {image_size}, so a real "
