@@ -210,7 +210,8 @@ def table2(m: str, paths: dict, bundle: str, study, cytosynth):
                   synthetic, "--synthetic-fraction", "0.5", "--labels", "abnormal",
                   "--image-size", "256", "--loader-workers", "1", "--test", paths["test"], "--out", folder,
                   *train_steps(study.detector_steps, 2, study.detector_lr),
-                  "--max-grad-norm", str(study.detector_max_grad_norm), "--seed", str(seed))
+                  "--max-grad-norm", str(study.detector_max_grad_norm),
+                  "--roi-samples", str(study.detector_roi_samples), "--seed", str(seed))
         with open(os.path.join(folder, "augmentation_study.json")) as fh:
             yield json.load(fh)
 

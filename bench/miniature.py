@@ -59,6 +59,7 @@ class Study:
     detector_steps: int  # each Table II detector's (from scratch: no ImageNet backbone here)
     detector_lr: float  # SGD; the paper's 2e-4 is for a pretrained backbone (RESULTS.md, eighth run)
     detector_max_grad_norm: float  # at lr 0.01 unclipped, an R + S detector diverged (eighth run)
+    detector_roi_samples: int  # proposals per tile for the box head: 1-3 cells need fewer than COCO's 512
     detector_seeds: tuple[int, ...]
     classifier_steps: int
     table1_tiles: int  # stage-1 tiles generated per arm
@@ -71,7 +72,7 @@ FULL = Study(
                 abnormal_test=32, edit_sources=24),
     text_steps=200, vae_steps=2500, vae_crop=128, unet_steps=2500, unet_batch=16, lora_steps=300, lora_lr=1e-3,
     acs_steps=6000, acs_lr=5e-4, nilm_detector_steps=8, detector_steps=120, detector_lr=0.01,
-    detector_max_grad_norm=10.0, detector_seeds=(0, 1),
+    detector_max_grad_norm=10.0, detector_roi_samples=128, detector_seeds=(0, 1),
     classifier_steps=600, table1_tiles=48, edit_cells="3-3", sample_steps=25,
 )
 QUICK = Study(
@@ -79,7 +80,7 @@ QUICK = Study(
                 abnormal_test=8, edit_sources=4),
     text_steps=20, vae_steps=20, vae_crop=128, unet_steps=20, unet_batch=4, lora_steps=6, lora_lr=1e-3, acs_steps=6,
     acs_lr=5e-4, nilm_detector_steps=2, detector_steps=2, detector_lr=0.01,
-    detector_max_grad_norm=10.0, detector_seeds=(0,), classifier_steps=30,
+    detector_max_grad_norm=10.0, detector_roi_samples=128, detector_seeds=(0,), classifier_steps=30,
     table1_tiles=4, edit_cells="2-2", sample_steps=4,
 )
 PRESET = "mini"

@@ -30,6 +30,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=float, help=f"passes over the real set; sets the steps from the shard stats "
                         f"(default {PAPER_EPOCHS}, the paper's, unless --steps is given)")
     parser.add_argument("--image-size", type=int, default=DEFAULTS.image_size, help="side the detector resizes images to")
+    parser.add_argument("--roi-samples", type=int, default=DEFAULTS.roi_samples, help="Faster R-CNN: proposals "
+                        "per image its box head trains on (torchvision's 512, for COCO's many objects; a few "
+                        "cells per tile need fewer, and the box head is half a step's time on a CPU)")
     parser.add_argument("--loader-workers", type=int, default=DEFAULTS.loader_workers, help="data loading processes per training worker")
     # The paper's Table II: SGD, batch 2, 20 epochs (DetectorTrainConfig's defaults); lr per
     # detector (DEFAULT_LR) unless --lr is given.

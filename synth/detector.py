@@ -59,6 +59,9 @@ class ClassicalParams:
     min_area: float = 0.0008  # drop regions smaller than this (lymphocytes, debris): ~840 px at 1024
     max_area: float = 0.05  # drop regions larger than this (clusters, smears): ~52k px at 1024
     min_nucleus_area: float = 0.00002  # nucleus fragments smaller than this are noise
+    min_nucleus_multiple: float = 8.0  # drop regions smaller than this many times the tile's median
+    # nucleus: a squamous cell is tens of times its nucleus, debris and lymphocytes are nucleus-sized.
+    # Scale-free, so it holds where the area bounds (fractions of the tile) do not: crops of any size
     hysteresis: float = 0.5  # low threshold of the foreground, between background (0) and Otsu (1)
     merge_ratio: float = 0.95  # merge touching regions whose border is this deep relative to the
     # smaller one's centre (distance transform): one cell with two dark spots, not two cells
@@ -142,9 +145,12 @@ class ClassicalCellDetector(CellDetector):
         labels = _merge_split_cells(labels, dist, p.merge_ratio)
 
         region_area = np.bincount(labels.ravel())
+        smallest = p.min_area * area
+        if n_nuc:
+            smallest = max(smallest, p.min_nucleus_multiple * float(np.median(np.bincount(nuc_labels.ravel())[1:])))
         boxes = []
         for lab, sl in enumerate(ndi.find_objects(labels), start=1):
-            if sl is not None and p.min_area * area <= region_area[lab] <= p.max_area * area:
+            if sl is not None and smallest <= region_area[lab] <= p.max_area * area:
                 boxes.append((sl[1].start, sl[0].start, sl[1].stop, sl[0].stop))
         if not boxes:
             return np.zeros((0, 4), np.int64)

@@ -169,6 +169,16 @@ def test_steps_and_lr_override_the_preset(captured, shards, tmp_path):
     assert config.steps == 7 and config.lr == 0.05
 
 
+def test_roi_samples_set_the_proposals_the_box_head_trains_on_and_are_recorded(captured, shards, tmp_path):
+    assert cli.main(["train-detector", "--real", shards, "--labels", "nilm", "--roi-samples", "128", "--steps", "1",
+                     "--out", str(tmp_path / "out"), *TRAINING]) == 0
+    _, task = captured[0]
+    model, _ = task.build(torch.device("cpu"))
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 128
+    assert task.record()["roi_samples"] == 128
+    assert DetectorTask(real=shards).build(torch.device("cpu"))[0].roi_heads.fg_bg_sampler.batch_size_per_image == 512
+
+
 def test_the_record_names_the_backbone_by_fingerprint_not_by_url(captured, backbone, shards, tmp_path):
     assert cli.main(["train-detector", "--real", shards, "--labels", "nilm", "--backbone-weights", backbone["url"],
                      "--steps", "1", "--out", str(tmp_path / "out"), *TRAINING]) == 0
@@ -218,6 +228,7 @@ def bad_files(tmp_path_factory) -> dict[str, str]:
         ({"--backbone-weights": "missing"}, "--backbone-weights: cannot read"),
         ({"--arch": "dino"}, "unknown --arch 'dino'; choose one of fasterrcnn, retinanet (DINO is not in torchvision)"),
         ({"--epochs": "2", "--steps": "3"}, "give --steps or --epochs, not both"),
+        ({"--roi-samples": "0"}, "--roi-samples must be at least 1, got 0"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_with_nothing_written(bad_files, shards, options, message, tmp_path, capsys):

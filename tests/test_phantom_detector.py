@@ -7,6 +7,7 @@ import torch
 
 from cytosynth.synth.detector import (
     ClassicalCellDetector,
+    ClassicalParams,
     FasterRCNNCellDetector,
     build_fasterrcnn,
     load_detector,
@@ -118,6 +119,31 @@ def test_classical_detector_finds_nothing_on_blank_or_tiny_specks():
     specks = blank.copy()
     specks[100:103, 50:53] = 60  # a 3x3 dark speck is debris, not a cell
     assert [len(b) for b in ClassicalCellDetector().detect([blank, specks])] == [0, 0]
+
+
+def test_classical_detector_skips_nucleus_sized_debris_in_a_crop_at_full_magnification(phantoms):
+    # A 512 crop of a 1024 tile keeps the cells' size in pixels, so the area bound (a fraction of
+    # the tile) falls to a quarter and lets nucleus-sized debris through; a cell must also be many
+    # times the tile's median nucleus, as squamous cells are and debris is not.
+    image, _ = phantoms[2]
+    crop = np.ascontiguousarray(image[:512, :512])
+    yy, xx = np.mgrid[:512, :512]
+    background = ClassicalCellDetector(ClassicalParams(min_nucleus_multiple=0)).detect([crop])[0]
+    dots = []
+    for cy in range(20, 512, 40):
+        for cx in range(20, 512, 40):
+            if len(dots) < 6 and not any(x0 - 20 < cx < x1 + 20 and y0 - 20 < cy < y1 + 20 for x0, y0, x1, y1 in background):
+                crop[(yy - cy) ** 2 + (xx - cx) ** 2 <= 81] = (71, 50, 109)  # a dark purple dot, 18 px across
+                dots.append((cx, cy))
+    assert len(dots) == 6
+
+    def boxed_dots(boxes):
+        return sum(any(x0 <= cx < x1 and y0 <= cy < y1 and x1 - x0 < 40 for x0, y0, x1, y1 in boxes) for cx, cy in dots)
+
+    assert boxed_dots(ClassicalCellDetector(ClassicalParams(min_nucleus_multiple=0)).detect([crop])[0]) == 6
+    (found,) = ClassicalCellDetector().detect([crop])
+    assert boxed_dots(found) == 0
+    assert len(found) >= 2  # the cells are still found
 
 
 def test_classical_detector_handles_non_square_tiles(phantoms):

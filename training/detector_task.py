@@ -52,6 +52,7 @@ class DetectorTask:
     image_size: int = 1024
     loader_workers: int = 2
     arch: str = "fasterrcnn"
+    roi_samples: int = 512
     # Read by every worker itself (a path all nodes see, or an object-store URL) and checked against
     # the driver's fingerprint; never recorded, since a URL may carry credentials.
     backbone_weights: str | None = field(default=None, repr=False)
@@ -76,6 +77,8 @@ class DetectorTask:
             raise InvalidInputError("--real shards are needed unless --synthetic-fraction is 1")
         if self.image_size < 32:
             raise InvalidInputError(f"--image-size must be at least 32, got {self.image_size}")
+        if self.roi_samples < 1:
+            raise InvalidInputError(f"--roi-samples must be at least 1, got {self.roi_samples}")
         sides = []  # (height, width) of each source's first tile: real, then synthetic
         for source in self.sources():
             shards = storage.resolve_shards(source)
@@ -107,8 +110,10 @@ class DetectorTask:
             if self.backbone_sha256 and sha256 != self.backbone_sha256:
                 raise InvalidInputError(f"backbone weights changed during the run (sha256 {sha256}, "
                                         f"expected {self.backbone_sha256})")
+        # RetinaNet has no box head to sample proposals for.
+        heads = {"box_batch_size_per_image": self.roi_samples} if self.arch == "fasterrcnn" else {}
         model = build_detector(self.arch, NUM_CLASSES[self.labels], backbone_state=backbone,
-                               min_size=self.image_size, max_size=self.image_size)
+                               min_size=self.image_size, max_size=self.image_size, **heads)
         model.to(device)
         return model, [p for p in model.parameters() if p.requires_grad]
 

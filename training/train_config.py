@@ -77,3 +77,4 @@ class DetectorTrainConfig(TrainConfig):
     epochs: float | None = None
     image_size: int = 1024  # the detector resizes to this side (tiles are used at full resolution)
     loader_workers: int = 2  # DataLoader processes per Ray Train worker
+    roi_samples: int = 512  # Faster R-CNN proposals per image that train its box head (torchvision's)
