@@ -94,7 +94,8 @@ def locality(samples: list[dict], sources: list[np.ndarray]) -> dict:
         size = image.shape[0]
         inside = np.zeros(image.shape[:2], bool)
         in_box = np.zeros(image.shape[:2], bool)
-        for box in sample["boxes"]:
+        painted = sample.get("painted_boxes", sample["boxes"])  # generate --boxes cell keeps them apart
+        for box in painted:
             x0, y0, x1, y1 = edit_region(box, size, SynthesisSettings.feather)
             inside[y0:y1, x0:x1] = True
             in_box[box[1] : box[3], box[0] : box[2]] = True
@@ -103,7 +104,7 @@ def locality(samples: list[dict], sources: list[np.ndarray]) -> dict:
         diff = min(diffs, key=lambda d: int(d[~inside].sum()))
         outside_changed += int((diff[~inside] > 0).sum())
         margin_changed += int((diff[inside & ~in_box] > 0).sum())
-        for x0, y0, x1, y1 in sample["boxes"]:
+        for x0, y0, x1, y1 in painted:
             boxes += 1
             boxes_changed += int((diff[y0:y1, x0:x1] > 8).mean() > 0.05)
     return {"tiles": len(samples), "feather_px": SynthesisSettings.feather,
@@ -198,12 +199,13 @@ def table2(m: str, paths: dict, bundle: str, study, cytosynth):
     held-out tiles); yields each seed's report as it finishes.
 
     S: edits of NILM tiles of R's size with as many abnormal cells as R's tiles hold (1-3), so that
-    both reach the detector at one scale (it resizes every tile to --image-size)."""
+    both reach the detector at one scale (it resizes every tile to --image-size), boxed as R is: each
+    cell's own extent (--boxes cell), not the normal cell's box it was painted in."""
     from miniature import train_steps
 
     synthetic = _generate(cytosynth, os.path.join(m, "edits_detector"), bundle, study, "--normal-source", "real",
                           "--real-tiles", paths["detector_sources"], "--tile-size", str(mini_data.LABELLED_TILE),
-                          "--cells", "1-3", "--seed", "3")
+                          "--cells", "1-3", "--boxes", "cell", "--seed", "3")
     for seed in study.detector_seeds:
         folder = os.path.join(m, f"table2_seed{seed}")
         cytosynth("augmentation-study", "--real", paths["detector_real"], "--synthetic",

@@ -7,11 +7,10 @@ import argparse
 from cytosynth import storage
 from cytosynth.cluster.failures import REPLICA_TIMEOUT
 from cytosynth.generation.generate_config import NORMAL_SOURCES, GenerateConfig
-from cytosynth.synth.settings import PRECISIONS
+from cytosynth.synth.settings import ANNOTATED_BOXES, PRECISIONS, SynthesisSettings
 from cytosynth.generation.runner import LocalExecutor, Runtime, ShardExecutor, run_job
 from cytosynth.generation.shard_maker import IDLE_STAGES, STAGES
 from cytosynth.synth import ABNORMAL_CLASSES, PRESETS, InvalidInputError
-from cytosynth.synth.settings import SynthesisSettings
 
 from .common import has_cuda_device
 from .options import field_defaults, from_args
@@ -69,6 +68,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--real-tiles", help="folder or shards of real normal tiles (--normal-source real)")
     gen.add_argument("--cells", type=_cells, default=SETTINGS.cells, help="abnormal cells per tile, MIN-MAX (default 1-8)")
     gen.add_argument("--class-weights", type=_class_weights, help="relative class frequencies, e.g. ASC-US=1,HSIL=3; classes not listed get weight 0 (default: uniform)")
+    gen.add_argument("--boxes", choices=ANNOTATED_BOXES, default=SETTINGS.boxes, help="each edited cell's box: painted, "
+                     "the detected normal cell's box the editor painted it in (the paper); cell, the painted cell's "
+                     "own extent inside it, as labelled sets draw boxes (the painted box kept as painted_boxes)")
     gen.add_argument("--seed", type=int, default=CONFIG.seed, metavar="S", help="job seed: tile i's seed derives from (S, i) alone")
     gen.add_argument("--tiles-per-shard", type=int, default=CONFIG.tiles_per_shard, metavar="K", help="tiles per shard: the unit of work, commit and resume")
     gen.add_argument("--plan", help="JSON plan of cells per tile (see README)")

@@ -49,6 +49,12 @@ def normalize_annotation(annotation: Mapping[str, Any], tile_index: int, width: 
         raise ValueError(f"annotation category_ids {ann['category_ids']} do not match labels {labels}")
     _check_boxes(boxes, width, height, "boxes")
     _check_boxes(ann.setdefault("normal_boxes", []), width, height, "normal_boxes")
+    if "painted_boxes" in ann:  # generate --boxes cell: each box inside the box its cell was painted in
+        painted = ann["painted_boxes"]
+        _check_boxes(painted, width, height, "painted_boxes")
+        if len(painted) != len(boxes) or not all(p[0] <= b[0] and p[1] <= b[1] and b[2] <= p[2] and b[3] <= p[3]
+                                                 for b, p in zip(boxes, painted)):
+            raise ValueError(f"annotation boxes {boxes} do not lie each in its painted box {painted}")
     return ann
 
 

@@ -67,6 +67,62 @@ class ClassicalParams:
     # smaller one's centre (distance transform): one cell with two dark spots, not two cells
 
 
+def _optical_density(image: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """(smoothed RGB, its total optical density: 0 on white glass, high where stain absorbs)."""
+    rgb = ndi.gaussian_filter(image.astype(np.float32), (sigma, sigma, 0))
+    return rgb, -np.log((rgb + 1.0) / 256.0).sum(axis=2)
+
+
+def _foreground(image: np.ndarray, p: ClassicalParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(smoothed RGB, total optical density, cell mask) of a uint8 RGB image; the mask is empty
+    on a blank image."""
+    from skimage.filters import apply_hysteresis_threshold, threshold_otsu
+
+    rgb, od = _optical_density(image, p.smooth_sigma)
+    if np.ptp(od) < 1e-3:
+        return rgb, od, np.zeros(od.shape, bool)
+    # Hysteresis around Otsu: pale cells (thin cytoplasm) sit just above the background, so
+    # pixels halfway between background level and Otsu join if connected to clear cell.
+    t = threshold_otsu(od)
+    bg_level = float(np.median(od[od <= t]))
+    fg = apply_hysteresis_threshold(od, bg_level + p.hysteresis * (t - bg_level), t)
+    fg = ndi.binary_opening(fg, iterations=2)
+    return rgb, od, ndi.binary_fill_holes(fg)
+
+
+def painted_cell_boxes(tile: np.ndarray, boxes, params: ClassicalParams | None = None) -> np.ndarray:
+    """The extent of the cell painted into each box of ``tile`` (int64 (N, 4) xyxy, inside its box).
+
+    The editor paints a cell anywhere inside the box it is given, often smaller than the box (an
+    ASC-H or HSIL cell in a normal cell's box). Its extent: the part of the tile's stained pixels
+    inside the box that holds the box's darkest point (the new cell's nucleus). Stained: above the
+    Otsu split of the tile's optical density with its darkest 5% clipped, so that the dark nuclei
+    of abnormal cells do not pull the split above pale cytoplasm. A box with no stained pixels keeps
+    its own extent."""
+    from skimage.filters import threshold_otsu
+
+    _check_image(tile)
+    _, od = _optical_density(tile, (params or ClassicalParams()).smooth_sigma)
+    if np.ptp(od) < 1e-3:
+        return np.asarray(boxes, np.int64).reshape(-1, 4)  # blank tile
+    fg = od > threshold_otsu(np.minimum(od, np.percentile(od, 95)))
+    fg = ndi.binary_fill_holes(ndi.binary_opening(fg, iterations=2))
+    out = []
+    for x0, y0, x1, y1 in np.asarray(boxes, np.int64).reshape(-1, 4).tolist():
+        inside, dark = fg[y0:y1, x0:x1], od[y0:y1, x0:x1]
+        if not inside.any():
+            out.append((x0, y0, x1, y1))
+            continue
+        parts, _ = ndi.label(inside)
+        r, c = np.unravel_index(np.argmax(np.where(inside, dark, -np.inf)), dark.shape)
+        # The nucleus's part, and any part around it: a koilocyte's halo can cut its nucleus off
+        # its cytoplasm.
+        around = [s for s in ndi.find_objects(parts) if s[0].start <= r < s[0].stop and s[1].start <= c < s[1].stop]
+        out.append((x0 + min(s[1].start for s in around), y0 + min(s[0].start for s in around),
+                    x0 + max(s[1].stop for s in around), y0 + max(s[0].stop for s in around)))
+    return np.asarray(out, np.int64).reshape(-1, 4)
+
+
 class ClassicalCellDetector(CellDetector):
     """Stain separation + Otsu + nucleus-seeded watershed, one box per cell.
 
@@ -92,7 +148,6 @@ class ClassicalCellDetector(CellDetector):
 
     def _detect_one(self, image: np.ndarray) -> np.ndarray:
         from skimage.color import rgb2hed
-        from skimage.filters import apply_hysteresis_threshold, threshold_otsu
         from skimage.segmentation import watershed
 
         p = self.params
@@ -105,17 +160,7 @@ class ClassicalCellDetector(CellDetector):
         sh, sw = small.shape[:2]
         area = float(sh * sw)
 
-        rgb = ndi.gaussian_filter(small.astype(np.float32), (p.smooth_sigma, p.smooth_sigma, 0))
-        od = -np.log((rgb + 1.0) / 256.0).sum(axis=2)
-        if np.ptp(od) < 1e-3:
-            return np.zeros((0, 4), np.int64)  # blank image
-        # Hysteresis around Otsu: pale cells (thin cytoplasm) sit just above the background, so
-        # pixels halfway between background level and Otsu join if connected to clear cell.
-        t = threshold_otsu(od)
-        bg_level = float(np.median(od[od <= t]))
-        fg = apply_hysteresis_threshold(od, bg_level + p.hysteresis * (t - bg_level), t)
-        fg = ndi.binary_opening(fg, iterations=2)
-        fg = ndi.binary_fill_holes(fg)
+        rgb, _, fg = _foreground(small, p)
         if not fg.any():
             return np.zeros((0, 4), np.int64)
 

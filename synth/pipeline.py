@@ -16,7 +16,7 @@ import numpy as np
 
 from .abnormal import AbnormalCellSynthesizer
 from .classes import CATEGORY_IDS
-from .detector import CellDetector, load_detector
+from .detector import CellDetector, load_detector, painted_cell_boxes
 from .errors import InvalidInputError, named_as_urls
 from .models import ModelBundle
 from .normal import NormalTileGenerator
@@ -158,18 +158,24 @@ class TileSynthesizer:
             others = [o.box for o in batch.edits[t] if o is not e]
             paste_back(batch.tiles[t], crop, origin, e.box, self.settings.feather, keep_out=others)
         return [
-            TileSample(i, s, tile, self._annotation(i, s, e, unedited_boxes(d, e)))
+            TileSample(i, s, tile, self._annotation(i, s, tile, e, unedited_boxes(d, e)))
             for i, s, tile, e, d in zip(batch.indices, batch.seeds, batch.tiles, batch.edits, batch.detections)
         ]
 
-    def _annotation(self, index: int, seed: int, edits: list[CellEdit], normal: np.ndarray) -> dict[str, Any]:
+    def _annotation(
+        self, index: int, seed: int, tile: np.ndarray, edits: list[CellEdit], normal: np.ndarray
+    ) -> dict[str, Any]:
         size = self.settings.tile_size
+        painted = [list(map(int, e.box)) for e in edits]
+        boxes = {"boxes": painted}
+        if self.settings.boxes == "cell":  # the painted boxes stay: they bound the pixels an edit changed
+            boxes = {"boxes": painted_cell_boxes(tile, painted).tolist(), "painted_boxes": painted}
         return {
             "tile_index": int(index),
             "seed": int(seed),
             "width": size,
             "height": size,
-            "boxes": [list(map(int, e.box)) for e in edits],
+            **boxes,
             "labels": [e.label for e in edits],
             "category_ids": [CATEGORY_IDS[e.label] for e in edits],
             "normal_boxes": [list(map(int, b)) for b in normal],

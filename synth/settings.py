@@ -19,6 +19,9 @@ from .cell_selection import CROP_SIZE, MAX_CELLS_PER_TILE
 # How the models compute (`devices.model_dtype`; the training jobs' --precision too): not a synthesis
 # setting (it changes pixels only at the rounding level), but the CLI needs the names without torch.
 PRECISIONS = ("auto", "fp32", "bf16")
+# The box an edited cell is annotated with: the box the editor painted it in (a detected normal
+# cell's, the paper's), or the painted cell's own extent inside it, as labelled sets draw boxes.
+ANNOTATED_BOXES = ("painted", "cell")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class SynthesisSettings:
     cells: tuple[int, int] = (1, 8)  # abnormal cells per tile, MIN-MAX
     class_weights: Mapping[str, float] | None = None  # relative class frequencies; None: uniform
     feather: int = 12  # px of blend margin around an edited box
+    boxes: str = "painted"  # ANNOTATED_BOXES
 
     def validate(self) -> None:
         """Each setting in its range: a value that would fail mid-job, or quietly make a poisoned
@@ -50,6 +54,8 @@ class SynthesisSettings:
             raise InvalidInputError(f"tile size must be a multiple of 8 and at least {CROP_SIZE}, got {self.tile_size}")
         if not 0 <= self.feather <= CROP_SIZE // 2:
             raise InvalidInputError(f"feather must be in [0, {CROP_SIZE // 2}] px, got {self.feather}")
+        if self.boxes not in ANNOTATED_BOXES:
+            raise InvalidInputError(f"--boxes must be one of {', '.join(ANNOTATED_BOXES)}, got {self.boxes!r}")
 
     def record(self) -> dict[str, Any]:
         """As plain JSON (job.json): the tuple a list, the weights a dict."""
@@ -60,6 +66,7 @@ class SynthesisSettings:
             "cells": list(self.cells),
             "class_weights": dict(self.class_weights) if self.class_weights else None,
             "feather": self.feather,
+            "boxes": self.boxes,
         }
 
     def as_dict(self) -> dict[str, Any]:

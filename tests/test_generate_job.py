@@ -282,6 +282,20 @@ def test_bf16_models_edit_the_same_cells_and_leave_the_rest_of_the_tile_bit_iden
         assert not np.array_equal(got[~keep], reference[~keep])
 
 
+def test_boxes_cell_annotates_each_painted_cells_extent_inside_its_painted_box_and_changes_no_pixel(
+    baseline_tiles, tmp_path
+):
+    out = tmp_path / "cell"
+    assert generate(out, "--boxes", "cell", num_tiles=2) == 0
+    for index, tile in read_tiles(out).items():
+        ann, default = tile["json"], baseline_tiles[index]["json"]
+        np.testing.assert_array_equal(image(tile["png"]), image(baseline_tiles[index]["png"]))
+        assert ann["painted_boxes"] == default["boxes"] and ann["labels"] == default["labels"]
+        assert "painted_boxes" not in default and ann["params"]["boxes"] == "cell"
+        for (x0, y0, x1, y1), (px0, py0, px1, py1) in zip(ann["boxes"], ann["painted_boxes"]):
+            assert px0 <= x0 < x1 <= px1 and py0 <= y0 < y1 <= py1
+
+
 def test_different_seed_gives_different_tiles_with_seeds_from_job_seed_and_index(baseline_tiles, tmp_path):
     assert generate(tmp_path / "seed1", num_tiles=2, seed=1) == 0
     tiles = read_tiles(tmp_path / "seed1")

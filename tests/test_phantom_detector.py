@@ -11,6 +11,7 @@ from cytosynth.synth.detector import (
     FasterRCNNCellDetector,
     build_fasterrcnn,
     load_detector,
+    painted_cell_boxes,
     save_detector,
 )
 from cytosynth.synth.errors import InvalidInputError
@@ -144,6 +145,45 @@ def test_classical_detector_skips_nucleus_sized_debris_in_a_crop_at_full_magnifi
     (found,) = ClassicalCellDetector().detect([crop])
     assert boxed_dots(found) == 0
     assert len(found) >= 2  # the cells are still found
+
+
+def paint_over(tile: np.ndarray, box, glass) -> tuple[np.ndarray, np.ndarray]:
+    """``tile`` with ``box`` wiped to glass, as the editor leaves a box, and the pixel grids of the box."""
+    x0, y0, x1, y1 = box
+    tile = tile.copy()
+    tile[y0:y1, x0:x1] = glass
+    return tile, np.mgrid[y0:y1, x0:x1]
+
+
+def test_a_small_cell_painted_in_a_big_box_is_boxed_by_its_own_extent(phantoms):
+    image, truth = phantoms[0]
+    glass = np.median(image.reshape(-1, 3), axis=0).astype(np.uint8)
+    box = (400, 400, 540, 530)
+    tile, (yy, xx) = paint_over(image, box, glass)
+    cell = (yy - 440) ** 2 + (xx - 430) ** 2 <= 22**2  # an HSIL-sized cell off the box's centre
+    tile[box[1]:box[3], box[0]:box[2]][cell] = (150, 120, 170)
+    tile[box[1]:box[3], box[0]:box[2]][(yy - 440) ** 2 + (xx - 432) ** 2 <= 12**2] = (60, 40, 100)
+    (extent,) = painted_cell_boxes(tile, [box])
+    assert np.abs(extent - [408, 418, 453, 463]).max() <= 3, extent  # the disc of radius 22 at (430, 440)
+
+
+def test_a_koilocyte_whose_halo_cuts_its_nucleus_off_is_boxed_whole(phantoms):
+    image, _ = phantoms[0]
+    glass = np.median(image.reshape(-1, 3), axis=0).astype(np.uint8)
+    box = (400, 400, 540, 530)
+    tile, (yy, xx) = paint_over(image, box, glass)
+    r = np.hypot(yy - 465, xx - 470)
+    ring = (r >= 30) & (r <= 55) & ~((xx > 470) & (np.abs(yy - 465) < 8))  # the halo opens to the glass
+    tile[box[1]:box[3], box[0]:box[2]][ring] = (160, 190, 210)
+    tile[box[1]:box[3], box[0]:box[2]][r <= 12] = (60, 40, 100)
+    (extent,) = painted_cell_boxes(tile, [box])
+    assert np.abs(extent - [415, 410, 526, 521]).max() <= 3, extent  # the ring, radius 55 at (470, 465)
+
+
+def test_a_box_painted_with_glass_alone_keeps_its_own_extent(phantoms):
+    image, _ = phantoms[0]
+    tile, _ = paint_over(image, (400, 400, 540, 530), np.median(image.reshape(-1, 3), axis=0).astype(np.uint8))
+    assert painted_cell_boxes(tile, [(400, 400, 540, 530)]).tolist() == [[400, 400, 540, 530]]
 
 
 def test_classical_detector_handles_non_square_tiles(phantoms):

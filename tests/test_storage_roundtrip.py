@@ -107,3 +107,13 @@ def test_manifest_has_one_row_per_sample_matching_the_shards(dataset):
         assert (row["seed"], row["boxes"], row["labels"], row["source"]) == (
             ann["seed"], ann["boxes"], ann["labels"], ann["source"])
         assert (row["width"], row["height"]) == sample["image"].shape[1::-1]
+
+
+def test_a_box_must_lie_in_the_painted_box_its_cell_was_painted_in():
+    from cytosynth.storage.annotations import normalize_annotation
+
+    ann = {"boxes": [[10, 12, 30, 40]], "labels": ["HSIL"], "painted_boxes": [[5, 5, 60, 60]]}
+    assert normalize_annotation(ann, 0, 64, 64)["painted_boxes"] == [[5, 5, 60, 60]]
+    for painted in ([[12, 5, 60, 60]], [[5, 5, 60, 60], [0, 0, 8, 8]]):
+        with pytest.raises(ValueError, match="do not lie each in its painted box"):
+            normalize_annotation({**ann, "painted_boxes": painted}, 0, 64, 64)
