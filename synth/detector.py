@@ -90,6 +90,9 @@ def _foreground(image: np.ndarray, p: ClassicalParams) -> tuple[np.ndarray, np.n
     return rgb, od, ndi.binary_fill_holes(fg)
 
 
+MIN_PAINTED_SHARE = 0.02  # of its box: the smallest part painted_cell_boxes takes for a cell
+
+
 def painted_cell_boxes(tile: np.ndarray, boxes, params: ClassicalParams | None = None) -> np.ndarray:
     """The extent of the cell painted into each box of ``tile`` (int64 (N, 4) xyxy, inside its box).
 
@@ -97,8 +100,8 @@ def painted_cell_boxes(tile: np.ndarray, boxes, params: ClassicalParams | None =
     ASC-H or HSIL cell in a normal cell's box). Its extent: the part of the tile's stained pixels
     inside the box that holds the box's darkest point (the new cell's nucleus). Stained: above the
     Otsu split of the tile's optical density with its darkest 5% clipped, so that the dark nuclei
-    of abnormal cells do not pull the split above pale cytoplasm. A box with no stained pixels keeps
-    its own extent."""
+    of abnormal cells do not pull the split above pale cytoplasm. A box with no stained part of at
+    least MIN_PAINTED_SHARE of it keeps its own extent."""
     from skimage.filters import threshold_otsu
 
     _check_image(tile)
@@ -109,15 +112,20 @@ def painted_cell_boxes(tile: np.ndarray, boxes, params: ClassicalParams | None =
     fg = ndi.binary_fill_holes(ndi.binary_opening(fg, iterations=2))
     out = []
     for x0, y0, x1, y1 in np.asarray(boxes, np.int64).reshape(-1, 4).tolist():
-        inside, dark = fg[y0:y1, x0:x1], od[y0:y1, x0:x1]
+        parts, _ = ndi.label(fg[y0:y1, x0:x1])
+        # Slivers (a neighbour's edge blurred into the box, specks) are not the painted cell.
+        sizes = np.bincount(parts.ravel())
+        sizes[0] = 0
+        inside = sizes[parts] >= MIN_PAINTED_SHARE * parts.size
         if not inside.any():
             out.append((x0, y0, x1, y1))
             continue
-        parts, _ = ndi.label(inside)
+        dark = od[y0:y1, x0:x1]
         r, c = np.unravel_index(np.argmax(np.where(inside, dark, -np.inf)), dark.shape)
         # The nucleus's part, and any part around it: a koilocyte's halo can cut its nucleus off
         # its cytoplasm.
-        around = [s for s in ndi.find_objects(parts) if s[0].start <= r < s[0].stop and s[1].start <= c < s[1].stop]
+        around = [s for k, s in enumerate(ndi.find_objects(parts), start=1) if sizes[k] >= MIN_PAINTED_SHARE * parts.size
+                  and s[0].start <= r < s[0].stop and s[1].start <= c < s[1].stop]
         out.append((x0 + min(s[1].start for s in around), y0 + min(s[0].start for s in around),
                     x0 + max(s[1].stop for s in around), y0 + max(s[0].stop for s in around)))
     return np.asarray(out, np.int64).reshape(-1, 4)
