@@ -200,7 +200,8 @@ def table2(m: str, paths: dict, bundle: str, study, cytosynth):
 
     S: edits of NILM tiles of R's size with as many abnormal cells as R's tiles hold (1-3), so that
     both reach the detector at one scale (it resizes every tile to --image-size), boxed as R is: each
-    cell's own extent (--boxes cell), not the normal cell's box it was painted in."""
+    cell's own extent (--boxes cell), not the normal cell's box it was painted in. Each arm trains the
+    paper's 20 epochs over R, S's share on top, so R + S takes twice R's steps (RESULTS.md, ninth run)."""
     from miniature import train_steps
 
     synthetic = _generate(cytosynth, os.path.join(m, "edits_detector"), bundle, study, "--normal-source", "real",
@@ -211,7 +212,7 @@ def table2(m: str, paths: dict, bundle: str, study, cytosynth):
         cytosynth("augmentation-study", "--real", paths["detector_real"], "--synthetic",
                   synthetic, "--synthetic-fraction", "0.5", "--labels", "abnormal",
                   "--image-size", "256", "--loader-workers", "1", "--test", paths["test"], "--out", folder,
-                  *train_steps(study.detector_steps, 2, study.detector_lr),
+                  *train_steps(study.detector_epochs, 2, study.detector_lr, length="--epochs"),
                   "--max-grad-norm", str(study.detector_max_grad_norm),
                   "--roi-samples", str(study.detector_roi_samples), "--seed", str(seed))
         with open(os.path.join(folder, "augmentation_study.json")) as fh:

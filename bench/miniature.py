@@ -56,7 +56,7 @@ class Study:
     acs_steps: int
     acs_lr: float
     nilm_detector_steps: int
-    detector_steps: int  # each Table II detector's (from scratch: no ImageNet backbone here)
+    detector_epochs: float  # passes over R per Table II arm, S on top (the paper's 20; RESULTS.md, ninth run)
     detector_lr: float  # SGD; the paper's 2e-4 is for a pretrained backbone (RESULTS.md, eighth run)
     detector_max_grad_norm: float  # at lr 0.01 unclipped, an R + S detector diverged (eighth run)
     detector_roi_samples: int  # proposals per tile for the box head: 1-3 cells need fewer than COCO's 512
@@ -71,7 +71,7 @@ FULL = Study(
     sizes=Sizes(base=384, target_nilm=64, target_real=48, abnormal_train=192, detector_real=12,
                 abnormal_test=32, edit_sources=24),
     text_steps=200, vae_steps=2500, vae_crop=128, unet_steps=2500, unet_batch=16, lora_steps=300, lora_lr=1e-3,
-    acs_steps=6000, acs_lr=5e-4, nilm_detector_steps=8, detector_steps=120, detector_lr=0.01,
+    acs_steps=6000, acs_lr=5e-4, nilm_detector_steps=8, detector_epochs=20, detector_lr=0.01,
     detector_max_grad_norm=10.0, detector_roi_samples=128, detector_seeds=(0, 1),
     classifier_steps=600, table1_tiles=48, edit_cells="3-3", sample_steps=25,
 )
@@ -79,7 +79,7 @@ QUICK = Study(
     sizes=Sizes(base=24, target_nilm=8, target_real=8, abnormal_train=16, detector_real=8,
                 abnormal_test=8, edit_sources=4),
     text_steps=20, vae_steps=20, vae_crop=128, unet_steps=20, unet_batch=4, lora_steps=6, lora_lr=1e-3, acs_steps=6,
-    acs_lr=5e-4, nilm_detector_steps=2, detector_steps=2, detector_lr=0.01,
+    acs_lr=5e-4, nilm_detector_steps=2, detector_epochs=0.5, detector_lr=0.01,
     detector_max_grad_norm=10.0, detector_roi_samples=128, detector_seeds=(0,), classifier_steps=30,
     table1_tiles=4, edit_cells="2-2", sample_steps=4,
 )
@@ -121,11 +121,12 @@ class Steps:
         return record
 
 
-def train_steps(steps: int, batch: int, lr: float | None = None) -> list[str]:
-    every = str(max(steps, 1))
+def train_steps(steps: int, batch: int, lr: float | None = None, length: str = "--steps") -> list[str]:
+    """The harness options of one training job: `steps` optimizer steps, or passes over the real set
+    with length="--epochs"; one checkpoint and one sample grid, at the end."""
     extra = ["--lr", str(lr)] if lr is not None else []
-    return ["--steps", str(steps), "--batch-size", str(batch), *extra, "--device", "cpu", "--workers", "1",
-            "--checkpoint-every", every, "--sample-every", every, "--log-every", "10", "--quiet"]
+    return [length, f"{steps:g}", "--batch-size", str(batch), *extra, "--device", "cpu", "--workers", "1",
+            "--checkpoint-every", "100000", "--sample-every", "100000", "--log-every", "10", "--quiet"]
 
 
 def main(argv: list[str] | None = None) -> int:
