@@ -202,7 +202,7 @@ def table2(m: str, paths: dict, bundle: str, study, cytosynth):
     both reach the detector at one scale (it resizes every tile to --image-size), boxed as R is: each
     cell's own extent (--boxes cell), not the normal cell's box it was painted in. Each arm trains the
     paper's 20 epochs over R, S's share on top, so R + S takes twice R's steps (RESULTS.md, ninth run)."""
-    from miniature import train_steps
+    from miniature import harness_options
 
     synthetic = _generate(cytosynth, os.path.join(m, "edits_detector"), bundle, study, "--normal-source", "real",
                           "--real-tiles", paths["detector_sources"], "--tile-size", str(mini_data.LABELLED_TILE),
@@ -212,7 +212,7 @@ def table2(m: str, paths: dict, bundle: str, study, cytosynth):
         cytosynth("augmentation-study", "--real", paths["detector_real"], "--synthetic",
                   synthetic, "--synthetic-fraction", "0.5", "--labels", "abnormal",
                   "--image-size", "256", "--loader-workers", "1", "--test", paths["test"], "--out", folder,
-                  *train_steps(study.detector_epochs, 2, study.detector_lr, length="--epochs"),
+                  *harness_options(2, study.detector_lr, epochs=study.detector_epochs),
                   "--max-grad-norm", str(study.detector_max_grad_norm),
                   "--roi-samples", str(study.detector_roi_samples), "--seed", str(seed))
         with open(os.path.join(folder, "augmentation_study.json")) as fh:

@@ -121,12 +121,19 @@ class Steps:
         return record
 
 
-def train_steps(steps: int, batch: int, lr: float | None = None, length: str = "--steps") -> list[str]:
-    """The harness options of one training job: `steps` optimizer steps, or passes over the real set
-    with length="--epochs"; one checkpoint and one sample grid, at the end."""
+# Larger than any job's steps: the harness checkpoints and samples at the last step anyway, so this
+# gives one of each, at the end, also where --epochs leaves the step count to the job.
+AT_THE_END_ONLY = "1000000"
+
+
+def harness_options(batch: int, lr: float | None = None, *, steps: int | None = None,
+                    epochs: float | None = None) -> list[str]:
+    """The harness options of one training job: its length in `steps`, or in `epochs` over the
+    real set (train-detector counts the steps)."""
+    length = ["--steps", str(steps)] if epochs is None else ["--epochs", str(epochs)]
     extra = ["--lr", str(lr)] if lr is not None else []
-    return [length, f"{steps:g}", "--batch-size", str(batch), *extra, "--device", "cpu", "--workers", "1",
-            "--checkpoint-every", "100000", "--sample-every", "100000", "--log-every", "10", "--quiet"]
+    return [*length, "--batch-size", str(batch), *extra, "--device", "cpu", "--workers", "1",
+            "--checkpoint-every", AT_THE_END_ONLY, "--sample-every", AT_THE_END_ONLY, "--log-every", "10", "--quiet"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,15 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     records["lora"] = steps.run("lora", lambda: {"command": cytosynth(
         "finetune-normal", "--data", paths["target_nilm"], "--model-dir", base, "--preset", PRESET,
         "--tile-size", str(mini_data.STAGE1_TILE), "--sample-count", "2", "--sample-steps", "10", "--out", lora,
-        *train_steps(study.lora_steps, 2, study.lora_lr), "--seed", str(args.seed))})
+        *harness_options(2, study.lora_lr, steps=study.lora_steps), "--seed", str(args.seed))})
     records["acs"] = steps.run("acs", lambda: {"command": cytosynth(
         "finetune-abnormal", "--data", paths["abnormal_train"], "--model-dir", base, "--preset", PRESET,
         "--box-size", "normal", "--sample-count", "2", "--sample-steps", "10", "--out", acs,
-        *train_steps(study.acs_steps, 4, study.acs_lr), "--seed", str(args.seed))})
+        *harness_options(4, study.acs_lr, steps=study.acs_steps), "--seed", str(args.seed))})
     records["nilm_detector"] = steps.run("nilm_detector", lambda: {"command": cytosynth(
         "train-detector", "--real", paths["target_nilm_shards"], "--labels", "nilm",
         "--image-size", str(mini_data.STAGE1_TILE), "--loader-workers", "1", "--out", nilm_det,
-        *train_steps(study.nilm_detector_steps, 2), "--seed", str(args.seed))})
+        *harness_options(2, steps=study.nilm_detector_steps), "--seed", str(args.seed))})
 
     from mini_classifier import export_classifier, train_classifier
 
