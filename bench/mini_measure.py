@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 
 import numpy as np
 from PIL import Image
@@ -118,12 +119,31 @@ def _per_class(report: dict) -> dict:
 
 
 def measure(out: str, paths: dict, study, cytosynth, log) -> dict:
+    from miniature import threads_per_process
+
+    m = os.path.join(out, "measure")
+    os.makedirs(m, exist_ok=True)
+    res: dict = {"table2": []}
+    # Table II's detectors train in the background while everything else is measured: three
+    # one-thread processes share the two cores (RESULTS.md, tenth run: the study's 60 minutes).
+    table2 = table2_started(m, paths, os.path.join(out, "bundle"), study, cytosynth)
+    try:
+        with threads_per_process(1):
+            _measure_all_but_table2(out, paths, study, cytosynth, log, res)
+    except BaseException:
+        for _, process in table2:
+            process.terminate()
+        raise
+    res["table2"] = table2_finished(table2)
+    _save_partial(m, res)
+    figures(out, res)
+    return {k: v for k, v in res.items() if not k.startswith("_")}
+
+
+def _measure_all_but_table2(out: str, paths: dict, study, cytosynth, log, res: dict) -> None:
     clf = os.path.join(out, "classifier.pt2")
     bundle, bundle_base = os.path.join(out, "bundle"), os.path.join(out, "bundle_base")
     m = os.path.join(out, "measure")
-    os.makedirs(m, exist_ok=True)
-    res: dict = {}
-
     # Table I: stage-1 tiles, base vs base + LoRA vs the real-vs-real floor.
     stage1 = ["--normal-source", "diffusion", "--tile-size", str(mini_data.STAGE1_TILE), "--cells", "0-0",
               "--num-tiles", str(study.table1_tiles), "--seed", "1"]
@@ -184,39 +204,43 @@ def measure(out: str, paths: dict, study, cytosynth, log) -> dict:
     res["nilm_detector"] = {k: v for k, v in json.load(open(nilm_json)).items() if k in ("mAP", "mAP.5", "AP", "images")}
     _save_partial(m, res)
 
-    # Table II: R vs R + S, one augmentation-study per seed.
-    res["table2"] = []
-    for report_of_seed in table2(m, paths, bundle, study, cytosynth):
-        res["table2"].append(report_of_seed)
-        _save_partial(m, res)
 
-    figures(out, res)
-    return {k: v for k, v in res.items() if not k.startswith("_")}
-
-
-def table2(m: str, paths: dict, bundle: str, study, cytosynth):
-    """`cytosynth augmentation-study` per seed (R vs R + S, Faster R-CNN from scratch, COCO AP on the
-    held-out tiles); yields each seed's report as it finishes.
+def table2_started(m: str, paths: dict, bundle: str, study, cytosynth) -> list[tuple[str, "subprocess.Popen"]]:
+    """Start `cytosynth augmentation-study` for every seed side by side, one thread each (R vs R + S,
+    Faster R-CNN from scratch, COCO AP on the held-out tiles); (folder, process) per seed.
 
     S: edits of NILM tiles of R's size with as many abnormal cells as R's tiles hold (1-3), so that
     both reach the detector at one scale (it resizes every tile to --image-size), boxed as R is: each
     cell's own extent (--boxes cell), not the normal cell's box it was painted in. Each arm trains the
     paper's 20 epochs over R, S's share on top, so R + S takes twice R's steps (RESULTS.md, ninth run)."""
-    from miniature import harness_options
+    from miniature import cytosynth_started, harness_options, threads_per_process
 
     synthetic = _generate(cytosynth, os.path.join(m, "edits_detector"), bundle, study, "--normal-source", "real",
                           "--real-tiles", paths["detector_sources"], "--tile-size", str(mini_data.LABELLED_TILE),
                           "--cells", "1-3", "--boxes", "cell", "--seed", "3")
-    for seed in study.detector_seeds:
-        folder = os.path.join(m, f"table2_seed{seed}")
-        cytosynth("augmentation-study", "--real", paths["detector_real"], "--synthetic",
-                  synthetic, "--synthetic-fraction", "0.5", "--labels", "abnormal",
-                  "--image-size", "256", "--loader-workers", "1", "--test", paths["test"], "--out", folder,
-                  *harness_options(2, study.detector_lr, epochs=study.detector_epochs),
-                  "--max-grad-norm", str(study.detector_max_grad_norm),
-                  "--roi-samples", str(study.detector_roi_samples), "--seed", str(seed))
+    started = []
+    with threads_per_process(1):
+        for seed in study.detector_seeds:
+            folder = os.path.join(m, f"table2_seed{seed}")
+            started.append((folder, cytosynth_started(
+                f"{folder}.log", "augmentation-study", "--real", paths["detector_real"], "--synthetic", synthetic,
+                "--synthetic-fraction", "0.5", "--labels", "abnormal", "--image-size", "256", "--loader-workers", "1",
+                "--test", paths["test"], "--out", folder,
+                *harness_options(2, study.detector_lr, epochs=study.detector_epochs),
+                "--max-grad-norm", str(study.detector_max_grad_norm),
+                "--roi-samples", str(study.detector_roi_samples), "--seed", str(seed))))
+    return started
+
+
+def table2_finished(started: list[tuple[str, "subprocess.Popen"]]) -> list[dict]:
+    """Wait for every seed's augmentation-study; their reports, in seed order."""
+    reports = []
+    for folder, process in started:
+        if process.wait() != 0:
+            raise subprocess.CalledProcessError(process.returncode, process.args, f"see {folder}.log")
         with open(os.path.join(folder, "augmentation_study.json")) as fh:
-            yield json.load(fh)
+            reports.append(json.load(fh))
+    return reports
 
 
 def _save_partial(folder: str, res: dict) -> None:

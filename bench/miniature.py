@@ -30,12 +30,14 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # Every step runs alone, so each process takes the machine's two cores (a UNet step of batch 16:
 # 0.63 s on one thread, 0.34 s on two, idle machine). On a CPU shared with other work set
 # OMP_NUM_THREADS=1: there a second spinning OpenMP thread made a VAE step 10x slower (measured).
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 THREADS = os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
 os.environ.setdefault("MKL_NUM_THREADS", THREADS)
 
@@ -92,12 +94,35 @@ def log(message: str) -> None:
 
 def cytosynth(*args: str) -> list[str]:
     """Run one product command (the CLI, unchanged) and return the argv, for the record."""
-    argv = [sys.executable, "-m", "cytosynth.jobs.cli", *args]
     log("$ cytosynth " + " ".join(args))
     start = time.time()
-    subprocess.run(argv, check=True)
+    subprocess.run([sys.executable, "-m", "cytosynth.jobs.cli", *args], check=True)
     log(f"  done in {time.time() - start:.0f} s")
     return ["cytosynth", *args]
+
+
+def cytosynth_started(log_path: str, *args: str) -> subprocess.Popen:
+    """Start one product command in the background, its output to `log_path`; the caller waits."""
+    log(f"$ cytosynth {' '.join(args)} &  (output: {log_path})")
+    with open(log_path, "w") as output:
+        return subprocess.Popen([sys.executable, "-m", "cytosynth.jobs.cli", *args], stdout=output,
+                                stderr=subprocess.STDOUT)
+
+
+@contextmanager
+def threads_per_process(n: int):
+    """This process and the commands it starts meanwhile use `n` threads each. Two one-thread
+    detectors side by side train 1.28x faster in all than one on two threads (RESULTS.md, tenth run)."""
+    import torch
+
+    saved, saved_torch = {k: os.environ[k] for k in THREAD_VARS}, torch.get_num_threads()
+    os.environ.update({k: str(n) for k in THREAD_VARS})
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+        torch.set_num_threads(saved_torch)
 
 
 class Steps:
@@ -129,10 +154,11 @@ AT_THE_END_ONLY = "1000000"
 def harness_options(batch: int, lr: float | None = None, *, steps: int | None = None,
                     epochs: float | None = None) -> list[str]:
     """The harness options of one training job: its length in `steps`, or in `epochs` over the
-    real set (train-detector counts the steps)."""
+    real set (train-detector counts the steps). One worker, so ZeRO stage 0: stage 2 partitions
+    nothing there and cost a detector 15% of its step (RESULTS.md, "ZeRO stage 2 against 0")."""
     length = ["--steps", str(steps)] if epochs is None else ["--epochs", str(epochs)]
     extra = ["--lr", str(lr)] if lr is not None else []
-    return [*length, "--batch-size", str(batch), *extra, "--device", "cpu", "--workers", "1",
+    return [*length, "--batch-size", str(batch), *extra, "--device", "cpu", "--workers", "1", "--zero-stage", "0",
             "--checkpoint-every", AT_THE_END_ONLY, "--sample-every", AT_THE_END_ONLY, "--log-every", "10", "--quiet"]
 
 
