@@ -45,7 +45,7 @@ from .cell_crops import CropBatch
 from .cfg_dropout import GROUNDING_DROPOUT, PROMPT_DROPOUT
 from .classes import ABNORMAL_CLASSES
 from .models import acs_unet_from_base
-from .ldm_training import diffusion_loss, freeze_all_but, sample_latents
+from .ldm_training import PosteriorCache, diffusion_loss, freeze_all_but
 
 ACS_TRAINABLE = re.compile(r"\.fuser\.|^position_net\.|^conv_in\.weight$")
 
@@ -81,7 +81,8 @@ class ACSTrainingModel(torch.nn.Module):
 
     Embeddings are computed once with the frozen text encoder, which is then not needed; they are
     buffers, so they follow the module to its device (their dtype depends on DeepSpeed's version,
-    so the UNet call casts them: `abnormal.predict_noise`).
+    so the UNet call casts them: `abnormal.predict_noise`). The crops' posteriors are kept between
+    steps (`PosteriorCache`: not a buffer, so never in a checkpoint).
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class ACSTrainingModel(torch.nn.Module):
         self.noise_scheduler = noise_scheduler
         self.classes = tuple(classes)
         self.prompt_dropout, self.grounding_dropout = prompt_dropout, grounding_dropout
+        self.posteriors = PosteriorCache()
         self.register_buffer("uncond_embeddings", embeddings.uncond.clone(), persistent=False)
         self.register_buffer("prompt_embeddings", torch.stack([embeddings.prompt[c] for c in classes]), persistent=False)
         self.register_buffer("phrase_embeddings", torch.stack([embeddings.phrase[c] for c in classes]), persistent=False)
@@ -134,9 +136,8 @@ class ACSTrainingModel(torch.nn.Module):
         """The LDM loss of a batch of crops: noise z0 of the crop, predict the noise from
         [z_t, z0 * mask, mask], the class prompt and the (box, phrase) grounding token, each
         dropped at its rate; the error counted inside the box only (the module docstring)."""
-        images = torch.from_numpy(batch.images).to(self.vae.device)
         dtype = self.unet.dtype
-        z0 = sample_latents(self.vae, images).to(dtype)
+        z0 = self.posteriors.sample_latents(self.vae, batch.images).to(dtype)
         n, embeddings = len(batch.labels), self.embeddings
         keep_prompt = (torch.rand(n) >= self.prompt_dropout).to(z0.device)
         prompts = torch.where(keep_prompt[:, None, None], embeddings.prompts(batch.labels), embeddings.uncond)

@@ -20,7 +20,7 @@ from cytosynth.synth.acs_training import GROUNDING_DROPOUT, PROMPT_DROPOUT, ACST
 from cytosynth.synth.cell_crops import cell_crops, collate_crops, crop_batches, grown_to
 from cytosynth.synth.paste import crop_origin
 from cytosynth.synth.sampling import encode_images, encode_text, seeded_noise
-from cytosynth.synth.ldm_training import noise_scheduler
+from cytosynth.synth.ldm_training import PosteriorCache, diffusion_loss, noise_scheduler, sample_latents
 from cytosynth.synth.cell_selection import BOX_SIZES
 from cytosynth.training.abnormal_cells import AbnormalCellTask
 
@@ -229,6 +229,69 @@ def test_the_training_loss_counts_only_the_latents_inside_the_box(bundle):
     plain = loss(0.0)
     assert loss(5.0 * (1.0 - in_box)) == pytest.approx(plain, rel=1e-6)
     assert loss(5.0 * in_box) > plain + 1.0
+
+
+class EncoderCalls:
+    """How many images each call of the VAE's encoder took (a forward hook on the real encoder)."""
+
+    def __init__(self, vae):
+        self.images: list[int] = []
+        self._handle = vae.encoder.register_forward_hook(lambda module, args, out: self.images.append(args[0].shape[0]))
+
+    def __enter__(self):
+        return self.images
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
+def _drawn(fn):
+    torch.manual_seed(0)
+    return fn()
+
+
+def test_the_posterior_cache_draws_the_latents_the_encoder_draws_and_encodes_each_crop_once(bundle):
+    images = collate_crops(cell_crops(noise_tile(8), [[200, 220, 260, 300], [0, 0, 40, 70]], ["ASC-H", "HSIL"])).images
+    plain = _drawn(lambda: sample_latents(bundle.vae, torch.from_numpy(images)))
+    cache = PosteriorCache()
+    with EncoderCalls(bundle.vae) as encoded:
+        first = _drawn(lambda: cache.sample_latents(bundle.vae, images))
+        again = _drawn(lambda: cache.sample_latents(bundle.vae, images))
+    assert encoded == [2] and len(cache) == 2  # the second batch was not encoded
+    torch.testing.assert_close(first, plain, rtol=0, atol=0)
+    torch.testing.assert_close(again, plain, rtol=0, atol=0)
+    assert not torch.equal(cache.sample_latents(bundle.vae, images), plain)  # each draw is fresh
+
+
+def test_the_posterior_cache_encodes_a_repeated_image_once_and_stops_growing_at_its_limit(bundle):
+    a, b = (collate_crops(cell_crops(noise_tile(seed), [[200, 220, 260, 300]], ["LSIL"])).images[0] for seed in (1, 2))
+    cache = PosteriorCache(max_images=1)
+    with EncoderCalls(bundle.vae) as encoded:
+        latents = cache.sample_latents(bundle.vae, np.stack([a, b, a]))
+        cache.sample_latents(bundle.vae, np.stack([a, b]))
+    assert encoded == [2, 1] and len(cache) == 1  # b, past the limit, is encoded each time
+    assert latents.shape[0] == 3 and not torch.equal(latents[0], latents[2])  # a twice: two draws
+
+
+def test_the_loss_draws_the_same_noise_for_the_same_latents_however_they_are_laid_out(bundle):
+    """The VAE's CPU convolutions return channels-last latents and the cache contiguous ones: the
+    same seed must still train the same step."""
+    latents = torch.randn(2, 4, 8, 8)
+    context = torch.randn(2, 77, bundle.unet.config.cross_attention_dim)
+    scheduler = noise_scheduler(bundle.scheduler.config)
+    losses = [_drawn(lambda z=z: diffusion_loss(bundle.unet, scheduler, z, context)).item()
+              for z in (latents, latents.to(memory_format=torch.channels_last))]
+    assert losses[0] == losses[1]
+
+
+def test_with_box_size_normal_a_cells_crop_is_the_same_pixels_every_epoch_so_the_cache_serves_it(tmp_path):
+    """The crop is centred on the cell's box grown about its centre, so only the box changes from
+    epoch to epoch: from the second epoch on, the ACS's step encodes nothing."""
+    out = str(tmp_path / "data")
+    write_shards(out, [[0, 1, 2], [3, 4, 5]])  # odd tiles list one normal cell
+    crops = list(itertools.islice(AbnormalCellTask(data=out, box_size="normal")._crops(rank=0, world_size=1, seed=0), 12))
+    epochs = [sorted(c.image.tobytes() for c in crops[i : i + 6]) for i in (0, 6)]
+    assert epochs[0] == epochs[1]
 
 
 def test_the_unconditional_cfg_half_has_neither_the_prompt_nor_the_grounding_token(bundle):
