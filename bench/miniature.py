@@ -1,6 +1,6 @@
 """The miniature of the paper: the whole method, trained from scratch on a phantom domain with known truth.
 
-    python bench/miniature.py --out /tmp/mini            # the full study (about 78 minutes on 2 CPU cores)
+    python bench/miniature.py --out /tmp/mini            # the full study (about an hour on 2 CPU cores)
     python bench/miniature.py --quick --out /tmp/mini-q  # the same steps at smoke-test sizes (minutes)
     python bench/miniature.py --out /tmp/mini --ship models/mini   # and copy the bundle into the repo
 
