@@ -221,6 +221,10 @@ def pretrain_base(data: str, vae_extra: str, check: str, out: str, preset: str, 
     none, so the stand-in has seen them too. The UNet sees the base domain alone. `check` (held-out target tiles)
     measures the reconstruction (`reconstruction_check`).
     """
+    # The VAE's posterior draws and the UNet's noise and timesteps come from torch's global RNG,
+    # which torch seeds afresh in every process: unseeded, no two runs pretrained the same base
+    # (bench/RESULTS.md, "Why Table I moved between runs").
+    torch.manual_seed(seed)
     tiles, captions = load_folder(data)
     t0 = time.time()
     text_encoder, tokenizer, text_record = train_text_encoder(preset, text_steps, seed, log)

@@ -79,3 +79,37 @@ def test_the_shipped_vae_gives_latents_of_unit_std_as_the_noise_schedule_assumes
     with torch.no_grad():
         std = float(sample_latents(vae, torch.from_numpy(tiles)).std())
     assert 0.7 < std < 1.4
+
+
+_PRETRAIN = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from mini_pretrain import pretrain_base
+data, out = sys.argv[2], sys.argv[3]
+pretrain_base(data + "/base", data + "/target", data + "/target", out, "mini", 2, 2, 128, 2, 2, 0, lambda message: None)
+"""
+
+
+def test_base_pretraining_makes_the_same_weights_in_two_processes(tmp_path):
+    """The VAE's posterior draws and the UNet's noise come from torch's global RNG, which torch
+    seeds afresh in each process: the study seeds it, so a rerun pretrains the same base."""
+    import hashlib
+    import subprocess
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import mini_data
+
+    data = tmp_path / "data"
+    tiles, captions = mini_data.base_tiles(4)
+    mini_data.write_png_folder(str(data / "base"), tiles)
+    (data / "base" / "captions.json").write_text(json.dumps(captions))
+    mini_data.write_png_folder(str(data / "target"), [t.image for t in mini_data.nilm_tiles("target_nilm", 2, 256)])
+
+    def weights(name: str) -> list[str]:
+        out = tmp_path / name
+        subprocess.run([sys.executable, "-c", _PRETRAIN, os.path.join(ROOT, "bench"), str(data), str(out)], check=True)
+        return [hashlib.sha256((out / part / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+                for part in ("vae", "unet")]
+
+    assert weights("first") == weights("second")
