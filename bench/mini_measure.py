@@ -123,7 +123,7 @@ def measure(out: str, paths: dict, study, cytosynth, log) -> dict:
 
     m = os.path.join(out, "measure")
     os.makedirs(m, exist_ok=True)
-    res: dict = {"table2": []}
+    res: dict = {}
     # Table II's detectors train in the background while everything else is measured: three
     # one-thread processes share the two cores (RESULTS.md, tenth run: the study's 60 minutes).
     table2 = table2_started(m, paths, os.path.join(out, "bundle"), study, cytosynth)

@@ -92,11 +92,14 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+CLI = [sys.executable, "-m", "cytosynth.jobs.cli"]  # the product's command line, unchanged
+
+
 def cytosynth(*args: str) -> list[str]:
-    """Run one product command (the CLI, unchanged) and return the argv, for the record."""
+    """Run one product command and return the argv, for the record."""
     log("$ cytosynth " + " ".join(args))
     start = time.time()
-    subprocess.run([sys.executable, "-m", "cytosynth.jobs.cli", *args], check=True)
+    subprocess.run([*CLI, *args], check=True)
     log(f"  done in {time.time() - start:.0f} s")
     return ["cytosynth", *args]
 
@@ -105,8 +108,7 @@ def cytosynth_started(log_path: str, *args: str) -> subprocess.Popen:
     """Start one product command in the background, its output to `log_path`; the caller waits."""
     log(f"$ cytosynth {' '.join(args)} &  (output: {log_path})")
     with open(log_path, "w") as output:
-        return subprocess.Popen([sys.executable, "-m", "cytosynth.jobs.cli", *args], stdout=output,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen([*CLI, *args], stdout=output, stderr=subprocess.STDOUT)
 
 
 @contextmanager

@@ -100,7 +100,12 @@ def sample_latents(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     A draw from the posterior (not its mean), as SD was trained: a cheap augmentation.
     """
     posterior = vae.encode(pixels(images, vae.dtype)).latent_dist
-    return posterior.sample() * vae.config.scaling_factor
+    return _scaled_draw(vae, posterior.mean, posterior.std)
+
+
+def _scaled_draw(vae: AutoencoderKL, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """One draw from N(mean, std^2) (diffusers' `DiagonalGaussianDistribution.sample`), scaled for the UNet."""
+    return (mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)) * vae.config.scaling_factor
 
 
 # Host memory for 50,000 posteriors of 256x256 crops under SD1.5's VAE (4x32x32, mean and std in
@@ -133,12 +138,13 @@ class PosteriorCache:
             batch = torch.from_numpy(np.ascontiguousarray(images[list(unseen.values())])).to(vae.device)
             posterior = vae.encode(pixels(batch, vae.dtype)).latent_dist
             for j, k in enumerate(unseen):
-                found[k] = (posterior.mean[j].cpu(), posterior.std[j].cpu())
+                # Copies: on the CPU a view would keep its whole batch's encoder output alive.
+                found[k] = (posterior.mean[j].to("cpu", copy=True), posterior.std[j].to("cpu", copy=True))
                 if len(self._posteriors) < self.max_images:
                     self._posteriors[k] = found[k]
         mean = torch.stack([found[k][0] for k in keys]).to(vae.device)
         std = torch.stack([found[k][1] for k in keys]).to(vae.device)
-        return (mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)) * vae.config.scaling_factor
+        return _scaled_draw(vae, mean, std)
 
 
 def diffusion_loss(
