@@ -187,6 +187,8 @@ def finalize_job(
     storage.write_manifest(config.out, stats=totals.counting(stats))
     summary = {"out": config.out, **totals.as_dict(), **this_run}
     storage.write_preview(config.out)
+    # Every shard is committed, so no writer of this job is left: what a killed one left goes.
+    storage.remove_temp_files(config.out)
     storage.write_success(config.out, summary, expected_shards=layout.num_shards)
     return summary
 

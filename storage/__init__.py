@@ -35,7 +35,7 @@ from .job import (
     write_success,
 )
 from .manifest import MANIFEST_NAME, MANIFEST_SCHEMA, manifest_rows, read_manifest, write_manifest
-from .objects import create_bytes, delete, exists, get_bytes, get_range, list_names, put_bytes
+from .objects import create_bytes, delete, exists, get_bytes, get_range, list_names, put_bytes, remove_temp_files
 from .preview import CLASS_COLORS, contact_sheet, write_preview
 from .imagesets import IMAGE_SUFFIXES, ImageSet, list_image_set, read_image
 from .imageindex import REAL_INDEX_NAME, ImageIndex, IndexEntry, index_image_set, read_image_index, read_indexed_image, real_index_url, write_image_index

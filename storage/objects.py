@@ -1,7 +1,8 @@
 """Whole objects in and out: a reader sees all of an object or none of it.
 
-Local files are written to a hidden temp name in the same folder, then renamed (atomic on POSIX);
-object stores (S3, memory) get one put, and an S3 object appears only when its upload completes.
+Local files are written to a hidden temp name in the same folder, then renamed (atomic on POSIX;
+a writer killed in between leaves the temp file, which ``remove_temp_files`` clears); object
+stores (S3, memory) get one put, and an S3 object appears only when its upload completes.
 Every S3 put (one PUT, up to 5 GiB) carries the SHA-256 of its bytes, so S3 refuses (BadDigest)
 an upload corrupted on the way. ``create_bytes`` is the exclusive form (a claim): it writes only
 where nothing exists.
@@ -180,6 +181,35 @@ def delete(
             pass
 
     retrying(rm, url, action="delete", policy=retry)
+
+
+def remove_temp_files(
+    url: str,
+    *,
+    retry: Retry = DEFAULT_RETRY,
+) -> list[str]:
+    """Remove the hidden temp files that writers killed mid-write left anywhere under folder
+    ``url``; returns their paths relative to it. Local disk only: an object store has no temp
+    names (a put appears whole or not at all). Call it only when no writer of that folder is
+    running (a job resuming, before its workers start): a live writer's temp file goes too."""
+    fs, root = filesystem(url)
+    if not is_local(fs):
+        return []
+
+    def sweep() -> list[str]:
+        removed = []
+        for folder, _, names in os.walk(root):
+            for name in names:
+                if name.startswith(TEMP_PREFIX):
+                    path = os.path.join(folder, name)
+                    try:
+                        os.remove(path)
+                    except FileNotFoundError:  # its writer finished after all
+                        continue
+                    removed.append(os.path.relpath(path, root))
+        return sorted(removed)
+
+    return retrying(sweep, url, action="clean up", policy=retry)
 
 
 def map_ordered(fn: Callable[[T], R], items: Iterable[T], concurrency: int = READ_CONCURRENCY) -> Iterator[R]:

@@ -378,6 +378,8 @@ def test_driver_killed_interrupted_and_terminated_resumes_to_the_reference_datas
     kill([p for p in ray_processes if is_ray_agent(p)])
     after_kill = committed_files(out)
     assert 0 < len(after_kill) < 2 * LONG_NUM_TILES and not storage.is_complete(str(out))
+    # What a kill during a tar's write leaves (the kill above may or may not land in one).
+    (out / "shards" / ".tmp-000005.tar.0123456789abcdef").write_bytes(b"half a tar")
 
     # 2. Re-run; interrupt it (SIGINT, like Ctrl-C) after one more shard: it stops cleanly.
     proc = start_generate(out, log, LONG_NUM_TILES)
@@ -407,6 +409,7 @@ def test_driver_killed_interrupted_and_terminated_resumes_to_the_reference_datas
     final = committed_files(out)
     assert {k: final[k] for k in after_terminate} == after_terminate
     assert len(final) == 2 * LONG_NUM_TILES
+    assert [p.name for p in out.rglob(".*")] == []  # no half-written file is left
     check_exactly_once(str(out), LONG_NUM_TILES)
     reference = tmp_path / "reference"  # the same job uninterrupted, in this process
     run_local(config(str(reference), LONG_NUM_TILES), RUNTIME)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +20,9 @@ from cytosynth.storage import (
     get_bytes,
     list_names,
     read_samples,
+    put_bytes,
     read_shard_stats,
+    remove_temp_files,
     shard_url,
     shard_urls,
 )
@@ -93,6 +97,31 @@ def test_failed_local_commit_leaves_no_temp_files_and_no_marker(tmp_path, make_t
     assert "000000.tar" in str(failure.value) and "\n" not in str(failure.value)
     assert os.listdir(out + "/shards") == ["000000.tar"]  # just the obstacle
     assert committed_shards(out) == set()
+
+
+def test_a_writer_killed_mid_write_leaves_only_a_hidden_temp_file_which_the_sweep_removes(tmp_path):
+    out = tmp_path / "out"
+    put_bytes(str(out / "samples" / "step_000004.png"), b"whole")
+    killed_mid_write = (
+        "import os, signal, sys\n"
+        "from cytosynth.storage.objects import open_whole\n"
+        "with open_whole(sys.argv[1]) as f:\n"
+        "    f.write(b'half')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    subprocess.run([sys.executable, "-c", killed_mid_write, str(out / "samples" / "step_000008.png")], check=False)
+    [leftover] = [n for n in os.listdir(out / "samples") if n != "step_000004.png"]
+    assert leftover.startswith(".tmp-step_000008.png.")  # hidden, and never under the real name
+
+    assert remove_temp_files(str(out)) == [f"samples/{leftover}"]
+    assert os.listdir(out / "samples") == ["step_000004.png"]  # finished files stay
+    assert remove_temp_files(str(out)) == [] and remove_temp_files(str(tmp_path / "missing")) == []
+
+
+def test_an_object_store_has_no_temp_files_to_sweep():
+    put_bytes("memory://sweep/out/.tmp-looks-like-one", b"an object a user named so")
+    assert remove_temp_files("memory://sweep/out") == []
+    assert get_bytes("memory://sweep/out/.tmp-looks-like-one") == b"an object a user named so"
 
 
 def test_shard_bytes_do_not_depend_on_add_order(tmp_path, make_tile):

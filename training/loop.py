@@ -138,6 +138,7 @@ def start_job(config: TrainConfig, task: TrainingTask) -> tuple[TrainConfig, int
     )
     if storage.is_complete(config.out):
         return config, None
+    storage.remove_temp_files(config.out)  # what a killed run's writes left; no rank runs yet
     resume_step = latest_checkpoint(config.out)
     if resume_step and not config.resume:
         raise InvalidInputError(f"{config.out} holds a checkpoint at step {resume_step}; resume or use a new --out")
