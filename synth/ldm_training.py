@@ -108,21 +108,24 @@ def _scaled_draw(vae: AutoencoderKL, mean: torch.Tensor, std: torch.Tensor) -> t
     return (mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)) * vae.config.scaling_factor
 
 
-# Host memory for 50,000 posteriors of 256x256 crops under SD1.5's VAE (4x32x32, mean and std in
-# float32): 1.6 GB, seven times the paper's 6,815 training crops.
-POSTERIOR_CACHE_IMAGES = 50_000
+# Host memory for each training worker's posteriors (mean and std in the VAE's dtype; float32 on
+# SD1.5's VAE: 32 KiB for a 256x256 crop, 512 KiB for a 1024x1024 tile). 2 GiB holds 65,536
+# crops, ten times the paper's 6,815, or 4,096 tiles; images past it are encoded every step.
+POSTERIOR_CACHE_BYTES = 2 * 2**30
 
 
 class PosteriorCache:
     """The frozen VAE's posterior (mean, std) of each image it encoded, found again by the image's
     bytes: an image seen before is not encoded again, and its latent is still a fresh draw from the
     posterior, as `sample_latents` gives (the same draw for the same random state). Exact because
-    the VAE is frozen and the key is the pixels. The ACS's crops repeat every epoch (each is centred
-    on its cell), and encoding them was a third of its training step (bench/RESULTS.md, the tenth
-    run). Kept in host memory, up to `max_images`; images past that are encoded every time."""
+    the VAE is frozen and the key is the pixels. Both fine-tuning jobs see each image once an epoch
+    (the ACS's crops are centred on their cell), and encoding them was a third of the ACS's
+    training step (bench/RESULTS.md, the tenth run). Kept in host memory, up to `max_bytes`;
+    images past that are encoded every time."""
 
-    def __init__(self, max_images: int = POSTERIOR_CACHE_IMAGES) -> None:
-        self.max_images = max_images
+    def __init__(self, max_bytes: int = POSTERIOR_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
         self._posteriors: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
@@ -140,8 +143,10 @@ class PosteriorCache:
             for j, k in enumerate(unseen):
                 # Copies: on the CPU a view would keep its whole batch's encoder output alive.
                 found[k] = (posterior.mean[j].to("cpu", copy=True), posterior.std[j].to("cpu", copy=True))
-                if len(self._posteriors) < self.max_images:
+                size = sum(t.numel() * t.element_size() for t in found[k])
+                if self.nbytes + size <= self.max_bytes:
                     self._posteriors[k] = found[k]
+                    self.nbytes += size
         mean = torch.stack([found[k][0] for k in keys]).to(vae.device)
         std = torch.stack([found[k][1] for k in keys]).to(vae.device)
         return _scaled_draw(vae, mean, std)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from training_helpers import EncoderCalls
 
 from cytosynth.storage import ShardWriter, StorageError, encode_image, shard_url, stats_url
 from cytosynth.storage.annotated import coco_index, entries_for_rank, read_tiles, shard_index
@@ -231,20 +232,6 @@ def test_the_training_loss_counts_only_the_latents_inside_the_box(bundle):
     assert loss(5.0 * in_box) > plain + 1.0
 
 
-class EncoderCalls:
-    """How many images each call of the VAE's encoder took (a forward hook on the real encoder)."""
-
-    def __init__(self, vae):
-        self.images: list[int] = []
-        self._handle = vae.encoder.register_forward_hook(lambda module, args, out: self.images.append(args[0].shape[0]))
-
-    def __enter__(self):
-        return self.images
-
-    def __exit__(self, *exc):
-        self._handle.remove()
-
-
 def _drawn(fn):
     torch.manual_seed(0)
     return fn()
@@ -263,13 +250,15 @@ def test_the_posterior_cache_draws_the_latents_the_encoder_draws_and_encodes_eac
     assert not torch.equal(cache.sample_latents(bundle.vae, images), plain)  # each draw is fresh
 
 
-def test_the_posterior_cache_encodes_a_repeated_image_once_and_stops_growing_at_its_limit(bundle):
+def test_the_posterior_cache_encodes_a_repeated_image_once_and_stops_growing_at_its_bound_in_bytes(bundle):
     a, b = (collate_crops(cell_crops(noise_tile(seed), [[200, 220, 260, 300]], ["LSIL"])).images[0] for seed in (1, 2))
-    cache = PosteriorCache(max_images=1)
+    latent = bundle.vae.encode(torch.zeros(1, 3, *a.shape[:2])).latent_dist.mean
+    one_posterior = 2 * latent.numel() * latent.element_size()  # its mean and its std
+    cache = PosteriorCache(max_bytes=one_posterior + one_posterior // 2)
     with EncoderCalls(bundle.vae) as encoded:
         latents = cache.sample_latents(bundle.vae, np.stack([a, b, a]))
         cache.sample_latents(bundle.vae, np.stack([a, b]))
-    assert encoded == [2, 1] and len(cache) == 1  # b, past the limit, is encoded each time
+    assert encoded == [2, 1] and len(cache) == 1 and cache.nbytes == one_posterior  # b, past the bound, each time
     assert latents.shape[0] == 3 and not torch.equal(latents[0], latents[2])  # a twice: two draws
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
-from training_helpers import changed_parameters, fake_aws_env, read_metrics, write_phantom_shards
+from training_helpers import EncoderCalls, changed_parameters, fake_aws_env, read_metrics, write_phantom_shards
 
 from cytosynth import storage
 from cytosynth.jobs import cli
@@ -25,6 +25,7 @@ from cytosynth.synth.models import LORA_FILE, load_normal_lora
 from cytosynth.synth.normal import NORMAL_PROMPT
 from cytosynth.synth.sampling import encode_text
 from cytosynth.synth.ldm_training import diffusion_loss, load_sd_components, noise_scheduler, sample_latents
+from cytosynth.training.normal_lora import NormalLoraTask
 
 pytestmark = pytest.mark.timeout(1800)
 TILE = 64
@@ -58,6 +59,17 @@ def s3_shards(s3_server: str, local_shards: str) -> str:
     for folder in ("shards", "stats"):  # the tars and their commit markers
         fs.put(f"{local_shards}/{folder}", f"{bucket}/tiles/{folder}", recursive=True)
     return f"s3://{bucket}/tiles"
+
+
+def test_each_tile_is_encoded_once_and_its_latent_drawn_afresh_every_epoch(local_shards, bundle_dir):
+    """The VAE is frozen and the tiles come round every epoch: the step encodes only unseen tiles."""
+    task = NormalLoraTask(local_shards, model_dir=bundle_dir, tile_size=TILE)
+    model, _ = task.build(torch.device("cpu"))
+    batches = task.batches(0, 1, 2, seed=0)  # 4 tiles: two batches an epoch
+    with EncoderCalls(model.vae) as encoded:
+        losses = [task.loss(model, next(batches)).item() for _ in range(6)]  # three epochs
+    assert encoded == [2, 2] and len(model.posteriors) == 4
+    assert len(set(losses)) == 6  # fresh noise, timesteps and latent draws each step
 
 
 def finetune_command(data: str, out: str, model_dir: str) -> list[str]:

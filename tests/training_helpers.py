@@ -145,3 +145,17 @@ class SampledLineFitTask(LineFitTask):
 
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, self.sampled_to)
         return super().sample_images(model, seed)
+
+
+class EncoderCalls:
+    """How many images each call of the VAE's encoder took (a forward hook on the real encoder)."""
+
+    def __init__(self, vae):
+        self.images: list[int] = []
+        self._handle = vae.encoder.register_forward_hook(lambda module, args, out: self.images.append(args[0].shape[0]))
+
+    def __enter__(self):
+        return self.images
+
+    def __exit__(self, *exc):
+        self._handle.remove()

@@ -30,12 +30,12 @@ from cytosynth.synth.models import LORA_FILE, SD_COMPONENTS, add_normal_lora, sa
 from cytosynth.synth.normal import NORMAL_PROMPT, NormalTileGenerator
 from cytosynth.synth.sampling import encode_text
 from cytosynth.synth.ldm_training import (
+    PosteriorCache,
     SDComponents,
     diffusion_loss,
     freeze_all_but,
     load_sd_components,
     noise_scheduler,
-    sample_latents,
 )
 
 from .model_selection import FidSelection, record_score
@@ -46,13 +46,15 @@ SAMPLING_BATCH = 4  # tiles per sampler call: bounds memory at 1024x1024 whateve
 
 
 class NormalLoraModel(torch.nn.Module):
-    """SD1.5 components with the LoRA added to the UNet: what finetune-normal trains."""
+    """SD1.5 components with the LoRA added to the UNet: what finetune-normal trains. The tiles'
+    posteriors are kept between steps (`PosteriorCache`: not a buffer, so never in a checkpoint)."""
 
     def __init__(self, sd: SDComponents, rank: int, prompt: str) -> None:
         super().__init__()
         self.unet, self.vae, self.text_encoder = sd.unet, sd.vae, sd.text_encoder
         self.tokenizer, self.scheduler_config, self.prompt = sd.tokenizer, sd.scheduler_config, prompt
         self.noise_scheduler = noise_scheduler(sd.scheduler_config)
+        self.posteriors = PosteriorCache()
         add_normal_lora(self.unet, rank)
         self._prompt_embeddings: torch.Tensor | None = None
 
@@ -109,7 +111,7 @@ class NormalLoraTask:
         model = NormalLoraModel(load_sd_components(self.model_dir, self.preset), self.rank, self.prompt).to(device)
         return model, freeze_all_but(model, lambda name: ".lora_" in name)
 
-    def batches(self, rank: int, world_size: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    def batches(self, rank: int, world_size: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
         """uint8 (B, H, W, 3) batches of this worker's tiles, endlessly."""
         tiles = _worker_tiles(storage.list_image_set(self.data), rank, world_size, seed, self.data)
         while True:
@@ -117,10 +119,10 @@ class NormalLoraTask:
             for where, tile in itertools.islice(tiles, batch_size):
                 self.check_tile(where, tile)
                 batch.append(tile)
-            yield torch.from_numpy(np.stack(batch))
+            yield np.stack(batch)
 
-    def loss(self, model: NormalLoraModel, batch: torch.Tensor) -> torch.Tensor:
-        latents = sample_latents(model.vae, batch.to(model.vae.device))
+    def loss(self, model: NormalLoraModel, batch: np.ndarray) -> torch.Tensor:
+        latents = model.posteriors.sample_latents(model.vae, batch)
         context = model.prompt_embeddings().expand(len(latents), -1, -1)
         return diffusion_loss(model.unet, model.noise_scheduler, latents, context)
 
