@@ -55,8 +55,10 @@ class Study:
     unet_batch: int
     lora_steps: int
     lora_lr: float
+    lora_batch: int
     acs_steps: int
     acs_lr: float
+    acs_batch: int
     nilm_detector_steps: int
     detector_epochs: float  # passes over R per Table II arm, S on top (the paper's 20; RESULTS.md, ninth run)
     detector_lr: float  # SGD; the paper's 2e-4 is for a pretrained backbone (RESULTS.md, eighth run)
@@ -73,15 +75,15 @@ FULL = Study(
     sizes=Sizes(base=384, target_nilm=64, target_real=48, abnormal_train=192, detector_real=12,
                 abnormal_test=32, edit_sources=24),
     text_steps=200, vae_steps=2500, vae_crop=128, unet_steps=2500, unet_batch=16, lora_steps=300, lora_lr=1e-3,
-    acs_steps=6000, acs_lr=5e-4, nilm_detector_steps=8, detector_epochs=20, detector_lr=0.01,
+    lora_batch=2, acs_steps=6000, acs_lr=5e-4, acs_batch=4, nilm_detector_steps=8, detector_epochs=20, detector_lr=0.01,
     detector_max_grad_norm=10.0, detector_roi_samples=128, detector_seeds=(0, 1),
     classifier_steps=600, table1_tiles=48, edit_cells="3-3", sample_steps=25,
 )
 QUICK = Study(
     sizes=Sizes(base=24, target_nilm=8, target_real=8, abnormal_train=16, detector_real=8,
                 abnormal_test=8, edit_sources=4),
-    text_steps=20, vae_steps=20, vae_crop=128, unet_steps=20, unet_batch=4, lora_steps=6, lora_lr=1e-3, acs_steps=6,
-    acs_lr=5e-4, nilm_detector_steps=2, detector_epochs=0.5, detector_lr=0.01,
+    text_steps=20, vae_steps=20, vae_crop=128, unet_steps=20, unet_batch=4, lora_steps=6, lora_lr=1e-3, lora_batch=2,
+    acs_steps=6, acs_lr=5e-4, acs_batch=4, nilm_detector_steps=2, detector_epochs=0.5, detector_lr=0.01,
     detector_max_grad_norm=10.0, detector_roi_samples=128, detector_seeds=(0,), classifier_steps=30,
     table1_tiles=4, edit_cells="2-2", sample_steps=4,
 )
@@ -199,11 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     records["lora"] = steps.run("lora", lambda: {"command": cytosynth(
         "finetune-normal", "--data", paths["target_nilm"], "--model-dir", base, "--preset", PRESET,
         "--tile-size", str(mini_data.STAGE1_TILE), "--sample-count", "2", "--sample-steps", "10", "--out", lora,
-        *harness_options(2, study.lora_lr, steps=study.lora_steps), "--seed", str(args.seed))})
+        *harness_options(study.lora_batch, study.lora_lr, steps=study.lora_steps), "--seed", str(args.seed))})
     records["acs"] = steps.run("acs", lambda: {"command": cytosynth(
         "finetune-abnormal", "--data", paths["abnormal_train"], "--model-dir", base, "--preset", PRESET,
         "--box-size", "normal", "--sample-count", "2", "--sample-steps", "10", "--out", acs,
-        *harness_options(4, study.acs_lr, steps=study.acs_steps), "--seed", str(args.seed))})
+        *harness_options(study.acs_batch, study.acs_lr, steps=study.acs_steps), "--seed", str(args.seed))})
     records["nilm_detector"] = steps.run("nilm_detector", lambda: {"command": cytosynth(
         "train-detector", "--real", paths["target_nilm_shards"], "--labels", "nilm",
         "--image-size", str(mini_data.STAGE1_TILE), "--loader-workers", "1", "--out", nilm_det,

@@ -29,15 +29,16 @@ from cytosynth.training.abnormal_cells import AbnormalCellTask
 from cytosynth.training.normal_lora import NormalLoraTask
 
 import mini_data
+from miniature import FULL, PRESET
 
-# The study's settings for each job (bench/miniature.py): the task, batch size and learning rate.
+# Each job as the full study runs it (bench/miniature.py): the task, its batch size and learning rate.
 JOBS: dict[str, Callable[[str], tuple[object, int, float]]] = {
     "finetune-normal": lambda study: (NormalLoraTask(
-        os.path.join(study, "data", "target_nilm"), model_dir=os.path.join(study, "base"), preset="mini",
-        tile_size=mini_data.STAGE1_TILE), 2, 1e-3),
+        os.path.join(study, "data", "target_nilm"), model_dir=os.path.join(study, "base"), preset=PRESET,
+        tile_size=mini_data.STAGE1_TILE), FULL.lora_batch, FULL.lora_lr),
     "finetune-abnormal": lambda study: (AbnormalCellTask(
-        os.path.join(study, "data", "abnormal_train"), model_dir=os.path.join(study, "base"), preset="mini",
-        box_size="normal"), 4, 5e-4),
+        os.path.join(study, "data", "abnormal_train"), model_dir=os.path.join(study, "base"), preset=PRESET,
+        box_size="normal"), FULL.acs_batch, FULL.acs_lr),
 }
 
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from .errors import StorageError, describe, redact_url
 from .jsonio import json_bytes, parse_json, to_plain
-from .objects import create_bytes, exists, get_bytes, put_bytes, write_whole
+from .objects import TEMP_PREFIX, create_bytes, exists, get_bytes, put_bytes, write_whole
 from .retry import retrying
 from .shards import committed_shards
 from .urls import S3_PROTOCOLS, filesystem, join, protocol
@@ -86,7 +86,7 @@ def read_job_json(out_url: str) -> dict[str, Any] | None:
 
 
 # Names cytosynth itself may leave in an output before job.json: probes and temp files.
-_OWN_LEFTOVERS = (".cytosynth-probe-", ".tmp-")
+_OWN_LEFTOVERS = (".cytosynth-probe-", TEMP_PREFIX)
 
 
 def check_not_foreign(out_url: str) -> None:
