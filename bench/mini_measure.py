@@ -8,7 +8,8 @@
   is the floor; the second shows how far the reference alone moves a per-class FID); the classifier's
   accuracy on crops centred on the edited boxes (4 abnormal classes: chance 25%).
 - Locality and annotation truth: every pixel outside the edited boxes equals the source tile; every
-  box holds changed pixels (the edited cell).
+  box holds changed pixels; and a nucleus (`boxes_holding_a_nucleus`): a box of blank glass or
+  cytoplasm alone is labelled abnormal but holds no cell.
 - Table II analog: `cytosynth augmentation-study` (R vs R + S, Faster R-CNN, COCO AP) per seed; S
   is `generate`'s edits of held-out NILM tiles of R's size.
 - The NILM detector: `cytosynth eval-detector --labels nilm` on held-out NILM tiles.
@@ -25,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from cytosynth import storage
-from cytosynth.synth.phantom_classes import CELL_CLASSES
+from cytosynth.synth.phantom_classes import CELL_CLASSES, NILM_NUCLEUS_RADIUS
 from cytosynth.synth.paste import edit_region
 from cytosynth.synth.settings import SynthesisSettings
 
@@ -115,6 +116,37 @@ def locality(samples: list[dict], sources: list[np.ndarray]) -> dict:
             "boxes_with_edited_pixels": boxes_changed}
 
 
+# A nucleus: a connected region of total optical density (natural log, summed over RGB) above
+# NUCLEUS_OD, halfway between the phantom's darkest cytoplasm on glass (~0.8) and its palest
+# nucleus (phantom._OD_NUCLEUS, 2.45 x darkness 0.85, on glass: ~2.4), at least as large as the
+# smallest normal nucleus it draws. Lymphocytes and debris (radius 5 px and less) are smaller.
+NUCLEUS_OD = 1.5
+MIN_NUCLEUS_AREA = np.pi * NILM_NUCLEUS_RADIUS[0] ** 2 * mini_data.SCALE**2
+
+
+def largest_nucleus(image: np.ndarray, box) -> int:
+    """Pixels in the largest nucleus-dark region inside `box` (0 when none)."""
+    from scipy import ndimage
+
+    x0, y0, x1, y1 = (int(v) for v in box)
+    region = image[y0:y1, x0:x1].astype(np.float32)
+    density = -np.log((region + 1.0) / 256.0).sum(axis=2)
+    parts, count = ndimage.label(density > NUCLEUS_OD)
+    return int(np.bincount(parts.ravel())[1:].max()) if count else 0
+
+
+def boxes_holding_a_nucleus(samples: list[dict]) -> dict:
+    """Per class: boxes, and how many hold a nucleus of at least MIN_NUCLEUS_AREA (every class's
+    cell has one: ASC-US's is 2.5-3 x a normal one). Blank glass, cytoplasm alone or a speck: none."""
+    counts = {c: {"boxes": 0, "with_nucleus": 0} for c in CELL_CLASSES[1:]}
+    for sample in samples:
+        for box, label in zip(sample["boxes"], sample["labels"]):
+            if label in counts:
+                counts[label]["boxes"] += 1
+                counts[label]["with_nucleus"] += int(largest_nucleus(sample["image"], box) >= MIN_NUCLEUS_AREA)
+    return counts
+
+
 def _per_class(report: dict) -> dict:
     return {c: (row or {}).get("fid") for c, row in report.get("per_class", {}).items()}
 
@@ -136,6 +168,7 @@ def measure(out: str, paths: dict, study, cytosynth, log) -> dict:
             process.terminate()
         raise
     res["table2"] = table2_finished(table2)
+    res["annotation_truth"]["Table II's S"] = boxes_holding_a_nucleus(edited_crops(os.path.join(m, "edits_detector"))[2])
     _save_partial(m, res)
     figures(out, res)
     return {k: v for k, v in res.items() if not k.startswith("_")}
@@ -164,12 +197,13 @@ def _measure_all_but_table2(out: str, paths: dict, study, cytosynth, log, res: d
     _generate(cytosynth, os.path.join(m, "edits_trained"), bundle, study, *edit)
     _generate(cytosynth, os.path.join(m, "edits_untrained"), bundle, study, *edit,
               "--acs-unet", os.path.join(out, "acs_untrained"))
-    fids, acc = {}, {}
+    fids, acc, truth = {}, {}, {}
     for arm in ("trained", "untrained"):
         fids[arm] = _fid(cytosynth, paths["test_a"], os.path.join(m, f"edits_{arm}"), clf,
                          os.path.join(m, f"fid_edits_{arm}.json"), per_class=True)
         crops, labels, samples = edited_crops(os.path.join(m, f"edits_{arm}"))
         acc[arm] = classifier_scores(predict(clf, crops), labels, "edits")
+        truth[arm] = boxes_holding_a_nucleus(samples)
         if arm == "trained":
             sources = [np.asarray(Image.open(os.path.join(paths["edit_sources"], n)).convert("RGB"))
                        for n in sorted(os.listdir(paths["edit_sources"]))]
@@ -191,6 +225,9 @@ def _measure_all_but_table2(out: str, paths: dict, study, cytosynth, log, res: d
     acc["real held-out"] = classifier_scores(predict(clf, real_crops), real_labels, "cells")
     acc["real held-out, through the VAE"] = vae_ceiling(bundle, real_crops, real_labels, clf)
     res["edit_accuracy"] = acc
+    truth["real held-out"] = boxes_holding_a_nucleus(
+        [{"image": t.image, "boxes": t.boxes, "labels": t.labels} for t in test_tiles])
+    res["annotation_truth"] = truth
     res["_grid_real"] = ([c for c, l in zip(real_crops, real_labels) if l > 0], [l for l in real_labels if l > 0])
     log(f"edits: FID {res['edit_fid']}, accuracy {acc}")
 
@@ -319,9 +356,23 @@ def report(records: dict) -> str:
         per_class = [f"{row['per_class'][CELL_CLASSES[c]]:.0%}" for c in ABNORMAL_IDS]
         lines.append(f"| {arm} | {n} | {row['accuracy_4_abnormal']:.1%} | {row['accuracy_5_way']:.1%} | "
                      + " | ".join(per_class) + " |")
-    lines += ["", f"locality: {r.get('locality')}", f"NILM detector: {r.get('nilm_detector')}", ""]
+    lines += ["", f"locality: {r.get('locality')}", ""]
+    lines += annotation_truth_lines(r.get("annotation_truth", {}))
+    lines += ["", f"NILM detector: {r.get('nilm_detector')}", ""]
     lines += table2_lines(r.get("table2", []))
     return "\n".join(lines) + "\n"
+
+
+def annotation_truth_lines(truth: dict) -> list[str]:
+    if not truth:
+        return []
+    lines = ["| boxes holding a nucleus (annotation truth) | all | " + " | ".join(CELL_CLASSES[1:]) + " |",
+             "| --- |" + " --- |" * len(CELL_CLASSES)]
+    for arm, counts in truth.items():
+        held, boxes = (sum(c[k] for c in counts.values()) for k in ("with_nucleus", "boxes"))
+        lines.append(f"| {arm} | {held}/{boxes} | "
+                     + " | ".join(f"{c['with_nucleus']}/{c['boxes']}" for c in counts.values()) + " |")
+    return lines
 
 
 def table2_lines(table2: list[dict]) -> list[str]:
