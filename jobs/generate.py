@@ -7,7 +7,7 @@ import argparse
 from cytosynth import storage
 from cytosynth.cluster.failures import REPLICA_TIMEOUT
 from cytosynth.generation.generate_config import NORMAL_SOURCES, GenerateConfig
-from cytosynth.synth.settings import ANNOTATED_BOXES, PRECISIONS, SynthesisSettings
+from cytosynth.synth.settings import ANNOTATED_BOXES, EMPTY_EDITS, PRECISIONS, SynthesisSettings
 from cytosynth.generation.runner import LocalExecutor, Runtime, ShardExecutor, run_job
 from cytosynth.generation.shard_maker import IDLE_STAGES, STAGES
 from cytosynth.synth import ABNORMAL_CLASSES, PRESETS, InvalidInputError
@@ -71,6 +71,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--boxes", choices=ANNOTATED_BOXES, default=SETTINGS.boxes, help="each edited cell's box: painted, "
                      "the detected normal cell's box the editor painted it in (the paper); cell, the painted cell's "
                      "own extent inside it, as labelled sets draw boxes (the painted box kept as painted_boxes)")
+    gen.add_argument("--empty-edits", choices=EMPTY_EDITS, default=SETTINGS.empty_edits, help="an edit whose box holds "
+                     "no nucleus (glass or cytoplasm alone): keep, labelled as every edit is (the paper); drop, the cell "
+                     "left as it was and annotated as a normal cell")
     gen.add_argument("--seed", type=int, default=CONFIG.seed, metavar="S", help="job seed: tile i's seed derives from (S, i) alone")
     gen.add_argument("--tiles-per-shard", type=int, default=CONFIG.tiles_per_shard, metavar="K", help="tiles per shard: the unit of work, commit and resume")
     gen.add_argument("--plan", help="JSON plan of cells per tile (see README)")

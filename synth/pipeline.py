@@ -25,6 +25,7 @@ from .phantom import draw_phantom_tile
 from .schedule import PIPELINE_DEPTH, StageClock, Stages, pipelined
 from .seeding import rng_for, tile_seed
 from .cell_selection import CROP_SIZE, CellEdit, select_cells, unedited_boxes
+from .edit_check import holds_a_nucleus
 from .edit_plan import Plan
 from .settings import SynthesisSettings
 
@@ -153,14 +154,26 @@ class TileSynthesizer:
         return batch
 
     def _paste(self, batch: _Batch) -> list[TileSample]:
-        """Paste-back in place and the annotations (CPU)."""
-        for (t, _, e), origin, crop in zip(batch.cells, batch.origins, batch.crops if batch.cells else []):
+        """Paste-back in place and the annotations (CPU). With --empty-edits drop, an edit whose box
+        holds no nucleus is not pasted, and its cell stays a normal one."""
+        dropped = set()
+        for (t, j, e), origin, crop in zip(batch.cells, batch.origins, batch.crops if batch.cells else []):
+            if self.settings.empty_edits == "drop" and not self._holds_a_cell(batch.tiles[t], crop, origin, e):
+                dropped.add((t, j))
+                continue
+            # Other cells' boxes are kept out of this one's margin: a cell not yet pasted is still as it was.
             others = [o.box for o in batch.edits[t] if o is not e]
             paste_back(batch.tiles[t], crop, origin, e.box, self.settings.feather, keep_out=others)
+        batch.edits = [[e for j, e in enumerate(edits) if (t, j) not in dropped] for t, edits in enumerate(batch.edits)]
         return [
             TileSample(i, s, tile, self._annotation(i, s, tile, e, unedited_boxes(d, e)))
             for i, s, tile, e, d in zip(batch.indices, batch.seeds, batch.tiles, batch.edits, batch.detections)
         ]
+
+    @staticmethod
+    def _holds_a_cell(tile: np.ndarray, crop: np.ndarray, origin: tuple[int, int], edit: CellEdit) -> bool:
+        x, y = origin
+        return holds_a_nucleus(tile[y : y + CROP_SIZE, x : x + CROP_SIZE], crop, box_in_crop(edit.box, origin))
 
     def _annotation(
         self, index: int, seed: int, tile: np.ndarray, edits: list[CellEdit], normal: np.ndarray

@@ -22,6 +22,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # The box an edited cell is annotated with: the box the editor painted it in (a detected normal
 # cell's, the paper's), or the painted cell's own extent inside it, as labelled sets draw boxes.
 ANNOTATED_BOXES = ("painted", "cell")
+# An edit whose box holds no nucleus (`synth/edit_check.py`: glass or cytoplasm alone): kept with its
+# label (the paper records every edit), or dropped: the cell is left as it was, a normal box.
+EMPTY_EDITS = ("keep", "drop")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class SynthesisSettings:
     class_weights: Mapping[str, float] | None = None  # relative class frequencies; None: uniform
     feather: int = 12  # px of blend margin around an edited box
     boxes: str = "painted"  # ANNOTATED_BOXES
+    empty_edits: str = "keep"  # EMPTY_EDITS
 
     def validate(self) -> None:
         """Each setting in its range: a value that would fail mid-job, or quietly make a poisoned
@@ -56,6 +60,8 @@ class SynthesisSettings:
             raise InvalidInputError(f"feather must be in [0, {CROP_SIZE // 2}] px, got {self.feather}")
         if self.boxes not in ANNOTATED_BOXES:
             raise InvalidInputError(f"--boxes must be one of {', '.join(ANNOTATED_BOXES)}, got {self.boxes!r}")
+        if self.empty_edits not in EMPTY_EDITS:
+            raise InvalidInputError(f"--empty-edits must be one of {', '.join(EMPTY_EDITS)}, got {self.empty_edits!r}")
 
     def record(self) -> dict[str, Any]:
         """As plain JSON (job.json): the tuple a list, the weights a dict."""
@@ -67,6 +73,7 @@ class SynthesisSettings:
             "class_weights": dict(self.class_weights) if self.class_weights else None,
             "feather": self.feather,
             "boxes": self.boxes,
+            "empty_edits": self.empty_edits,
         }
 
     def as_dict(self) -> dict[str, Any]:
