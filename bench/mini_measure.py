@@ -27,6 +27,8 @@ from PIL import Image
 
 from cytosynth import storage
 from cytosynth.synth.phantom_classes import CELL_CLASSES, NILM_NUCLEUS_RADIUS
+from cytosynth.synth.detector import optical_density
+from cytosynth.synth.edit_check import largest_region
 from cytosynth.synth.paste import edit_region
 from cytosynth.synth.settings import SynthesisSettings
 
@@ -126,13 +128,8 @@ MIN_NUCLEUS_AREA = np.pi * NILM_NUCLEUS_RADIUS[0] ** 2 * mini_data.SCALE**2
 
 def largest_nucleus(image: np.ndarray, box) -> int:
     """Pixels in the largest nucleus-dark region inside `box` (0 when none)."""
-    from scipy import ndimage
-
     x0, y0, x1, y1 = (int(v) for v in box)
-    region = image[y0:y1, x0:x1].astype(np.float32)
-    density = -np.log((region + 1.0) / 256.0).sum(axis=2)
-    parts, count = ndimage.label(density > NUCLEUS_OD)
-    return int(np.bincount(parts.ravel())[1:].max()) if count else 0
+    return largest_region(optical_density(image[y0:y1, x0:x1]) > NUCLEUS_OD)
 
 
 def boxes_holding_a_nucleus(samples: list[dict]) -> dict:

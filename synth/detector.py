@@ -67,10 +67,15 @@ class ClassicalParams:
     # smaller one's centre (distance transform): one cell with two dark spots, not two cells
 
 
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Total optical density (natural log, summed over RGB): 0 on white glass, high where stain absorbs."""
+    return -np.log((rgb.astype(np.float32, copy=False) + 1.0) / 256.0).sum(axis=2)
+
+
 def _optical_density(image: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """(smoothed RGB, its total optical density: 0 on white glass, high where stain absorbs)."""
+    """(smoothed RGB, its total optical density)."""
     rgb = ndi.gaussian_filter(image.astype(np.float32), (sigma, sigma, 0))
-    return rgb, -np.log((rgb + 1.0) / 256.0).sum(axis=2)
+    return rgb, optical_density(rgb)
 
 
 def _foreground(image: np.ndarray, p: ClassicalParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

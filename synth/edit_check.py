@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from .detector import optical_density
+
 # An edit holds a cell when its largest dark region is at least this share of the replaced
 # normal cell's nucleus: an abnormal nucleus is at least the normal one, with room for blur.
 MIN_NUCLEUS_SHARE = 0.5
 
 
-def _density(rgb: np.ndarray) -> np.ndarray:
-    """Total optical density: 0 on white glass, high where stain absorbs."""
-    return -np.log((rgb.astype(np.float32) + 1.0) / 256.0).sum(axis=2)
-
-
-def _largest_region(mask: np.ndarray) -> int:
+def largest_region(mask: np.ndarray) -> int:
+    """Pixels in the largest connected region of `mask` (0 when it is empty)."""
     from scipy import ndimage
 
     parts, count = ndimage.label(mask)
@@ -33,8 +31,8 @@ def holds_a_nucleus(source: np.ndarray, edited: np.ndarray, box) -> bool:
     of `source` (the same place before the edit: a normal cell) holds. Nuclear darkness: halfway
     from the box's typical density (glass and cytoplasm fill most of it) to its darkest 0.5%."""
     x0, y0, x1, y1 = (int(v) for v in box)
-    before, after = _density(source[y0:y1, x0:x1]), _density(edited[y0:y1, x0:x1])
+    before, after = optical_density(source[y0:y1, x0:x1]), optical_density(edited[y0:y1, x0:x1])
     typical = float(np.median(before))
     level = typical + 0.5 * (float(np.percentile(before, 99.5)) - typical)
-    nucleus = _largest_region(before > level)
-    return _largest_region(after > level) >= MIN_NUCLEUS_SHARE * nucleus
+    nucleus = largest_region(before > level)
+    return largest_region(after > level) >= MIN_NUCLEUS_SHARE * nucleus

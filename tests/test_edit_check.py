@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from phantom_colours import CYTOPLASM, GLASS, NUCLEUS
 
 from cytosynth.synth import SynthesisSettings, build_synthesizer, draw_phantom_tile, random_bundle, tile_seed
 from cytosynth.synth.edit_check import holds_a_nucleus
 from cytosynth.synth.errors import InvalidInputError
 from cytosynth.synth.pipeline import TileSynthesizer, phantom_source
-
-GLASS = np.array([236, 233, 238], np.uint8)  # the phantom's glass
-CYTOPLASM = (GLASS * np.exp(-np.array([0.24, 0.13, 0.10]))).astype(np.uint8)  # its cyanophilic cytoplasm
-NUCLEUS = (GLASS * np.exp(-np.array([0.85, 1.05, 0.55]) * 1.3)).astype(np.uint8)  # hyperchromatic
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,13 @@ import sys
 
 import numpy as np
 import pytest
+from phantom_colours import CYTOPLASM, GLASS, LYMPHOCYTE
 
 from cytosynth.synth.phantom_classes import CELL_CLASSES
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import mini_data  # noqa: E402
 from mini_measure import boxes_holding_a_nucleus, largest_nucleus  # noqa: E402
-
-GLASS = np.array([236, 233, 238], np.uint8)  # the phantom's glass
-CYTOPLASM = (GLASS * np.exp(-np.array([0.24, 0.13, 0.10]))).astype(np.uint8)  # its cyanophilic cytoplasm
-LYMPHOCYTE = (GLASS * np.exp(-np.array([1.10, 1.45, 0.75]))).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
