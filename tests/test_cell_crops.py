@@ -264,13 +264,14 @@ def test_the_posterior_cache_encodes_a_repeated_image_once_and_stops_growing_at_
 
 def test_the_loss_draws_the_same_noise_for_the_same_latents_however_they_are_laid_out(bundle):
     """The VAE's CPU convolutions return channels-last latents and the cache contiguous ones: the
-    same seed must still train the same step."""
+    same seed must still train the same step (to float rounding: the UNet's CPU kernels may sum in
+    another order for another layout; another noise draw moves the loss by far more)."""
     latents = torch.randn(2, 4, 8, 8)
     context = torch.randn(2, 77, bundle.unet.config.cross_attention_dim)
     scheduler = noise_scheduler(bundle.scheduler.config)
     losses = [_drawn(lambda z=z: diffusion_loss(bundle.unet, scheduler, z, context)).item()
               for z in (latents, latents.to(memory_format=torch.channels_last))]
-    assert losses[0] == losses[1]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=0)
 
 
 def test_with_box_size_normal_a_cells_crop_is_the_same_pixels_every_epoch_so_the_cache_serves_it(tmp_path):
