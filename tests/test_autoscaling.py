@@ -149,21 +149,28 @@ def fake_gpu_cluster(monkeypatch):
         cluster.start()
         yield cluster
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
         cluster.stop()
         alive = cluster.processes()
         shutil.rmtree(cluster.folder, ignore_errors=True)
         assert not alive, "processes of the test cluster outlived its teardown"
 
 
+_GPU_NODES = """
+import json, sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+print(json.dumps({n["NodeID"]: n["Alive"] for n in ray.nodes() if n["Resources"].get("GPU") or not n["Alive"]}))
+"""
+
+
 def gpu_nodes(address: str) -> dict[str, bool]:
-    """Node id -> alive, for every GPU node the cluster ever had."""
-    ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-    try:
-        return {n["NodeID"]: n["Alive"] for n in ray.nodes() if n["Resources"].get("GPU") or not n["Alive"]}
-    finally:
-        ray.shutdown()
+    """Node id -> alive, for every GPU node the cluster ever had.
+
+    Asked from another interpreter: a driver of this cluster (token auth off) leaves its process's
+    Ray config at "disabled", and the next local ray.init in that process (another test file under
+    pytest-xdist) starts a token-auth GCS that it then cannot reach ("Failed to start GCS")."""
+    asked = subprocess.run([sys.executable, "-c", _GPU_NODES, address], capture_output=True, text=True, timeout=120)
+    assert asked.returncode == 0, asked.stderr[-2000:]
+    return json.loads(asked.stdout.splitlines()[-1])
 
 
 def test_gpu_replicas_make_the_autoscaler_launch_gpu_nodes_and_the_job_completes_on_them(fake_gpu_cluster, tmp_path):
