@@ -208,6 +208,13 @@ def _measure_all_but_table2(out: str, paths: dict, study, cytosynth, log, res: d
             res["_grid_edits"] = (crops, labels)
         else:
             res["_grid_untrained"] = (crops, labels)
+    # The same edits with `generate --empty-edits drop`: what a user who wants only boxes that hold a
+    # cell gets (an edit that paints no nucleus is not pasted and its cell stays a NILM box).
+    _generate(cytosynth, os.path.join(m, "edits_trained_drop"), bundle, study, *edit, "--empty-edits", "drop")
+    crops, labels, samples = edited_crops(os.path.join(m, "edits_trained_drop"))
+    truth["trained, --empty-edits drop"] = boxes_holding_a_nucleus(samples)
+    if crops:
+        acc["trained, --empty-edits drop"] = classifier_scores(predict(clf, crops), labels, "edits")
     fids["floor"] = _fid(cytosynth, paths["test_a"], paths["test_b"], clf, os.path.join(m, "fid_edits_floor.json"),
                          per_class=True)
     # The same edits against the floor's other real set: with 6-15 real crops a class, a per-class
