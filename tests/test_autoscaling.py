@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")  # the fake cluster, the job and gpu_nodes run it in their own processes
 psutil = pytest.importorskip("psutil")
 
 from cytosynth import storage  # noqa: E402
